@@ -1,0 +1,31 @@
+//! `accept`: the guest half of Intel TDX private memory management, `no_std`.
+//!
+//! - [`abi`]: leaf numbers, statuses, levels, GPAs and the shared bit: the ABI both halves share.
+//! - [`tdcall`]: the one trait through which the engine calls the TDX module.
+//! - [`acceptor`]: TDG.MEM.PAGE.ACCEPT over ranges, 1G -> 2M -> 4K, with bounded retries.
+//! - [`convert`]: TDG.VP.VMCALL<MapGPA> with RETRY handling, and private/shared conversion with
+//!   ordering hooks, partial-failure reports and rollback.
+//! - `hw` (feature `hw`, x86_64 only): the real TDCALL backend.
+//!
+//! The engine never panics on what the host returns: every outcome is a value.
+#![no_std]
+#![cfg_attr(not(feature = "hw"), forbid(unsafe_code))]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+#[cfg(any(test, feature = "alloc"))]
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod abi;
+pub mod acceptor;
+pub mod convert;
+#[cfg(all(feature = "hw", target_arch = "x86_64"))]
+pub mod hw;
+pub mod tdcall;
+
+pub use abi::{Gpa, GpaRange, Gpaw, PageLevel, StatusCode, TdxStatus};
+pub use tdcall::Tdcall;

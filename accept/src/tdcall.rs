@@ -1,0 +1,48 @@
+//! The module seam: every TDCALL the engine makes goes through [`Tdcall`].
+//!
+//! The trait is shaped like the ABI: raw statuses come back and the engine decodes them. Three
+//! implementations exist: [`crate::hw`] (the real TDCALL instruction), the host half's simulated
+//! vCPU, and scripted fakes in tests. An implementation that needs the host to act before a call
+//! can complete (an ACCEPT-type EPT-violation exit, a MapGPA hypercall) does so inside the call and
+//! returns only what a real guest would see after the instruction retires.
+//!
+//! The trait does not retry, interpret or log: that is the engine's work.
+
+use crate::abi::{Gpa, MapGpaOutcome, PageLevel, TdxStatus, VeInfo, VpInfo};
+
+/// One vCPU's view of the TDX module. Each vCPU owns its own implementation value.
+pub trait Tdcall {
+    /// TDG.MEM.PAGE.ACCEPT of the page at `gpa` (aligned to `level`, shared bit clear).
+    fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus;
+
+    /// TDG.VP.VMCALL<MapGPA>(`start`, `len`). `start` carries the shared bit when the guest asks
+    /// for shared, exactly as R12 does.
+    fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome;
+
+    /// TDG.VP.VEINFO.GET. Clears the module's "VE info valid" flag.
+    ///
+    /// # Errors
+    /// The module's status, normally `NO_VALID_VE_INFO`.
+    fn ve_info(&mut self) -> Result<VeInfo, TdxStatus>;
+
+    /// TDG.VP.INFO.
+    ///
+    /// # Errors
+    /// The module's status when the call fails or returns a GPA width the engine cannot use.
+    fn vp_info(&mut self) -> Result<VpInfo, TdxStatus>;
+}
+
+impl<T: Tdcall + ?Sized> Tdcall for &mut T {
+    fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
+        (**self).accept(gpa, level)
+    }
+    fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
+        (**self).map_gpa(start, len)
+    }
+    fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
+        (**self).ve_info()
+    }
+    fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
+        (**self).vp_info()
+    }
+}
