@@ -12,7 +12,7 @@ use core::fmt;
 use x86_64::structures::paging::{PageSize, Size1GiB, Size2MiB, Size4KiB};
 use x86_64::PhysAddr;
 
-/// TDCALL leaf numbers (RAX[15:0]), `include/tdx_api_defs.h`.
+/// TDCALL leaf numbers (`RAX[15:0]`), `include/tdx_api_defs.h`.
 pub mod leaf {
     /// TDG.VP.VMCALL: exit to the host VMM, GHCI sub-function in R11.
     pub const VP_VMCALL: u64 = 0;
@@ -419,7 +419,7 @@ pub enum Gpaw {
 }
 
 impl Gpaw {
-    /// Decodes TDG.VP.INFO's RCX[5:0].
+    /// Decodes TDG.VP.INFO's `RCX[5:0]`.
     pub const fn from_width(width: u64) -> Option<Gpaw> {
         match width {
             48 => Some(Gpaw::Bits48),
@@ -734,7 +734,7 @@ impl fmt::Display for GpaRange {
     }
 }
 
-/// Encodes the "page info" operand of memory calls (RCX): level in bits 2:0, GPA[51:12].
+/// Encodes the "page info" operand of memory calls (RCX): level in bits 2:0, `GPA[51:12]`.
 pub const fn page_info(gpa: Gpa, level: PageLevel) -> u64 {
     (gpa.0 & !0xFFF) | level as u64
 }
@@ -773,7 +773,7 @@ pub const VE_VECTOR: u8 = 20;
 /// The outputs of TDG.VP.VEINFO.GET (spec section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VeInfo {
-    /// RCX[31:0]: exit reason (48 = EPT violation).
+    /// `RCX[31:0]`: exit reason (48 = EPT violation).
     pub exit_reason: u32,
     /// RDX: exit qualification.
     pub exit_qualification: u64,
@@ -781,9 +781,9 @@ pub struct VeInfo {
     pub gla: u64,
     /// R9: guest physical address, shared bit included.
     pub gpa: u64,
-    /// R10[31:0]: instruction length.
+    /// `R10[31:0]`: instruction length.
     pub instruction_length: u32,
-    /// R10[63:32]: instruction information.
+    /// `R10[63:32]`: instruction information.
     pub instruction_info: u32,
 }
 
@@ -799,13 +799,13 @@ impl VeInfo {
 pub struct VpInfo {
     /// GPA width, which fixes the shared bit.
     pub gpaw: Gpaw,
-    /// RCX[63:6] raw TD attributes word as returned in RDX (for diagnostics).
+    /// `RCX[63:6]` raw TD attributes word as returned in RDX (for diagnostics).
     pub attributes: u64,
-    /// R8[31:0]: number of vCPUs.
+    /// `R8[31:0]`: number of vCPUs.
     pub num_vcpus: u32,
-    /// R8[63:32]: maximum number of vCPUs.
+    /// `R8[63:32]`: maximum number of vCPUs.
     pub max_vcpus: u32,
-    /// R9[31:0]: this vCPU's index.
+    /// `R9[31:0]`: this vCPU's index.
     pub vcpu_index: u32,
 }
 
@@ -856,7 +856,7 @@ impl GhciStatus {
     }
 }
 
-/// What TDG.VP.VMCALL<MapGPA> returned.
+/// What `TDG.VP.VMCALL<MapGPA>` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapGpaOutcome {
     /// RAX of the TDCALL itself (not SUCCESS only if the TDCALL failed, e.g. a bad mask).

@@ -286,13 +286,27 @@ impl Acceptor {
         tdcall: &mut T,
         range: GpaRange,
     ) -> Result<(), AcceptError> {
+        self.accept_range_with(tdcall, range, self.policy.tolerate_already_accepted)
+    }
+
+    /// As [`Acceptor::accept_range`], with `PAGE_ALREADY_ACCEPTED` tolerated or not for this
+    /// call only (a rollback accepts pages the host may or may not have converted).
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error, `[range.start, error.gpa())` has been accepted.
+    pub fn accept_range_with<T: Tdcall + ?Sized>(
+        &self,
+        tdcall: &mut T,
+        range: GpaRange,
+        tolerate_already_accepted: bool,
+    ) -> Result<(), AcceptError> {
         self.check_private(range)
             .map_err(AcceptError::InvalidRange)?;
         let end = range.end().as_u64();
         let mut cur = range.start();
         while cur.as_u64() < end {
             let level = self.chunk_level(cur, end - cur.as_u64());
-            self.accept_unit(tdcall, cur, level)?;
+            self.accept_unit_with(tdcall, cur, level, tolerate_already_accepted)?;
             // Cannot overflow: cur + level.size() <= end <= 2^52.
             cur = cur
                 .checked_add(level.size())
@@ -312,12 +326,22 @@ impl Acceptor {
         gpa: Gpa,
         level: PageLevel,
     ) -> Result<(), AcceptError> {
+        self.accept_unit_with(tdcall, gpa, level, self.policy.tolerate_already_accepted)
+    }
+
+    fn accept_unit_with<T: Tdcall + ?Sized>(
+        &self,
+        tdcall: &mut T,
+        gpa: Gpa,
+        level: PageLevel,
+        tolerate: bool,
+    ) -> Result<(), AcceptError> {
         if !gpa.is_aligned(level) {
             return Err(AcceptError::InvalidRange(AddrError::Misaligned(
                 gpa.as_u64(),
             )));
         }
-        match self.accept_one(tdcall, gpa, level)? {
+        match self.accept_one(tdcall, gpa, level, tolerate)? {
             UnitOutcome::Done => Ok(()),
             UnitOutcome::Split => {
                 // `Split` is only returned above 4K.
@@ -327,7 +351,7 @@ impl Acceptor {
                 let mut sub = gpa;
                 for _ in 0..(level.size() / smaller.size()) {
                     // The level below may itself be mismatched (1G -> 2M -> 4K).
-                    self.accept_unit(tdcall, sub, smaller)?;
+                    self.accept_unit_with(tdcall, sub, smaller, tolerate)?;
                     sub = sub
                         .checked_add(smaller.size())
                         .map_err(AcceptError::InvalidRange)?;
@@ -343,6 +367,7 @@ impl Acceptor {
         tdcall: &mut T,
         gpa: Gpa,
         level: PageLevel,
+        tolerate: bool,
     ) -> Result<UnitOutcome, AcceptError> {
         let stats = &self.levels[level.index() as usize];
         let mut tries = 0u32;
@@ -359,7 +384,7 @@ impl Acceptor {
                 }
                 StatusCode::PageAlreadyAccepted => {
                     bump(&stats.already_accepted);
-                    if self.policy.tolerate_already_accepted {
+                    if tolerate {
                         return Ok(UnitOutcome::Done);
                     }
                     return Err(AcceptError::AlreadyAccepted {

@@ -3,7 +3,7 @@
 //! - [`abi`]: leaf numbers, statuses, levels, GPAs and the shared bit: the ABI both halves share.
 //! - [`tdcall`]: the one trait through which the engine calls the TDX module.
 //! - [`acceptor`]: TDG.MEM.PAGE.ACCEPT over ranges, 1G -> 2M -> 4K, with bounded retries.
-//! - [`convert`]: TDG.VP.VMCALL<MapGPA> with RETRY handling, and private/shared conversion with
+//! - [`convert`]: `TDG.VP.VMCALL<MapGPA>` with RETRY handling, and private/shared conversion with
 //!   ordering hooks, partial-failure reports and rollback.
 //! - `hw` (feature `hw`, x86_64 only): the real TDCALL backend.
 //!
@@ -15,7 +15,7 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-#[cfg(any(test, feature = "alloc"))]
+#[cfg(feature = "alloc")]
 extern crate alloc;
 #[cfg(test)]
 extern crate std;

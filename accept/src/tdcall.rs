@@ -1,7 +1,7 @@
 //! The module seam: every TDCALL the engine makes goes through [`Tdcall`].
 //!
 //! The trait is shaped like the ABI: raw statuses come back and the engine decodes them. Three
-//! implementations exist: [`crate::hw`] (the real TDCALL instruction), the host half's simulated
+//! implementations exist: the `hw` module (feature `hw`) (the real TDCALL instruction), the host half's simulated
 //! vCPU, and scripted fakes in tests. An implementation that needs the host to act before a call
 //! can complete (an ACCEPT-type EPT-violation exit, a MapGPA hypercall) does so inside the call and
 //! returns only what a real guest would see after the instruction retires.
@@ -15,7 +15,7 @@ pub trait Tdcall {
     /// TDG.MEM.PAGE.ACCEPT of the page at `gpa` (aligned to `level`, shared bit clear).
     fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus;
 
-    /// TDG.VP.VMCALL<MapGPA>(`start`, `len`). `start` carries the shared bit when the guest asks
+    /// `TDG.VP.VMCALL<MapGPA>`(`start`, `len`). `start` carries the shared bit when the guest asks
     /// for shared, exactly as R12 does.
     fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome;
 
