@@ -26,6 +26,7 @@ pub mod convert;
 #[cfg(all(feature = "hw", target_arch = "x86_64"))]
 pub mod hw;
 pub mod tdcall;
+pub mod tracker;
 pub mod unaccepted;
 
 pub use abi::{Gpa, GpaRange, Gpaw, PageLevel, StatusCode, TdxStatus};

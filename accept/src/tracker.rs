@@ -1,0 +1,1206 @@
+//! The lazy-accept tracker: which units of memory are still unaccepted, and acceptance of them
+//! on demand from many vCPUs at once, each unit exactly once.
+//!
+//! Every unit (the unaccepted table's unit, 2 MiB in practice) has one of four states, two bits
+//! packed 32 to a word in caller-provided storage:
+//!
+//! | state | meaning |
+//! |---|---|
+//! | [`UnitState::Accepted`] (0) | usable; zeroed storage means "everything accepted" |
+//! | [`UnitState::Unaccepted`] (1) | the table's bit is set; nobody is accepting it |
+//! | [`UnitState::Accepting`] (2) | one vCPU has claimed it (a compare-and-swap) and is accepting it |
+//! | [`UnitState::Failed`] (3) | an acceptance stopped part way; the unit is never accepted again |
+//!
+//! A vCPU that needs a unit another vCPU is accepting waits for it (spinning a bounded number of
+//! times through [`CpuHooks::relax`]) instead of accepting it too, and gets
+//! [`TrackerError::WaitTimeout`] rather than hanging. There is no lock: nothing an interrupted
+//! context holds can block an exception handler, and a handler that finds its *own* vCPU's
+//! interrupted context accepting the unit gets [`TrackerError::Reentrant`] at once (each vCPU
+//! records the unit it is accepting in its own in-flight slot).
+//!
+//! Within a unit the shared [`Acceptor`] accepts largest level first: a 2M unit is one 2M ACCEPT
+//! when the host mapped 2M. When the acceptor fails before accepting anything of the unit (and
+//! not because the page was already accepted) the unit goes back to `Unaccepted` and a waiter may
+//! claim it; any other failure marks it `Failed` (part of it is accepted, so accepting it again
+//! would hit ALREADY_ACCEPTED, or the host re-added pages) and every later request for it fails
+//! with [`TrackerError::UnitFailed`].
+//!
+//! [`LazyTracker::accept_range`] follows Linux `accept_memory()`
+//! (`drivers/firmware/efi/unaccepted_memory.c`): memory outside the table is accepted already,
+//! and a range that ends on a unit boundary also accepts the next unit, because
+//! `load_unaligned_zeropad()` may read a few bytes past the end of a page.
+//!
+//! Requirements on the embedder: the state words and in-flight slots live in accepted memory;
+//! the interrupt-masking hook masks what could interrupt the vCPU between claiming a unit and
+//! publishing it; NMI handlers do not touch lazily accepted memory (as in Linux).
+//!
+//! The tracker does not read the table after construction and does not change it: a kernel that
+//! wants the table updated writes it back from [`LazyTracker::unit_state`].
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::abi::{AddrError, Gpa, GpaRange};
+use crate::acceptor::{AcceptError, Acceptor};
+use crate::tdcall::Tdcall;
+use crate::unaccepted::{TableError, UnacceptedTable, MIN_UNIT_SIZE};
+
+/// Default bound on wait iterations for a unit another vCPU is accepting.
+///
+/// A 2M ACCEPT zeroes 512 pages and may take the host an EPT-violation exit and an AUG first:
+/// well under a millisecond on an idle host, tens of milliseconds under heavy load. 2^26 relax
+/// iterations (PAUSE is 40 to 140 cycles) is on the order of seconds: far beyond any honest
+/// acceptance, short of a hang.
+pub const DEFAULT_MAX_WAIT_SPINS: u64 = 1 << 26;
+
+/// Units per state word (two bits each).
+pub const UNITS_PER_WORD: u64 = 32;
+
+/// The state of one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum UnitState {
+    /// Accepted (or never unaccepted).
+    Accepted = 0,
+    /// Marked unaccepted; nobody has claimed it.
+    Unaccepted = 1,
+    /// Claimed by a vCPU that is accepting it now.
+    Accepting = 2,
+    /// An acceptance failed part way; it is never retried.
+    Failed = 3,
+}
+
+impl UnitState {
+    fn from_bits(bits: u64) -> UnitState {
+        match bits & 3 {
+            0 => UnitState::Accepted,
+            1 => UnitState::Unaccepted,
+            2 => UnitState::Accepting,
+            _ => UnitState::Failed,
+        }
+    }
+}
+
+/// A 64-bit word of unit states. Implemented for [`AtomicU64`]; the indirection lets tests run
+/// the tracker under a model checker's atomics.
+pub trait StateWord: Sync {
+    /// Atomic load.
+    fn load(&self, order: Ordering) -> u64;
+    /// Atomic store.
+    fn store(&self, value: u64, order: Ordering);
+    /// Atomic compare-and-exchange (may fail spuriously).
+    ///
+    /// # Errors
+    /// The current value when it is not `current` (or spuriously).
+    fn compare_exchange_weak(
+        &self,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<u64, u64>;
+}
+
+impl StateWord for AtomicU64 {
+    fn load(&self, order: Ordering) -> u64 {
+        AtomicU64::load(self, order)
+    }
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU64::store(self, value, order)
+    }
+    fn compare_exchange_weak(
+        &self,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<u64, u64> {
+        AtomicU64::compare_exchange_weak(self, current, new, success, failure)
+    }
+}
+
+/// What the tracker needs from the vCPU it runs on.
+pub trait CpuHooks {
+    /// Masks interrupts on this vCPU and returns what [`CpuHooks::restore_interrupts`] needs to
+    /// undo it (e.g. RFLAGS). Called before claiming a unit: an interrupt handler on this vCPU
+    /// must not find a unit this vCPU claimed but has not finished, or it would wait for itself.
+    fn mask_interrupts(&mut self) -> u64;
+    /// Undoes one [`CpuHooks::mask_interrupts`].
+    fn restore_interrupts(&mut self, saved: u64);
+    /// One step of waiting for another vCPU (PAUSE by default).
+    fn relax(&mut self) {
+        core::hint::spin_loop();
+    }
+}
+
+/// Hooks for a context that runs with interrupts already masked (an exception handler, early
+/// firmware) or has none: masking does nothing, waiting is PAUSE.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoInterrupts;
+
+impl CpuHooks for NoInterrupts {
+    fn mask_interrupts(&mut self) -> u64 {
+        0
+    }
+    fn restore_interrupts(&mut self, _saved: u64) {}
+}
+
+impl<H: CpuHooks + ?Sized> CpuHooks for &mut H {
+    fn mask_interrupts(&mut self) -> u64 {
+        (**self).mask_interrupts()
+    }
+    fn restore_interrupts(&mut self, saved: u64) {
+        (**self).restore_interrupts(saved)
+    }
+    fn relax(&mut self) {
+        (**self).relax()
+    }
+}
+
+/// Tracker tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// Wait iterations for a unit another vCPU is accepting before [`TrackerError::WaitTimeout`].
+    pub max_wait_spins: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            max_wait_spins: DEFAULT_MAX_WAIT_SPINS,
+        }
+    }
+}
+
+/// Why the tracker could not be built or a request could not be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerError {
+    /// The table (or the geometry given) is unusable.
+    Table(TableError),
+    /// The state storage has fewer words than the units need.
+    Storage {
+        /// Words needed.
+        needed: usize,
+        /// Words given.
+        got: usize,
+    },
+    /// The vCPU index has no in-flight slot.
+    NoSlot {
+        /// The index given.
+        vcpu: usize,
+    },
+    /// An address computation overflowed.
+    Addr(AddrError),
+    /// Another vCPU kept the unit in `Accepting` past the wait bound.
+    WaitTimeout {
+        /// Unit index.
+        unit: u64,
+        /// Its first GPA.
+        gpa: Gpa,
+    },
+    /// This vCPU's interrupted context is accepting the unit: waiting would never end.
+    Reentrant {
+        /// Unit index.
+        unit: u64,
+        /// Its first GPA.
+        gpa: Gpa,
+    },
+    /// An earlier acceptance of the unit failed part way; it is not retried.
+    UnitFailed {
+        /// Unit index.
+        unit: u64,
+        /// Its first GPA.
+        gpa: Gpa,
+    },
+    /// Accepting the unit failed now.
+    Accept {
+        /// Unit index.
+        unit: u64,
+        /// The acceptor's error.
+        error: AcceptError,
+    },
+}
+
+impl fmt::Display for TrackerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrackerError::Table(e) => write!(f, "unusable unaccepted table: {e}"),
+            TrackerError::Storage { needed, got } => {
+                write!(f, "state storage has {got} words, {needed} needed")
+            }
+            TrackerError::NoSlot { vcpu } => write!(f, "vCPU {vcpu} has no in-flight slot"),
+            TrackerError::Addr(e) => write!(f, "address error: {e}"),
+            TrackerError::WaitTimeout { unit, gpa } => {
+                write!(f, "timed out waiting for unit {unit} at {gpa}")
+            }
+            TrackerError::Reentrant { unit, gpa } => write!(
+                f,
+                "unit {unit} at {gpa} is being accepted by this vCPU's interrupted context"
+            ),
+            TrackerError::UnitFailed { unit, gpa } => {
+                write!(f, "unit {unit} at {gpa} failed an earlier acceptance")
+            }
+            TrackerError::Accept { unit, error } => {
+                write!(f, "accepting unit {unit} failed: {error}")
+            }
+        }
+    }
+}
+
+/// A snapshot of the tracker's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrackerStats {
+    /// Bytes this tracker accepted.
+    pub accepted_bytes: u64,
+    /// Bytes still not accepted (unaccepted, being accepted, or failed).
+    pub remaining_bytes: u64,
+    /// Units this tracker accepted.
+    pub units_accepted: u64,
+    /// Requests that found a unit being accepted by another vCPU and waited for it.
+    pub waits: u64,
+}
+
+/// The lazy-accept tracker. `Sync`: every vCPU shares one, each with its own [`Tdcall`], hooks
+/// and vCPU index.
+pub struct LazyTracker<'a, W: StateWord = AtomicU64> {
+    acceptor: &'a Acceptor,
+    phys_base: u64,
+    unit_size: u64,
+    units: u64,
+    words: &'a [W],
+    inflight: &'a [AtomicU64],
+    config: TrackerConfig,
+    accepted_bytes: AtomicU64,
+    remaining_bytes: AtomicU64,
+    units_accepted: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl<W: StateWord> fmt::Debug for LazyTracker<'_, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyTracker")
+            .field("phys_base", &format_args!("{:#x}", self.phys_base))
+            .field("unit_size", &format_args!("{:#x}", self.unit_size))
+            .field("units", &self.units)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Words of state storage needed for `units` units.
+pub const fn words_needed(units: u64) -> usize {
+    units.div_ceil(UNITS_PER_WORD) as usize
+}
+
+fn shift_of(unit: u64) -> u32 {
+    ((unit % UNITS_PER_WORD) * 2) as u32
+}
+
+impl<'a, W: StateWord> LazyTracker<'a, W> {
+    /// A tracker for `units` units of `unit_size` bytes from `phys_base`, all accepted, with its
+    /// states in `words` (at least [`words_needed`]`(units)`, overwritten) and one in-flight slot
+    /// per vCPU in `inflight` (overwritten). Mark units unaccepted with
+    /// [`LazyTracker::mark_unaccepted`] before sharing it.
+    ///
+    /// # Errors
+    /// [`TrackerError::Table`] for a bad unit size or base, or a span past 2^52;
+    /// [`TrackerError::Storage`] when `words` is too short.
+    pub fn new(
+        acceptor: &'a Acceptor,
+        phys_base: u64,
+        unit_size: u64,
+        units: u64,
+        words: &'a [W],
+        inflight: &'a [AtomicU64],
+        config: TrackerConfig,
+    ) -> Result<LazyTracker<'a, W>, TrackerError> {
+        let unit32 = u32::try_from(unit_size)
+            .map_err(|_| TrackerError::Table(TableError::UnitSize(u32::MAX)))?;
+        if !unit32.is_power_of_two() || unit32 < MIN_UNIT_SIZE {
+            return Err(TrackerError::Table(TableError::UnitSize(unit32)));
+        }
+        if phys_base % u64::from(MIN_UNIT_SIZE) != 0 || phys_base >> Gpa::MAX_BITS != 0 {
+            return Err(TrackerError::Table(TableError::PhysBase(phys_base)));
+        }
+        units
+            .checked_mul(unit_size)
+            .and_then(|b| phys_base.checked_add(b))
+            .filter(|&end| end <= 1 << Gpa::MAX_BITS)
+            .ok_or(TrackerError::Table(TableError::Overflow))?;
+        let needed = words_needed(units);
+        let words = words.get(..needed).ok_or(TrackerError::Storage {
+            needed,
+            got: words.len(),
+        })?;
+        for w in words {
+            w.store(0, Ordering::Relaxed);
+        }
+        for s in inflight {
+            s.store(0, Ordering::Relaxed);
+        }
+        Ok(LazyTracker {
+            acceptor,
+            phys_base,
+            unit_size,
+            units,
+            words,
+            inflight,
+            config,
+            accepted_bytes: AtomicU64::new(0),
+            remaining_bytes: AtomicU64::new(0),
+            units_accepted: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        })
+    }
+
+    /// A tracker whose initial state is `table`'s bitmap.
+    ///
+    /// # Errors
+    /// As [`LazyTracker::new`].
+    pub fn from_table(
+        acceptor: &'a Acceptor,
+        table: &UnacceptedTable<'_>,
+        words: &'a [W],
+        inflight: &'a [AtomicU64],
+        config: TrackerConfig,
+    ) -> Result<LazyTracker<'a, W>, TrackerError> {
+        let t = LazyTracker::new(
+            acceptor,
+            table.phys_base(),
+            table.unit_size(),
+            table.units(),
+            words,
+            inflight,
+            config,
+        )?;
+        for (byte_index, &byte) in table.bitmap().iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    t.mark_unaccepted(byte_index as u64 * 8 + bit);
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// Marks an accepted unit unaccepted (construction time; a no-op for other states or an
+    /// index past the end).
+    pub fn mark_unaccepted(&self, unit: u64) {
+        if self.transition(unit, UnitState::Accepted, UnitState::Unaccepted) {
+            self.remaining_bytes
+                .fetch_add(self.unit_size, Ordering::Relaxed);
+        }
+    }
+
+    /// The acceptor used for every unit.
+    pub fn acceptor(&self) -> &'a Acceptor {
+        self.acceptor
+    }
+
+    /// GPA of unit 0.
+    pub fn phys_base(&self) -> u64 {
+        self.phys_base
+    }
+
+    /// Bytes per unit.
+    pub fn unit_size(&self) -> u64 {
+        self.unit_size
+    }
+
+    /// Number of units.
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// One past the last tracked GPA.
+    pub fn end(&self) -> u64 {
+        self.phys_base + self.units * self.unit_size
+    }
+
+    /// The unit holding `gpa`, `None` outside the tracked span (memory there is accepted).
+    pub fn unit_of(&self, gpa: u64) -> Option<u64> {
+        if gpa < self.phys_base || gpa >= self.end() {
+            return None;
+        }
+        Some((gpa - self.phys_base) / self.unit_size)
+    }
+
+    /// The GPA range of unit `unit`.
+    ///
+    /// # Errors
+    /// [`TrackerError::Addr`] for an index past the end.
+    pub fn unit_range(&self, unit: u64) -> Result<GpaRange, TrackerError> {
+        if unit >= self.units {
+            return Err(TrackerError::Addr(AddrError::Overflow));
+        }
+        // Within the span validated by `new`.
+        let start = self.phys_base + unit * self.unit_size;
+        GpaRange::from_len(start, self.unit_size).map_err(TrackerError::Addr)
+    }
+
+    /// The state of unit `unit`; [`UnitState::Accepted`] past the end.
+    pub fn unit_state(&self, unit: u64) -> UnitState {
+        self.word(unit).map_or(UnitState::Accepted, |w| {
+            UnitState::from_bits(w.load(Ordering::Acquire) >> shift_of(unit))
+        })
+    }
+
+    /// The state of the unit holding `gpa`; [`UnitState::Accepted`] outside the tracked span.
+    pub fn state_of(&self, gpa: u64) -> UnitState {
+        self.unit_of(gpa)
+            .map_or(UnitState::Accepted, |u| self.unit_state(u))
+    }
+
+    /// Bytes this tracker has accepted.
+    pub fn accepted_bytes(&self) -> u64 {
+        self.accepted_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes not accepted yet.
+    pub fn remaining_bytes(&self) -> u64 {
+        self.remaining_bytes.load(Ordering::Relaxed)
+    }
+
+    /// All counters.
+    pub fn stats(&self) -> TrackerStats {
+        TrackerStats {
+            accepted_bytes: self.accepted_bytes(),
+            remaining_bytes: self.remaining_bytes(),
+            units_accepted: self.units_accepted.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True when `[start, end)` overlaps a unit that is not accepted.
+    pub fn range_contains_unaccepted(&self, start: u64, end: u64) -> bool {
+        match self.unit_span(start, end, false) {
+            Some((first, past)) => (first..past).any(|u| self.unit_state(u) != UnitState::Accepted),
+            None => false,
+        }
+    }
+
+    fn word(&self, unit: u64) -> Option<&W> {
+        if unit >= self.units {
+            return None;
+        }
+        self.words.get((unit / UNITS_PER_WORD) as usize)
+    }
+
+    /// CAS unit `unit` from `from` to `to`; false when it was not in `from`.
+    fn transition(&self, unit: u64, from: UnitState, to: UnitState) -> bool {
+        let Some(w) = self.word(unit) else {
+            return false;
+        };
+        let shift = shift_of(unit);
+        let mut cur = w.load(Ordering::Relaxed);
+        loop {
+            if UnitState::from_bits(cur >> shift) != from {
+                return false;
+            }
+            let new = (cur & !(3 << shift)) | ((to as u64) << shift);
+            match w.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Units overlapping `[start, end)` as `[first, past)`, with Linux's guard unit when
+    /// `guard` and `end` is unit aligned; `None` when nothing is tracked there.
+    fn unit_span(&self, start: u64, end: u64, guard: bool) -> Option<(u64, u64)> {
+        if start >= end || end <= self.phys_base || start >= self.end() {
+            return None;
+        }
+        let start = start.max(self.phys_base) - self.phys_base;
+        let mut end = end.min(self.end()) - self.phys_base;
+        if guard && end % self.unit_size == 0 {
+            end = end.saturating_add(self.unit_size);
+        }
+        let first = start / self.unit_size;
+        let past = end.div_ceil(self.unit_size).min(self.units);
+        Some((first, past))
+    }
+
+    /// Accepts every unaccepted unit overlapping `[start, end)` (byte addresses, any alignment),
+    /// plus the next unit when `end` is unit aligned, waiting for units other vCPUs are
+    /// accepting. Memory outside the tracked span needs nothing. `vcpu` is this vCPU's index
+    /// into the in-flight slots.
+    ///
+    /// # Errors
+    /// The first unit that could not be made accepted stops the call: see [`TrackerError`].
+    pub fn accept_range<T: Tdcall + ?Sized, H: CpuHooks + ?Sized>(
+        &self,
+        vcpu: usize,
+        tdcall: &mut T,
+        hooks: &mut H,
+        start: u64,
+        end: u64,
+    ) -> Result<(), TrackerError> {
+        let Some((first, past)) = self.unit_span(start, end, true) else {
+            return Ok(());
+        };
+        for unit in first..past {
+            self.accept_unit(vcpu, tdcall, hooks, unit)?;
+        }
+        Ok(())
+    }
+
+    /// Makes unit `unit` accepted: accepts it if it is unaccepted, waits if another vCPU is
+    /// accepting it, returns at once if it is accepted (or past the end).
+    ///
+    /// # Errors
+    /// [`TrackerError::NoSlot`], [`TrackerError::Reentrant`], [`TrackerError::WaitTimeout`],
+    /// [`TrackerError::UnitFailed`] or [`TrackerError::Accept`].
+    pub fn accept_unit<T: Tdcall + ?Sized, H: CpuHooks + ?Sized>(
+        &self,
+        vcpu: usize,
+        tdcall: &mut T,
+        hooks: &mut H,
+        unit: u64,
+    ) -> Result<(), TrackerError> {
+        let slot = self
+            .inflight
+            .get(vcpu)
+            .ok_or(TrackerError::NoSlot { vcpu })?;
+        let mut spins = 0u64;
+        let mut waited = false;
+        loop {
+            match self.unit_state(unit) {
+                UnitState::Accepted => return Ok(()),
+                UnitState::Failed => {
+                    return Err(TrackerError::UnitFailed {
+                        unit,
+                        gpa: self.unit_gpa(unit),
+                    })
+                }
+                UnitState::Unaccepted => {
+                    let saved = hooks.mask_interrupts();
+                    if self.transition(unit, UnitState::Unaccepted, UnitState::Accepting) {
+                        // Slots nest: a handler on this vCPU restores what it found.
+                        let outer = slot.swap(unit + 1, Ordering::Relaxed);
+                        let result = self.accept_claimed(tdcall, unit);
+                        slot.store(outer, Ordering::Relaxed);
+                        hooks.restore_interrupts(saved);
+                        return result;
+                    }
+                    hooks.restore_interrupts(saved);
+                }
+                UnitState::Accepting => {
+                    if slot.load(Ordering::Relaxed) == unit + 1 {
+                        return Err(TrackerError::Reentrant {
+                            unit,
+                            gpa: self.unit_gpa(unit),
+                        });
+                    }
+                    if !waited {
+                        waited = true;
+                        self.waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    spins += 1;
+                    if spins > self.config.max_wait_spins {
+                        return Err(TrackerError::WaitTimeout {
+                            unit,
+                            gpa: self.unit_gpa(unit),
+                        });
+                    }
+                    hooks.relax();
+                }
+            }
+        }
+    }
+
+    fn unit_gpa(&self, unit: u64) -> Gpa {
+        Gpa::new_truncate(
+            unit.checked_mul(self.unit_size)
+                .and_then(|o| o.checked_add(self.phys_base))
+                .unwrap_or(0),
+        )
+    }
+
+    /// Accepts a unit this vCPU has claimed and publishes the outcome.
+    fn accept_claimed<T: Tdcall + ?Sized>(
+        &self,
+        tdcall: &mut T,
+        unit: u64,
+    ) -> Result<(), TrackerError> {
+        let range = match self.unit_range(unit) {
+            Ok(r) => r,
+            Err(e) => {
+                self.transition(unit, UnitState::Accepting, UnitState::Unaccepted);
+                return Err(e);
+            }
+        };
+        match self.acceptor.accept_range(tdcall, range) {
+            Ok(()) => {
+                self.transition(unit, UnitState::Accepting, UnitState::Accepted);
+                self.accepted_bytes
+                    .fetch_add(self.unit_size, Ordering::Relaxed);
+                self.remaining_bytes
+                    .fetch_sub(self.unit_size, Ordering::Relaxed);
+                self.units_accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                let untouched = error.gpa().is_none_or(|g| g == range.start())
+                    && !matches!(error, AcceptError::AlreadyAccepted { .. });
+                let next = if untouched {
+                    UnitState::Unaccepted
+                } else {
+                    UnitState::Failed
+                };
+                self.transition(unit, UnitState::Accepting, next);
+                log::warn!("accepting unit {unit} ({range}) failed: {error}");
+                Err(TrackerError::Accept { unit, error })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::abi::{Gpaw, MapGpaOutcome, PageLevel, StatusCode, TdxStatus, VeInfo, VpInfo};
+    use crate::acceptor::AcceptPolicy;
+    use crate::unaccepted::{TableBuilder, TableLayout};
+    use std::vec;
+    use std::vec::Vec;
+
+    pub(crate) const M2: u64 = 2 << 20;
+    const K4: u64 = 4096;
+
+    /// A module whose ACCEPT answers by a shared rule and logs calls into a shared list.
+    pub(crate) struct Logged<'l, F: Fn(Gpa, PageLevel) -> TdxStatus> {
+        pub rule: &'l F,
+        pub log: &'l std::sync::Mutex<Vec<(u64, PageLevel)>>,
+    }
+
+    impl<F: Fn(Gpa, PageLevel) -> TdxStatus> Tdcall for Logged<'_, F> {
+        fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
+            let status = (self.rule)(gpa, level);
+            if status.is_success() {
+                self.log.lock().unwrap().push((gpa.as_u64(), level));
+            }
+            status
+        }
+        fn map_gpa(&mut self, _: u64, _: u64) -> MapGpaOutcome {
+            unreachable!("not used")
+        }
+        fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
+            Err(StatusCode::NoValidVeInfo.status())
+        }
+        fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
+            Err(StatusCode::OperandInvalid.status())
+        }
+    }
+
+    fn ok(_: Gpa, _: PageLevel) -> TdxStatus {
+        TdxStatus::SUCCESS
+    }
+
+    fn acceptor_2m() -> Acceptor {
+        Acceptor::new(
+            Gpaw::Bits48,
+            AcceptPolicy {
+                max_level: PageLevel::Size2M,
+                ..AcceptPolicy::default()
+            },
+        )
+    }
+
+    fn storage(units: u64, vcpus: usize) -> (Vec<AtomicU64>, Vec<AtomicU64>) {
+        (
+            (0..words_needed(units))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+        )
+    }
+
+    /// A table with base `base`, `units` units of 2M, all unaccepted but those in `accepted`.
+    fn table_bytes(base: u64, units: u64, accepted: &[u64]) -> Vec<u8> {
+        let layout = TableLayout {
+            phys_base: base,
+            unit_size: M2 as u32,
+            bitmap_len: units.div_ceil(8),
+        };
+        let mut buf = vec![0u8; layout.table_len().unwrap()];
+        let b = TableBuilder::new(&mut buf, layout).unwrap();
+        let _ = b.layout();
+        let len = b.finish();
+        for u in 0..units {
+            if !accepted.contains(&u) {
+                buf[24 + (u / 8) as usize] |= 1 << (u % 8);
+            }
+        }
+        buf.truncate(len);
+        buf
+    }
+
+    #[test]
+    fn from_table_and_single_vcpu_accept_with_guard_unit() {
+        let base = 1 << 32;
+        let bytes = table_bytes(base, 10, &[3]);
+        let table = UnacceptedTable::parse(&bytes).unwrap();
+        let a = acceptor_2m();
+        let (words, slots) = storage(table.units(), 1);
+        let t =
+            LazyTracker::from_table(&a, &table, &words, &slots, TrackerConfig::default()).unwrap();
+        // 10 units recorded, the bitmap covers 16; unit 3 accepted.
+        assert_eq!(t.units(), 16);
+        assert_eq!(t.remaining_bytes(), 9 * M2);
+        assert_eq!(t.unit_state(3), UnitState::Accepted);
+        assert_eq!(t.unit_state(12), UnitState::Accepted);
+
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        // [base + 4K, base + 2M) ends on a unit boundary: unit 0 and the guard unit 1.
+        t.accept_range(0, &mut td, &mut NoInterrupts, base + K4, base + M2)
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [(base, PageLevel::Size2M), (base + M2, PageLevel::Size2M)]
+        );
+        assert_eq!(t.accepted_bytes(), 2 * M2);
+        assert_eq!(t.remaining_bytes(), 7 * M2);
+        // Already accepted: no call. Unit 3 is accepted from the start.
+        t.accept_range(0, &mut td, &mut NoInterrupts, base, base + K4)
+            .unwrap();
+        t.accept_range(
+            0,
+            &mut td,
+            &mut NoInterrupts,
+            base + 3 * M2,
+            base + 3 * M2 + K4,
+        )
+        .unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2);
+        // Outside the span: nothing to do.
+        t.accept_range(0, &mut td, &mut NoInterrupts, 0, base)
+            .unwrap();
+        t.accept_range(0, &mut td, &mut NoInterrupts, base + 20 * M2, u64::MAX)
+            .unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2);
+        // A range running to the end: units 2, 4..9.
+        t.accept_range(0, &mut td, &mut NoInterrupts, base, u64::MAX)
+            .unwrap();
+        assert_eq!(t.remaining_bytes(), 0);
+        assert_eq!(t.stats().units_accepted, 9);
+        assert!(!t.range_contains_unaccepted(0, u64::MAX));
+    }
+
+    #[test]
+    fn host_mapped_4k_inside_a_unit_still_largest_first() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(2, 1);
+        let t = LazyTracker::new(&a, 0, M2, 2, &words, &slots, TrackerConfig::default()).unwrap();
+        t.mark_unaccepted(0);
+        let rule = |_: Gpa, level: PageLevel| {
+            if level == PageLevel::Size2M {
+                StatusCode::PageSizeMismatch.with_operand(1)
+            } else {
+                TdxStatus::SUCCESS
+            }
+        };
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &rule,
+            log: &log,
+        };
+        t.accept_unit(0, &mut td, &mut NoInterrupts, 0).unwrap();
+        assert_eq!(log.lock().unwrap().len(), 512);
+        assert_eq!(a.stats().level(PageLevel::Size2M).size_mismatch, 1);
+    }
+
+    #[test]
+    fn failures_revert_or_poison() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(3, 1);
+        let t = LazyTracker::new(&a, 0, M2, 3, &words, &slots, TrackerConfig::default()).unwrap();
+        for u in 0..3 {
+            t.mark_unaccepted(u);
+        }
+        let log = std::sync::Mutex::new(Vec::new());
+        // Unit 0: the first call fails before anything is accepted -> back to unaccepted.
+        let walk = |_: Gpa, _: PageLevel| StatusCode::EptWalkFailed.status();
+        let mut td = Logged {
+            rule: &walk,
+            log: &log,
+        };
+        let e = t.accept_unit(0, &mut td, &mut NoInterrupts, 0).unwrap_err();
+        assert!(matches!(e, TrackerError::Accept { unit: 0, .. }));
+        assert_eq!(t.unit_state(0), UnitState::Unaccepted);
+        let mut good = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        t.accept_unit(0, &mut good, &mut NoInterrupts, 0).unwrap();
+        assert_eq!(t.unit_state(0), UnitState::Accepted);
+
+        // Unit 1: already accepted by the module -> poisoned, never called again.
+        let already = |_: Gpa, _: PageLevel| StatusCode::PageAlreadyAccepted.with_operand(1);
+        let mut td = Logged {
+            rule: &already,
+            log: &log,
+        };
+        t.accept_unit(0, &mut td, &mut NoInterrupts, 1).unwrap_err();
+        assert_eq!(t.unit_state(1), UnitState::Failed);
+        assert_eq!(
+            t.accept_unit(0, &mut good, &mut NoInterrupts, 1),
+            Err(TrackerError::UnitFailed {
+                unit: 1,
+                gpa: Gpa::new_truncate(M2)
+            })
+        );
+
+        // Unit 2: host mapped 4K and the 3rd sub-page fails -> partly accepted -> poisoned.
+        let partial = |g: Gpa, level: PageLevel| match level {
+            PageLevel::Size2M => StatusCode::PageSizeMismatch.with_operand(1),
+            _ if g.as_u64() == 2 * M2 + 2 * K4 => StatusCode::EptWalkFailed.status(),
+            _ => TdxStatus::SUCCESS,
+        };
+        let mut td = Logged {
+            rule: &partial,
+            log: &log,
+        };
+        t.accept_unit(0, &mut td, &mut NoInterrupts, 2).unwrap_err();
+        assert_eq!(t.unit_state(2), UnitState::Failed);
+        assert_eq!(t.remaining_bytes(), 2 * M2);
+        assert_eq!(t.accepted_bytes(), M2);
+    }
+
+    #[test]
+    fn bad_construction() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(32, 1);
+        let cfg = TrackerConfig::default();
+        assert_eq!(
+            LazyTracker::new(&a, 0, M2, 33, &words, &slots, cfg).map(|_| ()),
+            Err(TrackerError::Storage { needed: 2, got: 1 })
+        );
+        assert_eq!(
+            LazyTracker::new(&a, 0, 3 * K4, 1, &words, &slots, cfg).map(|_| ()),
+            Err(TrackerError::Table(TableError::UnitSize(3 * K4 as u32)))
+        );
+        assert_eq!(
+            LazyTracker::new(&a, 0x800, M2, 1, &words, &slots, cfg).map(|_| ()),
+            Err(TrackerError::Table(TableError::PhysBase(0x800)))
+        );
+        assert_eq!(
+            LazyTracker::new(&a, (1 << 52) - M2, M2, 2, &words, &slots, cfg).map(|_| ()),
+            Err(TrackerError::Table(TableError::Overflow))
+        );
+        let t = LazyTracker::new(&a, 0, M2, 1, &words, &slots, cfg).unwrap();
+        t.mark_unaccepted(0);
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        assert_eq!(
+            t.accept_unit(5, &mut td, &mut NoInterrupts, 0),
+            Err(TrackerError::NoSlot { vcpu: 5 })
+        );
+    }
+
+    /// A bounded wait: a unit left in `Accepting` by a vCPU that never finishes.
+    #[test]
+    fn waiting_is_bounded() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(1, 2);
+        let cfg = TrackerConfig { max_wait_spins: 50 };
+        let t = LazyTracker::new(&a, 0, M2, 1, &words, &slots, cfg).unwrap();
+        t.mark_unaccepted(0);
+        assert!(t.transition(0, UnitState::Unaccepted, UnitState::Accepting));
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        struct Count(u64);
+        impl CpuHooks for Count {
+            fn mask_interrupts(&mut self) -> u64 {
+                0
+            }
+            fn restore_interrupts(&mut self, _: u64) {}
+            fn relax(&mut self) {
+                self.0 += 1;
+            }
+        }
+        let mut hooks = Count(0);
+        assert_eq!(
+            t.accept_unit(1, &mut td, &mut hooks, 0),
+            Err(TrackerError::WaitTimeout {
+                unit: 0,
+                gpa: Gpa::new_truncate(0)
+            })
+        );
+        assert_eq!(hooks.0, 50);
+        assert!(log.lock().unwrap().is_empty());
+        assert_eq!(t.stats().waits, 1);
+    }
+
+    /// Interrupts are masked exactly while a unit is claimed.
+    #[test]
+    fn claim_is_inside_the_masked_section() {
+        struct Irq<'x> {
+            masked: &'x core::cell::Cell<u32>,
+        }
+        impl CpuHooks for Irq<'_> {
+            fn mask_interrupts(&mut self) -> u64 {
+                self.masked.set(self.masked.get() + 1);
+                7
+            }
+            fn restore_interrupts(&mut self, saved: u64) {
+                assert_eq!(saved, 7);
+                self.masked.set(self.masked.get() - 1);
+            }
+        }
+        let masked = core::cell::Cell::new(0);
+        let a = acceptor_2m();
+        let (words, slots) = storage(1, 1);
+        let t = LazyTracker::new(&a, 0, M2, 1, &words, &slots, TrackerConfig::default()).unwrap();
+        t.mark_unaccepted(0);
+        let seen = core::cell::Cell::new(0u32);
+        let rule = |_: Gpa, _: PageLevel| {
+            seen.set(masked.get());
+            TdxStatus::SUCCESS
+        };
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &rule,
+            log: &log,
+        };
+        t.accept_unit(0, &mut td, &mut Irq { masked: &masked }, 0)
+            .unwrap();
+        assert_eq!(seen.get(), 1, "ACCEPT ran with interrupts masked");
+        assert_eq!(masked.get(), 0, "and they were restored");
+    }
+
+    /// Seeded stress with real threads: many vCPUs request overlapping random ranges; every
+    /// unit is accepted exactly once and every request returns.
+    #[test]
+    fn stress_threads_exactly_once() {
+        const UNITS: u64 = 64;
+        const VCPUS: usize = 8;
+        for seed in 0..20u64 {
+            let a = acceptor_2m();
+            let (words, slots) = storage(UNITS, VCPUS);
+            let t = LazyTracker::new(&a, 0, M2, UNITS, &words, &slots, TrackerConfig::default())
+                .unwrap();
+            for u in 0..UNITS {
+                if (u * 7 + seed) % 5 != 0 {
+                    t.mark_unaccepted(u);
+                }
+            }
+            let initially = t.remaining_bytes();
+            let log = std::sync::Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for v in 0..VCPUS {
+                    let (t, log) = (&t, &log);
+                    s.spawn(move || {
+                        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v as u64;
+                        let mut td = Logged { rule: &ok, log };
+                        for _ in 0..40 {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            let start = (rng % (UNITS * M2)) & !(K4 - 1);
+                            let len = (rng >> 32) % (8 * M2) + 1;
+                            struct Yield;
+                            impl CpuHooks for Yield {
+                                fn mask_interrupts(&mut self) -> u64 {
+                                    0
+                                }
+                                fn restore_interrupts(&mut self, _: u64) {}
+                                fn relax(&mut self) {
+                                    std::thread::yield_now();
+                                }
+                            }
+                            t.accept_range(v, &mut td, &mut Yield, start, start + len)
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            let mut calls = log.into_inner().unwrap();
+            let n = calls.len();
+            calls.sort_unstable();
+            calls.dedup();
+            assert_eq!(calls.len(), n, "a unit accepted twice (seed {seed})");
+            assert_eq!(t.accepted_bytes(), n as u64 * M2);
+            assert_eq!(t.accepted_bytes() + t.remaining_bytes(), initially);
+        }
+    }
+}
+
+/// Model-checked runs of the tracker under shuttle's scheduler: every interleaving point is an
+/// atomic operation on the unit states.
+#[cfg(test)]
+mod model {
+    use super::tests::{Logged, M2};
+    use super::*;
+    use crate::abi::{Gpaw, PageLevel, StatusCode, TdxStatus};
+    use crate::acceptor::AcceptPolicy;
+    use shuttle::sync::atomic::AtomicU64 as ShuttleU64;
+    use std::sync::Arc;
+    use std::vec::Vec;
+
+    impl StateWord for ShuttleU64 {
+        fn load(&self, order: Ordering) -> u64 {
+            ShuttleU64::load(self, order)
+        }
+        fn store(&self, value: u64, order: Ordering) {
+            ShuttleU64::store(self, value, order)
+        }
+        fn compare_exchange_weak(
+            &self,
+            current: u64,
+            new: u64,
+            success: Ordering,
+            failure: Ordering,
+        ) -> Result<u64, u64> {
+            ShuttleU64::compare_exchange_weak(self, current, new, success, failure)
+        }
+    }
+
+    struct Yield;
+    impl CpuHooks for Yield {
+        fn mask_interrupts(&mut self) -> u64 {
+            0
+        }
+        fn restore_interrupts(&mut self, _: u64) {}
+        fn relax(&mut self) {
+            shuttle::thread::yield_now();
+        }
+    }
+
+    /// Shared fixture leaked per execution (shuttle threads need `'static`).
+    struct World {
+        tracker: LazyTracker<'static, ShuttleU64>,
+        log: std::sync::Mutex<Vec<(u64, PageLevel)>>,
+    }
+
+    fn world(units: u64, vcpus: usize, unaccepted: impl Fn(u64) -> bool) -> &'static World {
+        let acceptor: &'static Acceptor =
+            std::boxed::Box::leak(std::boxed::Box::new(Acceptor::new(
+                Gpaw::Bits48,
+                AcceptPolicy {
+                    max_level: PageLevel::Size2M,
+                    ..AcceptPolicy::default()
+                },
+            )));
+        let words: &'static [ShuttleU64] = std::boxed::Box::leak(
+            (0..words_needed(units))
+                .map(|_| ShuttleU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        let slots: &'static [AtomicU64] = std::boxed::Box::leak(
+            (0..vcpus)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        let cfg = TrackerConfig {
+            max_wait_spins: 100_000,
+        };
+        let tracker = LazyTracker::new(acceptor, 0, M2, units, words, slots, cfg).unwrap();
+        for u in (0..units).filter(|&u| unaccepted(u)) {
+            tracker.mark_unaccepted(u);
+        }
+        std::boxed::Box::leak(std::boxed::Box::new(World {
+            tracker,
+            log: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn ok(_: Gpa, _: PageLevel) -> TdxStatus {
+        TdxStatus::SUCCESS
+    }
+
+    /// Three vCPUs with overlapping ranges over units that straddle one state word: no unit is
+    /// accepted twice, none is left unaccepted, nobody times out.
+    #[test]
+    fn shuttle_exactly_once_no_stuck_waiter() {
+        shuttle::check_random(
+            || {
+                // 34 units: two state words, the ranges cross the word boundary.
+                let w = world(34, 3, |u| u % 3 != 1);
+                let ranges = [(29, 33), (30, 34), (28, 31)];
+                let handles: Vec<_> = ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(v, &(s, e))| {
+                        shuttle::thread::spawn(move || {
+                            let mut td = Logged {
+                                rule: &ok,
+                                log: &w.log,
+                            };
+                            // Unit-aligned end: the guard unit is included too.
+                            w.tracker
+                                .accept_range(v, &mut td, &mut Yield, s * M2 + 4096, e * M2)
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.join().unwrap().unwrap();
+                }
+                let mut log = w.log.lock().unwrap().clone();
+                let n = log.len();
+                log.sort_unstable();
+                log.dedup();
+                assert_eq!(log.len(), n, "a unit was accepted twice");
+                for u in 28..34 {
+                    assert_eq!(w.tracker.unit_state(u), UnitState::Accepted, "unit {u}");
+                }
+                assert_eq!(w.tracker.accepted_bytes(), n as u64 * M2);
+            },
+            5000,
+        );
+    }
+
+    /// A first attempt fails without accepting anything: the unit goes back to unaccepted and
+    /// exactly one of the waiters accepts it; every vCPU returns (Ok or the one error).
+    #[test]
+    fn shuttle_failed_claim_releases_waiters() {
+        shuttle::check_random(
+            || {
+                let w = world(2, 3, |_| true);
+                let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let handles: Vec<_> = (0..3)
+                    .map(|v| {
+                        let failed_once = failed_once.clone();
+                        shuttle::thread::spawn(move || {
+                            let rule = move |g: Gpa, _: PageLevel| {
+                                if g.as_u64() == 0
+                                    && !failed_once.swap(true, std::sync::atomic::Ordering::Relaxed)
+                                {
+                                    StatusCode::EptWalkFailed.status()
+                                } else {
+                                    TdxStatus::SUCCESS
+                                }
+                            };
+                            let mut td = Logged {
+                                rule: &rule,
+                                log: &w.log,
+                            };
+                            w.tracker.accept_unit(v, &mut td, &mut Yield, 0)
+                        })
+                    })
+                    .collect();
+                let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+                let errors = results.iter().filter(|r| r.is_err()).count();
+                assert_eq!(errors, 1, "{results:?}");
+                assert!(results
+                    .iter()
+                    .all(|r| matches!(r, Ok(()) | Err(TrackerError::Accept { unit: 0, .. }))));
+                assert_eq!(*w.log.lock().unwrap(), [(0, PageLevel::Size2M)]);
+                assert_eq!(w.tracker.unit_state(0), UnitState::Accepted);
+            },
+            2000,
+        );
+    }
+}
