@@ -4,7 +4,8 @@
 //! - `cargo xtask ci`: everything CI checks: toolchain setup, fmt, clippy, docs, the bare-metal
 //!   builds of `accept`, then `test`.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,10 +41,53 @@ fn run(what: &str, mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test --workspace`, passing its output through, and closes with one line that
+/// totals every test binary's result ("tests: N passed, M failed").
 fn test() -> Result<()> {
-    let mut c = cargo();
-    c.args(["test", "--workspace"]);
-    run("cargo test --workspace", c)
+    eprintln!("==> cargo test --workspace");
+    let mut child = cargo()
+        .args(["test", "--workspace"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some((p, f)) = parse_result(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// Parses libtest's "test result: ok. 12 passed; 0 failed; ..." line.
+fn parse_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in rest.split(['.', ';']) {
+        let mut words = part.split_whitespace();
+        if let (Some(n), Some(what)) = (words.next(), words.next()) {
+            match what {
+                "passed" => passed = n.parse().ok(),
+                "failed" => failed = n.parse().ok(),
+                _ => {}
+            }
+        }
+    }
+    Some((passed?, failed?))
 }
 
 fn ci() -> Result<()> {
@@ -93,5 +137,23 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_result;
+
+    #[test]
+    fn parses_libtest_summaries() {
+        assert_eq!(
+            parse_result("test result: ok. 33 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.08s"),
+            Some((33, 0))
+        );
+        assert_eq!(
+            parse_result("test result: FAILED. 18 passed; 1 failed; 0 ignored; 0 measured"),
+            Some((18, 1))
+        );
+        assert_eq!(parse_result("running 3 tests"), None);
     }
 }
