@@ -5,6 +5,9 @@
 //! - [`acceptor`]: TDG.MEM.PAGE.ACCEPT over ranges, 1G -> 2M -> 4K, with bounded retries.
 //! - [`convert`]: `TDG.VP.VMCALL<MapGPA>` with RETRY handling, and private/shared conversion with
 //!   ordering hooks, partial-failure reports and rollback.
+//! - [`unaccepted`]: the Linux-compatible EFI unaccepted-memory table, read and built.
+//! - [`tracker`]: lazy acceptance from many vCPUs, each unit exactly once, bounded waits.
+//! - [`ve`]: the #VE handler for EPT violations on pending private pages.
 //! - `hw` (feature `hw`, x86_64 only): the real TDCALL backend.
 //!
 //! The engine never panics on what the host returns: every outcome is a value.
@@ -28,6 +31,7 @@ pub mod hw;
 pub mod tdcall;
 pub mod tracker;
 pub mod unaccepted;
+pub mod ve;
 
 pub use abi::{Gpa, GpaRange, Gpaw, PageLevel, StatusCode, TdxStatus};
 pub use tdcall::Tdcall;
