@@ -1,6 +1,8 @@
 //! Host half of TDX private/shared memory conversion.
 //!
-//! - [`module`]: an emulator of the TDX module's Secure-EPT and memory SEAMCALLs/TDCALLs.
+//! - [`module`]: an emulator of the TDX module's Secure-EPT and memory SEAMCALLs/TDCALLs
+//!   (`spec/tdx-module-memory.md` §1-§7): S-EPT tree, host calls, epochs, ACCEPT walk cases,
+//!   #VE delivery, page-content tokens, capabilities as data and fault injection.
 #![forbid(unsafe_code)]
 
 pub mod module;
