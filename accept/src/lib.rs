@@ -8,6 +8,7 @@
 //! - [`unaccepted`]: the Linux-compatible EFI unaccepted-memory table, read and built.
 //! - [`tracker`]: lazy acceptance from many vCPUs, each unit exactly once, bounded waits.
 //! - [`ve`]: the #VE handler for EPT violations on pending private pages.
+//! - [`parallel`]: boot-time acceptance shared by many vCPUs through one atomic cursor.
 //! - `hw` (feature `hw`, x86_64 only): the real TDCALL backend.
 //!
 //! The engine never panics on what the host returns: every outcome is a value.
@@ -28,6 +29,7 @@ pub mod acceptor;
 pub mod convert;
 #[cfg(all(feature = "hw", target_arch = "x86_64"))]
 pub mod hw;
+pub mod parallel;
 pub mod tdcall;
 pub mod tracker;
 pub mod unaccepted;
