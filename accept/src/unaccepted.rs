@@ -362,7 +362,7 @@ pub struct TableLayout {
 }
 
 impl TableLayout {
-    /// The layout covering every range of `ranges`; `None` for an empty list.
+    /// The layout covering every range of `ranges` (an empty bitmap for an empty list).
     ///
     /// # Errors
     /// [`TableError::UnitSize`] or [`TableError::Overflow`].
@@ -415,10 +415,15 @@ impl<'b> TableBuilder<'b> {
     ///
     /// # Errors
     /// [`TableError::Truncated`] when `buf` is shorter than the table, [`TableError::UnitSize`],
-    /// [`TableError::PhysBase`] or [`TableError::Overflow`] for a bad layout.
+    /// [`TableError::PhysBase`] (not aligned to the unit: unit boundaries must be the same
+    /// whether counted from 0 or from `phys_base`, as Linux assumes) or
+    /// [`TableError::Overflow`] for a bad layout.
     pub fn new(buf: &'b mut [u8], layout: TableLayout) -> Result<TableBuilder<'b>, TableError> {
         check_unit_size(layout.unit_size)?;
         check_phys_base(layout.phys_base)?;
+        if layout.phys_base % u64::from(layout.unit_size) != 0 {
+            return Err(TableError::PhysBase(layout.phys_base));
+        }
         let end = span_end(layout.phys_base, layout.unit_size, layout.bitmap_len)?;
         let len = layout.table_len()?;
         let available = buf.len();
@@ -894,6 +899,15 @@ mod tests {
         assert_eq!(
             TableBuilder::new(&mut buf, layout).map(|_| ()),
             Err(TableError::Truncated { len: 33 })
+        );
+        let odd_base = TableLayout {
+            phys_base: M2 + K4,
+            ..layout
+        };
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            TableBuilder::new(&mut buf, odd_base).map(|_| ()),
+            Err(TableError::PhysBase(M2 + K4))
         );
     }
 
