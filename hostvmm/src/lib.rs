@@ -3,6 +3,9 @@
 //! - [`module`]: an emulator of the TDX module's Secure-EPT and memory SEAMCALLs/TDCALLs
 //!   (`spec/tdx-module-memory.md` §1-§7): S-EPT tree, host calls, epochs, ACCEPT walk cases,
 //!   #VE delivery, page-content tokens, capabilities as data and fault injection.
+//! - [`gmem`]: a guest_memfd-style backend: folios, shareability ranges, all-or-nothing
+//!   conversion, deferred commits and error pages.
 #![forbid(unsafe_code)]
 
+pub mod gmem;
 pub mod module;
