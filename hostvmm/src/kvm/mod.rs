@@ -1,0 +1,962 @@
+//! A KVM-style private MMU: the host side of the Secure-EPT, driven only through SEAMCALLs.
+//!
+//! [`PrivateMmu`] does what KVM's TDX mirror-EPT code does, with the policies of
+//! `design.md` as data ([`MmuPolicy`]):
+//!
+//! - **fault path** ([`PrivateMmu::handle_ept_violation`]): on an EPT-violation exit for a
+//!   private GPA, map at the largest level allowed by the guest's requested ACCEPT level (from
+//!   the extended exit qualification), the backing folio, uniform private attributes, the
+//!   module's AUG limit and the policy; SEPT.ADD missing levels first, then AUG.
+//! - **fault-path split** (seed 003): the guest accepts smaller than an existing PENDING huge
+//!   leaf: BLOCK, TRACK, kick, DEMOTE, and the guest's ACCEPT re-executes. Policies can instead
+//!   ignore the request (the guest then loops, which the simulator detects) or inhibit huge
+//!   mappings for that range one way (zap and remap small, never huge again).
+//! - **zap path** ([`PrivateMmu::zap`]): private -> shared or hole punch: DEMOTE only the huge
+//!   leaves that straddle the range, BLOCK the rest at their own level, one TRACK, kick, REMOVE.
+//!   A REMOVE or DEMOTE that still fails is not returned: the leaf's 4K pages are reported to
+//!   the backing as error pages (seed 000).
+//! - **merge** ([`PrivateMmu::merge_pass`]): a 2M range split earlier whose 512 children are all
+//!   MAPPED (or all PENDING) with contiguous backing is PROMOTEd back (BLOCK + TRACK + kick
+//!   first, UNBLOCK if the module refuses).
+//!
+//! The MMU reads S-EPT state with [`TdxModule::walk`], standing in for KVM's mirror page table
+//! (or TDH.MEM.SEPT.RD). "Kicking" vCPUs is the [`Kicker`]'s job: KVM sends IPIs; the simulator's
+//! vCPUs leave the TD after every instruction, so the default kicker only yields.
+//!
+//! Faults and zaps are serialised as in KVM: faults take the MMU lock shared and look up the
+//! backing page before taking it, zaps take it exclusively and bump an invalidation sequence
+//! that makes a racing fault retry.
+//!
+//! Not here: shared EPT (host memory is mapped by the VMM directly), memslots (GPA is the
+//! guest_memfd offset), and 1G mappings (the 1.5 module AUGs at most 2M).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use accept::abi::{Gpa, GpaRange, PageLevel, StatusCode, TdxStatus};
+
+use crate::module::{ExitType, ExtExitQual, SeamcallResult, SeptState, TdxModule};
+
+/// Bound on BUSY / INTERRUPTED answers to one SEAMCALL before the MMU gives up on it.
+pub const SEAMCALL_RETRIES: u32 = 10_000;
+
+/// Bound on kicks while waiting for TLB tracking (every vCPU to leave the TD once).
+pub const TRACKING_KICKS: u32 = 1_000_000;
+
+/// What the backing store says about a private GPA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pfn {
+    /// Host physical address of the 4K page holding the GPA.
+    pub hpa: u64,
+    /// Largest level a private mapping around the GPA may use: bounded by the folio holding
+    /// it and by uniform private attributes over the aligned range.
+    pub max_level: PageLevel,
+}
+
+/// Why the backing store cannot supply a private page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BackingError {
+    /// The GPA is shared now: a private fault on it is the guest's error (or a race with a
+    /// conversion, which the guest resolves by retrying).
+    #[error("GPA is shared")]
+    Shared,
+    /// The page is an error page.
+    #[error("GPA is an error page")]
+    Poisoned,
+    /// No memory for a new folio.
+    #[error("out of memory")]
+    NoMemory,
+    /// Outside the guest memory.
+    #[error("GPA outside guest memory")]
+    OutOfRange,
+}
+
+/// The private memory behind the MMU: a guest_memfd as KVM sees it (kvm_gmem_get_pfn).
+pub trait PrivateBacking: Send + Sync {
+    /// The backing page of private `gpa`, allocating it on first use.
+    ///
+    /// # Errors
+    /// [`BackingError`].
+    fn get_pfn(&self, gpa: Gpa) -> Result<Pfn, BackingError>;
+
+    /// Records the 4K pages of `[gpa, gpa + level size)` as error pages: a REMOVE or DEMOTE
+    /// of that leaf failed and the TDX module may still own them (seed 000).
+    fn poison(&self, gpa: Gpa, level: PageLevel);
+}
+
+/// Makes every vCPU that is running in the TD leave it once (KVM: an IPI to each).
+pub trait Kicker: Send + Sync {
+    /// Kicks every vCPU.
+    fn kick_all(&self);
+}
+
+/// A kicker for vCPUs that leave the TD on their own after each step: it only yields.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct YieldKicker;
+
+impl Kicker for YieldKicker {
+    fn kick_all(&self) {
+        std::thread::yield_now();
+    }
+}
+
+/// What the fault path does when the guest accepts smaller than an existing PENDING leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultSplit {
+    /// DEMOTE the leaf (BLOCK, TRACK, kick, DEMOTE): ours.
+    Demote,
+    /// Zap the PENDING leaf and never map that 2M range huge again (a one-way inhibit).
+    Inhibit,
+    /// Do nothing: the guest re-executes the ACCEPT and exits again, forever.
+    Ignore,
+}
+
+/// Host mapping policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmuPolicy {
+    /// Largest private mapping.
+    pub max_level: PageLevel,
+    /// Map at the level the guest asked to ACCEPT (when the exit says so).
+    pub honour_accept_level: bool,
+    /// Fault-path split behaviour.
+    pub fault_split: FaultSplit,
+    /// PROMOTE split ranges back when they become uniform again.
+    pub merge: bool,
+}
+
+impl MmuPolicy {
+    /// This project's host: 2M, honours the accept level, splits with DEMOTE, merges.
+    pub const OURS: MmuPolicy = MmuPolicy {
+        max_level: PageLevel::Size2M,
+        honour_accept_level: true,
+        fault_split: FaultSplit::Demote,
+        merge: true,
+    };
+
+    /// Mainline KVM: 4K private mappings only.
+    pub const KVM_4K: MmuPolicy = MmuPolicy {
+        max_level: PageLevel::Size4K,
+        honour_accept_level: false,
+        fault_split: FaultSplit::Ignore,
+        merge: false,
+    };
+
+    /// The KVM TDX huge-page series: 2M mappings, split in the zap path, a one-way inhibit in
+    /// the fault path, never merge.
+    pub const KVM_HUGEPAGE: MmuPolicy = MmuPolicy {
+        max_level: PageLevel::Size2M,
+        honour_accept_level: true,
+        fault_split: FaultSplit::Inhibit,
+        merge: false,
+    };
+}
+
+impl Default for MmuPolicy {
+    fn default() -> Self {
+        MmuPolicy::OURS
+    }
+}
+
+/// A pool of host pages for S-EPT pages (SEPT.ADD, DEMOTE), separate from guest memory.
+#[derive(Debug)]
+pub struct SeptPagePool {
+    next: AtomicU64,
+    end: u64,
+    free: Mutex<Vec<u64>>,
+    fail_next: AtomicU64,
+    allocated: AtomicU64,
+}
+
+impl SeptPagePool {
+    /// A pool handing out 4K pages from `[base, base + pages * 4K)`.
+    pub fn new(base: u64, pages: u64) -> SeptPagePool {
+        SeptPagePool {
+            next: AtomicU64::new(base),
+            end: base.saturating_add(pages.saturating_mul(4096)),
+            free: Mutex::new(Vec::new()),
+            fail_next: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the next `n` allocations fail (fault injection).
+    pub fn fail_next(&self, n: u64) {
+        self.fail_next.store(n, Ordering::Relaxed);
+    }
+
+    /// A page, or `None` when the pool is exhausted (or a failure is injected).
+    pub fn alloc(&self) -> Option<u64> {
+        if self
+            .fail_next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return None;
+        }
+        let page = match self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            Some(p) => p,
+            None => {
+                let p = self.next.fetch_add(4096, Ordering::Relaxed);
+                if p >= self.end {
+                    self.next.fetch_sub(4096, Ordering::Relaxed);
+                    return None;
+                }
+                p
+            }
+        };
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Some(page)
+    }
+
+    /// Returns a page.
+    pub fn free(&self, page: u64) {
+        self.allocated.fetch_sub(1, Ordering::Relaxed);
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(page);
+    }
+
+    /// Pages handed out and not returned.
+    pub fn in_use(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the fault path could not map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    /// The GPA has the shared bit set or is beyond the GPA width: not a private fault.
+    #[error("GPA {0:#x} is not a private GPA")]
+    NotPrivate(u64),
+    /// The backing store refused.
+    #[error("backing: {0}")]
+    Backing(#[from] BackingError),
+    /// No page for an S-EPT page.
+    #[error("no memory for an S-EPT page")]
+    NoSeptPage,
+    /// A SEAMCALL failed in a way the MMU does not handle.
+    #[error("{call} failed: {status}")]
+    Seamcall {
+        /// Which call.
+        call: &'static str,
+        /// Its status.
+        status: TdxStatus,
+    },
+}
+
+/// What the fault path did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// Mapped a PENDING leaf at this level.
+    Mapped(PageLevel),
+    /// Split a huge leaf so that a smaller ACCEPT can proceed.
+    Split,
+    /// Zapped a huge PENDING leaf and inhibited huge mappings for its range.
+    Inhibited,
+    /// Nothing to do now (another vCPU mapped it, or a zap is in flight): resume the guest.
+    Retry,
+    /// The policy ignores the guest's smaller ACCEPT: resume the guest unchanged.
+    Ignored,
+}
+
+/// Exact counters of the MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct MmuStats {
+    /// EPT-violation exits handled.
+    pub faults: u64,
+    /// Leaves mapped by AUG, per level (4K, 2M, 1G).
+    pub maps: [u64; 3],
+    /// SEPT.ADD calls that added a level.
+    pub sept_adds: u64,
+    /// Fault-path splits (DEMOTE for a smaller ACCEPT).
+    pub fault_splits: u64,
+    /// Fault-path requests ignored by policy.
+    pub ignored_splits: u64,
+    /// One-way inhibits of huge mappings.
+    pub inhibits: u64,
+    /// DEMOTEs in the zap path (leaves straddling a zapped range).
+    pub zap_demotes: u64,
+    /// Leaves removed, per level.
+    pub removes: [u64; 3],
+    /// Successful PROMOTEs.
+    pub promotes: u64,
+    /// PROMOTEs refused by the module (range unblocked again).
+    pub promote_refused: u64,
+    /// TDH.MEM.TRACK calls that advanced the epoch.
+    pub tracks: u64,
+    /// Kicks while waiting for tracking.
+    pub kicks: u64,
+    /// BUSY or INTERRUPTED answers retried.
+    pub busy_retries: u64,
+    /// Leaves whose REMOVE or DEMOTE failed, recorded as error pages.
+    pub poisoned_leaves: u64,
+    /// Faults that found a zap in flight and asked the guest to retry.
+    pub invalidation_retries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    maps: [AtomicU64; 3],
+    sept_adds: AtomicU64,
+    fault_splits: AtomicU64,
+    ignored_splits: AtomicU64,
+    inhibits: AtomicU64,
+    zap_demotes: AtomicU64,
+    removes: [AtomicU64; 3],
+    promotes: AtomicU64,
+    promote_refused: AtomicU64,
+    tracks: AtomicU64,
+    kicks: AtomicU64,
+    busy_retries: AtomicU64,
+    poisoned_leaves: AtomicU64,
+    invalidation_retries: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+impl Counters {
+    fn snapshot(&self) -> MmuStats {
+        MmuStats {
+            faults: get(&self.faults),
+            maps: [get(&self.maps[0]), get(&self.maps[1]), get(&self.maps[2])],
+            sept_adds: get(&self.sept_adds),
+            fault_splits: get(&self.fault_splits),
+            ignored_splits: get(&self.ignored_splits),
+            inhibits: get(&self.inhibits),
+            zap_demotes: get(&self.zap_demotes),
+            removes: [
+                get(&self.removes[0]),
+                get(&self.removes[1]),
+                get(&self.removes[2]),
+            ],
+            promotes: get(&self.promotes),
+            promote_refused: get(&self.promote_refused),
+            tracks: get(&self.tracks),
+            kicks: get(&self.kicks),
+            busy_retries: get(&self.busy_retries),
+            poisoned_leaves: get(&self.poisoned_leaves),
+            invalidation_retries: get(&self.invalidation_retries),
+        }
+    }
+}
+
+/// What one zap did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZapReport {
+    /// Leaves removed.
+    pub removed: u64,
+    /// Huge leaves demoted because they straddled the range.
+    pub demoted: u64,
+    /// Leaves whose removal failed and were recorded as error pages.
+    pub poisoned: u64,
+}
+
+/// What a merge attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// PROMOTEd to a 2M leaf.
+    Promoted,
+    /// Not (yet) mergeable: children not uniform, not contiguous, or the backing not huge.
+    NotReady,
+    /// Nothing to merge: already huge, or nothing mapped.
+    Nothing,
+}
+
+/// The private MMU of one TD.
+pub struct PrivateMmu {
+    module: Arc<TdxModule>,
+    backing: Arc<dyn PrivateBacking>,
+    kicker: Arc<dyn Kicker>,
+    policy: MmuPolicy,
+    pool: SeptPagePool,
+    mmu_lock: RwLock<()>,
+    invalidate_seq: AtomicU64,
+    /// 2M ranges (by base GPA) never to be mapped huge again (one-way inhibit policy).
+    inhibited: Mutex<BTreeSet<u64>>,
+    /// 2M ranges (by base GPA) split at some point: candidates for PROMOTE.
+    merge_candidates: Mutex<BTreeSet<u64>>,
+    counters: Counters,
+}
+
+impl fmt::Debug for PrivateMmu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateMmu")
+            .field("policy", &self.policy)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Public state of a SEAMCALL's RDX on failure, as [`SeptState`] compares it.
+fn busy_like(status: TdxStatus) -> bool {
+    status.is(StatusCode::OperandBusy) || status.is(StatusCode::InterruptedRestartable)
+}
+
+const M2: u64 = 2 << 20;
+
+impl PrivateMmu {
+    /// An MMU over `module`, backed by `backing`, with S-EPT pages from `pool`.
+    pub fn new(
+        module: Arc<TdxModule>,
+        backing: Arc<dyn PrivateBacking>,
+        kicker: Arc<dyn Kicker>,
+        policy: MmuPolicy,
+        pool: SeptPagePool,
+    ) -> PrivateMmu {
+        PrivateMmu {
+            module,
+            backing,
+            kicker,
+            policy,
+            pool,
+            mmu_lock: RwLock::new(()),
+            invalidate_seq: AtomicU64::new(0),
+            inhibited: Mutex::new(BTreeSet::new()),
+            merge_candidates: Mutex::new(BTreeSet::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> MmuPolicy {
+        self.policy
+    }
+
+    /// The module.
+    pub fn module(&self) -> &Arc<TdxModule> {
+        &self.module
+    }
+
+    /// The S-EPT page pool.
+    pub fn sept_pool(&self) -> &SeptPagePool {
+        &self.pool
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> MmuStats {
+        self.counters.snapshot()
+    }
+
+    /// Number of 2M ranges waiting to be merged.
+    pub fn merge_backlog(&self) -> usize {
+        self.merge_candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    // ---- SEAMCALL helpers ------------------------------------------------------------------
+
+    /// Runs a SEAMCALL, retrying BUSY and INTERRUPTED_RESTARTABLE (bounded), and kicking vCPUs
+    /// while TLB tracking is not done.
+    fn call(&self, name: &'static str, f: impl Fn() -> SeamcallResult) -> SeamcallResult {
+        let mut busy = 0u32;
+        let mut kicks = 0u32;
+        loop {
+            let r = f();
+            if busy_like(r.status) && busy < SEAMCALL_RETRIES {
+                busy += 1;
+                inc(&self.counters.busy_retries);
+                std::thread::yield_now();
+                continue;
+            }
+            if r.status.is(StatusCode::TlbTrackingNotDone) && kicks < TRACKING_KICKS {
+                kicks += 1;
+                inc(&self.counters.kicks);
+                self.kicker.kick_all();
+                continue;
+            }
+            if r.status.is_error() {
+                log::debug!("{name}: {:?}", r.status);
+            }
+            return r;
+        }
+    }
+
+    /// TDH.MEM.TRACK, kicking vCPUs while the previous epoch is still busy.
+    fn track(&self) -> Result<(), FaultError> {
+        let r = self.call("TRACK", || {
+            let r = self.module.mem_track();
+            if r.status.is(StatusCode::PreviousTlbEpochBusy) {
+                self.kicker.kick_all();
+                inc(&self.counters.kicks);
+                // Reported as BUSY-like so that `call` retries it.
+                return SeamcallResult::status(StatusCode::OperandBusy.status());
+            }
+            r
+        });
+        if r.status.is_error() {
+            return Err(FaultError::Seamcall {
+                call: "TDH.MEM.TRACK",
+                status: r.status,
+            });
+        }
+        inc(&self.counters.tracks);
+        Ok(())
+    }
+
+    fn block(&self, gpa: Gpa, level: PageLevel) -> SeamcallResult {
+        self.call("BLOCK", || self.module.range_block(gpa, level))
+    }
+
+    // ---- fault path ------------------------------------------------------------------------
+
+    /// Handles an EPT-violation TD exit on `gpa` with extended qualification `ext`.
+    ///
+    /// # Errors
+    /// [`FaultError`]: the guest cannot make progress on this GPA (the VMM decides what to do:
+    /// KVM would return the error to userspace).
+    pub fn handle_ept_violation(
+        &self,
+        gpa: u64,
+        ext: ExtExitQual,
+    ) -> Result<FaultOutcome, FaultError> {
+        inc(&self.counters.faults);
+        let gpaw = self.module.config().gpaw;
+        let g = Gpa::try_new(gpa & !0xFFF).map_err(|_| FaultError::NotPrivate(gpa))?;
+        if g.is_shared(gpaw) || g.exceeds(gpaw) {
+            return Err(FaultError::NotPrivate(gpa));
+        }
+        let requested = match ext.exit_type() {
+            ExitType::Accept => PageLevel::from_index(ext.req_level() as u64),
+            _ => None,
+        };
+
+        // Look the page up before taking the MMU lock (as KVM does), then make sure no
+        // invalidation ran meanwhile.
+        let seq = self.invalidate_seq.load(Ordering::Acquire);
+        let pfn = self.backing.get_pfn(g)?;
+        let guard = self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner);
+        if self.invalidate_seq.load(Ordering::Acquire) != seq {
+            inc(&self.counters.invalidation_retries);
+            return Ok(FaultOutcome::Retry);
+        }
+
+        let leaf = self.module.leaf(g);
+        if leaf.state.is_leaf() {
+            let leaf_level = PageLevel::from_index(leaf.level as u64).unwrap_or(PageLevel::Size4K);
+            return match requested {
+                Some(req) if req < leaf_level && leaf.state == SeptState::Pending => {
+                    drop(guard);
+                    self.fault_split(g, leaf_level)
+                }
+                // Blocked (a zap or merge in flight) or mapped by another vCPU meanwhile.
+                _ => Ok(FaultOutcome::Retry),
+            };
+        }
+
+        // Choose the level.
+        let mut level = self
+            .policy
+            .max_level
+            .min(pfn.max_level)
+            .min(self.module.config().max_aug_level);
+        if self.policy.honour_accept_level {
+            if let Some(req) = requested {
+                level = level.min(req);
+            }
+        }
+        if level > PageLevel::Size4K && self.is_inhibited(g) {
+            level = PageLevel::Size4K;
+        }
+        // Never map over smaller mappings already present under the huge entry.
+        loop {
+            let e = self.module.walk(g, level.index());
+            if e.level == level.index() && e.state.is_non_leaf() {
+                match level.smaller() {
+                    Some(s) => level = s,
+                    None => return Ok(FaultOutcome::Retry),
+                }
+            } else {
+                break;
+            }
+        }
+        let base = g.align_down(level);
+        let hpa = pfn.hpa - (g.as_u64() - base.as_u64());
+        if hpa & level.mask() != 0 {
+            // The backing page is not aligned for a huge mapping: map 4K.
+            level = PageLevel::Size4K;
+        }
+        let base = g.align_down(level);
+        let hpa = pfn.hpa - (g.as_u64() - base.as_u64());
+        self.ensure_levels(base, level)?;
+        let r = self.call("AUG", || self.module.page_aug(base, level, hpa));
+        if r.status.is_success() {
+            inc(&self.counters.maps[level.index() as usize]);
+            if level == PageLevel::Size4K && self.policy.merge && pfn.max_level >= PageLevel::Size2M
+            {
+                self.add_merge_candidate(g.align_down(PageLevel::Size2M));
+            }
+            return Ok(FaultOutcome::Mapped(level));
+        }
+        if r.status.is(StatusCode::EptEntryStateIncorrect) {
+            // Another vCPU mapped it first.
+            return Ok(FaultOutcome::Retry);
+        }
+        Err(FaultError::Seamcall {
+            call: "TDH.MEM.PAGE.AUG",
+            status: r.status,
+        })
+    }
+
+    /// SEPT.ADD every missing non-leaf level above `level` for `gpa`.
+    fn ensure_levels(&self, gpa: Gpa, level: PageLevel) -> Result<(), FaultError> {
+        loop {
+            let e = self.module.walk(gpa, level.index());
+            if e.level <= level.index() {
+                return Ok(());
+            }
+            if e.state != SeptState::Free {
+                // A leaf or blocked entry above: the caller will retry.
+                return Ok(());
+            }
+            let page = self.pool.alloc().ok_or(FaultError::NoSeptPage)?;
+            // The entry at `e.level` becomes non-leaf; its GPA must be aligned to that level.
+            let entry_size = 1u64 << (12 + 9 * u32::from(e.level));
+            let entry_gpa = Gpa::new_truncate(gpa.as_u64() & !(entry_size - 1));
+            let r = self.call("SEPT.ADD", || {
+                self.module.sept_add(entry_gpa, e.level, page)
+            });
+            if r.status.is_success() {
+                inc(&self.counters.sept_adds);
+                continue;
+            }
+            self.pool.free(page);
+            if r.status.is(StatusCode::EptEntryStateIncorrect) {
+                // Added by another vCPU.
+                continue;
+            }
+            return Err(FaultError::Seamcall {
+                call: "TDH.MEM.SEPT.ADD",
+                status: r.status,
+            });
+        }
+    }
+
+    fn is_inhibited(&self, gpa: Gpa) -> bool {
+        self.inhibited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&gpa.align_down(PageLevel::Size2M).as_u64())
+    }
+
+    fn add_merge_candidate(&self, base: Gpa) {
+        self.merge_candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(base.as_u64());
+    }
+
+    /// The guest asked to accept smaller than the PENDING `level` leaf holding `gpa`.
+    fn fault_split(&self, gpa: Gpa, level: PageLevel) -> Result<FaultOutcome, FaultError> {
+        match self.policy.fault_split {
+            FaultSplit::Ignore => {
+                inc(&self.counters.ignored_splits);
+                Ok(FaultOutcome::Ignored)
+            }
+            FaultSplit::Demote => {
+                let _w = self
+                    .mmu_lock
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+                let base = gpa.align_down(level);
+                // Re-check under the exclusive lock: another vCPU may have split it already.
+                let e = self.module.leaf(gpa);
+                if !(e.state == SeptState::Pending && e.level == level.index()) {
+                    return Ok(FaultOutcome::Retry);
+                }
+                self.demote(base, level)?;
+                inc(&self.counters.fault_splits);
+                if self.policy.merge {
+                    self.add_merge_candidate(base);
+                }
+                Ok(FaultOutcome::Split)
+            }
+            FaultSplit::Inhibit => {
+                let _w = self
+                    .mmu_lock
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+                let base = gpa.align_down(level);
+                self.inhibited
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(base.as_u64());
+                let e = self.module.leaf(gpa);
+                if e.state == SeptState::Pending && e.level == level.index() {
+                    // A PENDING leaf holds no guest data: removing it loses nothing.
+                    self.block_track_remove(&[(base, level)]);
+                }
+                inc(&self.counters.inhibits);
+                Ok(FaultOutcome::Inhibited)
+            }
+        }
+    }
+
+    /// BLOCK, TRACK, kick, DEMOTE one leaf. On failure the leaf is recorded as error pages.
+    fn demote(&self, base: Gpa, level: PageLevel) -> Result<(), FaultError> {
+        let page = self.pool.alloc().ok_or(FaultError::NoSeptPage)?;
+        let b = self.block(base, level);
+        if b.status.is_error() {
+            self.pool.free(page);
+            return Err(FaultError::Seamcall {
+                call: "TDH.MEM.RANGE.BLOCK",
+                status: b.status,
+            });
+        }
+        if let Err(e) = self.track() {
+            self.unblock(base, level);
+            self.pool.free(page);
+            return Err(e);
+        }
+        let r = self.call("DEMOTE", || self.module.page_demote(base, level, page));
+        if r.status.is_success() {
+            return Ok(());
+        }
+        self.pool.free(page);
+        Err(FaultError::Seamcall {
+            call: "TDH.MEM.PAGE.DEMOTE",
+            status: r.status,
+        })
+    }
+
+    fn unblock(&self, base: Gpa, level: PageLevel) {
+        let r = self.call("UNBLOCK", || self.module.range_unblock(base, level));
+        if r.status.is_error() {
+            log::warn!("UNBLOCK {base} {level}: {:?}", r.status);
+        }
+    }
+
+    /// BLOCK every leaf, one TRACK, REMOVE every leaf. Failures become error pages.
+    fn block_track_remove(&self, leaves: &[(Gpa, PageLevel)]) -> ZapReport {
+        let mut report = ZapReport::default();
+        let mut blocked = Vec::with_capacity(leaves.len());
+        for &(gpa, level) in leaves {
+            let r = self.block(gpa, level);
+            if r.status.is_error() {
+                self.poison(gpa, level, &mut report);
+            } else {
+                blocked.push((gpa, level));
+            }
+        }
+        if blocked.is_empty() {
+            return report;
+        }
+        if self.track().is_err() {
+            for &(gpa, level) in &blocked {
+                self.poison(gpa, level, &mut report);
+            }
+            return report;
+        }
+        for (gpa, level) in blocked {
+            let r = self.call("REMOVE", || self.module.page_remove(gpa, level));
+            if r.status.is_success() {
+                inc(&self.counters.removes[level.index() as usize]);
+                report.removed += 1;
+            } else {
+                self.poison(gpa, level, &mut report);
+            }
+        }
+        report
+    }
+
+    fn poison(&self, gpa: Gpa, level: PageLevel, report: &mut ZapReport) {
+        inc(&self.counters.poisoned_leaves);
+        report.poisoned += 1;
+        self.backing.poison(gpa, level);
+    }
+
+    // ---- zap path --------------------------------------------------------------------------
+
+    /// Removes every private mapping in `range` (private -> shared, hole punch). Huge leaves
+    /// that straddle the range are demoted first, so that only the range loses its mappings.
+    /// Cannot fail: leaves that cannot be removed are reported to the backing as error pages.
+    pub fn zap(&self, range: GpaRange) -> ZapReport {
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let mut report = ZapReport::default();
+
+        // Pass 1: demote the huge leaves straddling either edge (at most one per edge and
+        // level: 1G then 2M).
+        for edge in [range.start(), range.end()] {
+            for level in [PageLevel::Size1G, PageLevel::Size2M] {
+                if edge.is_aligned(level) {
+                    continue;
+                }
+                let e = self.module.leaf(edge);
+                if e.state.is_leaf() && e.level == level.index() {
+                    let base = edge.align_down(level);
+                    let ok = base.as_u64() < range.end().as_u64()
+                        && base.as_u64() + level.size() > range.start().as_u64();
+                    if !ok {
+                        continue;
+                    }
+                    match self.demote(base, level) {
+                        Ok(()) => {
+                            inc(&self.counters.zap_demotes);
+                            report.demoted += 1;
+                            if self.policy.merge {
+                                self.add_merge_candidate(base.align_down(PageLevel::Size2M));
+                            }
+                        }
+                        Err(_) => {
+                            // Seed 000: the split failed; the whole leaf becomes error pages.
+                            self.poison(base, level, &mut report);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Pass 2: collect the leaves inside the range, largest first.
+        let mut leaves = Vec::new();
+        let mut cur = range.start();
+        let end = range.end().as_u64();
+        while cur.as_u64() < end {
+            let e = self.module.leaf(cur);
+            let level = PageLevel::from_index(e.level as u64).unwrap_or(PageLevel::Size4K);
+            let step = if e.level > 2 {
+                // The walk stopped at a FREE entry above 1G.
+                1u64 << (12 + 9 * e.level as u32)
+            } else {
+                level.size()
+            };
+            let base = cur.as_u64() & !(step - 1);
+            if e.state.is_leaf() && base >= range.start().as_u64() && base + step <= end {
+                leaves.push((Gpa::new_truncate(base), level));
+            }
+            cur = Gpa::new_truncate(base.saturating_add(step));
+        }
+        let r = self.block_track_remove(&leaves);
+        report.removed += r.removed;
+        report.poisoned += r.poisoned;
+        report
+    }
+
+    // ---- merge -----------------------------------------------------------------------------
+
+    /// Tries to PROMOTE the 2M range at `base` back to one leaf.
+    pub fn try_merge(&self, base: Gpa) -> MergeOutcome {
+        let base = base.align_down(PageLevel::Size2M);
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(e) = self.module.entry(base, PageLevel::Size2M) else {
+            return MergeOutcome::Nothing;
+        };
+        if e.state != SeptState::NlMapped {
+            return MergeOutcome::Nothing;
+        }
+        // The backing must hold the whole range in one private folio.
+        match self.backing.get_pfn(base) {
+            Ok(p) if p.max_level >= PageLevel::Size2M => {}
+            _ => return MergeOutcome::NotReady,
+        }
+        // Check the children (as KVM would with its mirror table) before blocking anything.
+        let first = self.module.leaf(base);
+        if first.level != 0
+            || !(first.state == SeptState::Mapped || first.state == SeptState::Pending)
+            || first.hpa & (M2 - 1) != 0
+        {
+            return MergeOutcome::NotReady;
+        }
+        for i in 1..512u64 {
+            let c = self
+                .module
+                .leaf(Gpa::new_truncate(base.as_u64() + i * 4096));
+            if c.level != 0 || c.state != first.state || c.hpa != first.hpa + i * 4096 {
+                return MergeOutcome::NotReady;
+            }
+        }
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let b = self.block(base, PageLevel::Size2M);
+        if b.status.is_error() {
+            return MergeOutcome::NotReady;
+        }
+        if self.track().is_err() {
+            self.unblock(base, PageLevel::Size2M);
+            return MergeOutcome::NotReady;
+        }
+        let r = self.call("PROMOTE", || {
+            self.module.page_promote(base, PageLevel::Size2M)
+        });
+        if r.status.is_success() {
+            self.pool.free(r.rcx);
+            inc(&self.counters.promotes);
+            MergeOutcome::Promoted
+        } else {
+            inc(&self.counters.promote_refused);
+            self.unblock(base, PageLevel::Size2M);
+            MergeOutcome::NotReady
+        }
+    }
+
+    /// Tries to merge every candidate 2M range (split earlier); keeps those not ready yet.
+    /// Returns the number promoted. Does nothing when the policy does not merge.
+    pub fn merge_pass(&self) -> u64 {
+        if !self.policy.merge {
+            return 0;
+        }
+        let candidates: Vec<u64> = self
+            .merge_candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let mut promoted = 0;
+        for base in candidates {
+            let outcome = self.try_merge(Gpa::new_truncate(base));
+            if outcome != MergeOutcome::NotReady {
+                self.merge_candidates
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&base);
+            }
+            if outcome == MergeOutcome::Promoted {
+                promoted += 1;
+            }
+        }
+        promoted
+    }
+
+    /// Adds a 2M range as a merge candidate (the VMM does this when a range turns private).
+    pub fn note_private(&self, range: GpaRange) {
+        if !self.policy.merge {
+            return;
+        }
+        let mut c = self
+            .merge_candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut base = range.start().align_down(PageLevel::Size2M).as_u64();
+        while base < range.end().as_u64() {
+            c.insert(base);
+            base += M2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
