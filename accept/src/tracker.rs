@@ -473,9 +473,10 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
         }
     }
 
-    /// True when `[start, end)` overlaps a unit that is not accepted.
+    /// True when `[start, end)`, or its guard unit when `end` is unit aligned (as
+    /// [`LazyTracker::accept_range`] counts it), overlaps a unit that is not accepted.
     pub fn range_contains_unaccepted(&self, start: u64, end: u64) -> bool {
-        match self.unit_span(start, end, false) {
+        match self.unit_span(start, end, true) {
             Some((first, past)) => (first..past).any(|u| self.unit_state(u) != UnitState::Accepted),
             None => false,
         }
@@ -510,7 +511,8 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
     /// Units overlapping `[start, end)` as `[first, past)`, with Linux's guard unit when
     /// `guard` and `end` is unit aligned; `None` when nothing is tracked there.
     fn unit_span(&self, start: u64, end: u64, guard: bool) -> Option<(u64, u64)> {
-        if start >= end || end <= self.phys_base || start >= self.end() {
+        // A range ending exactly at `phys_base` still has its guard unit (unit 0).
+        if start >= end || end < self.phys_base || start >= self.end() {
             return None;
         }
         let start = start.max(self.phys_base) - self.phys_base;
@@ -780,17 +782,60 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(log.lock().unwrap().len(), 2);
         // Outside the span: nothing to do.
-        t.accept_range(0, &mut td, &mut NoInterrupts, 0, base)
+        t.accept_range(0, &mut td, &mut NoInterrupts, 0, base - M2)
             .unwrap();
         t.accept_range(0, &mut td, &mut NoInterrupts, base + 20 * M2, u64::MAX)
             .unwrap();
         assert_eq!(log.lock().unwrap().len(), 2);
+        // Ending exactly at phys_base: unit 0 is the guard (accepted already here).
+        assert!(!t.range_contains_unaccepted(base - K4, base));
+        assert!(t.range_contains_unaccepted(base - K4, base + 2 * M2));
         // A range running to the end: units 2, 4..9.
         t.accept_range(0, &mut td, &mut NoInterrupts, base, u64::MAX)
             .unwrap();
         assert_eq!(t.remaining_bytes(), 0);
         assert_eq!(t.stats().units_accepted, 9);
         assert!(!t.range_contains_unaccepted(0, u64::MAX));
+    }
+
+    /// Linux's guard rule at the edges: a range ending at `phys_base` accepts unit 0; an
+    /// unaligned end has no guard; the last unit has no unit after it.
+    #[test]
+    fn guard_unit_at_the_edges() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(4, 1);
+        let base = 64 * M2;
+        let t =
+            LazyTracker::new(&a, base, M2, 4, &words, &slots, TrackerConfig::default()).unwrap();
+        for u in 0..4 {
+            t.mark_unaccepted(u);
+        }
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        assert!(t.range_contains_unaccepted(base - M2, base));
+        t.accept_range(0, &mut td, &mut NoInterrupts, base - M2, base)
+            .unwrap();
+        assert_eq!(*log.lock().unwrap(), [(base, PageLevel::Size2M)]);
+        // Unaligned end inside unit 1: unit 1 only.
+        t.accept_range(
+            0,
+            &mut td,
+            &mut NoInterrupts,
+            base + M2 + K4,
+            base + M2 + M2 / 2,
+        )
+        .unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2);
+        assert_eq!(t.unit_state(2), UnitState::Unaccepted);
+        // The last unit, ending at the end of the span: no unit after it.
+        t.accept_range(0, &mut td, &mut NoInterrupts, base + 3 * M2, base + 4 * M2)
+            .unwrap();
+        assert_eq!(log.lock().unwrap().len(), 3);
+        assert_eq!(t.unit_state(2), UnitState::Unaccepted);
+        assert_eq!(t.remaining_bytes(), M2);
     }
 
     #[test]
