@@ -147,27 +147,35 @@ impl TdxModule {
                     return TdcallOutcome::Completed(TdxStatus::SUCCESS);
                 }
                 let chunk_pages = level_size(level - 1) / 4096;
+                let chunk_bytes = chunk_pages * 4096;
                 let slice = u64::from(self.config.accept_slice_chunks);
-                let mut done = word.progress().min(ACCEPT_CHUNKS);
-                loop {
-                    let n = slice.min(ACCEPT_CHUNKS - done);
-                    let start = hpa.saturating_add(done.saturating_mul(chunk_pages * 4096));
-                    self.contents.zero(start, n * chunk_pages);
-                    self.counters.zeroed(n * chunk_pages);
-                    done += n;
+                let start = word.progress().min(ACCEPT_CHUNKS);
+                let mut done = start;
+                // Zero slice by slice, looking for a pending interrupt between slices. The
+                // contents are zeroed once for the whole run of slices (same result, one
+                // store operation).
+                let interrupted = loop {
+                    done += slice.min(ACCEPT_CHUNKS - done);
                     if done >= ACCEPT_CHUNKS {
-                        unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
-                        return TdcallOutcome::Completed(TdxStatus::SUCCESS);
+                        break false;
                     }
-                    let interrupted = self
-                        .interrupts
-                        .get(vcpu)
-                        .is_some_and(|f| f.swap(false, Ordering::AcqRel));
-                    if interrupted {
-                        unlock_store(slot, word.with_progress(done));
-                        return TdcallOutcome::Interrupted;
+                    let pending = self.interrupts.get(vcpu).is_some_and(|f| {
+                        f.load(Ordering::Acquire) && f.swap(false, Ordering::AcqRel)
+                    });
+                    if pending {
+                        break true;
                     }
+                };
+                let pages = (done - start) * chunk_pages;
+                self.contents
+                    .zero(hpa.saturating_add(start * chunk_bytes), pages);
+                self.counters.zeroed(pages);
+                if interrupted {
+                    unlock_store(slot, word.with_progress(done));
+                    return TdcallOutcome::Interrupted;
                 }
+                unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
+                TdcallOutcome::Completed(TdxStatus::SUCCESS)
             }
         }
     }

@@ -140,12 +140,12 @@ impl SeamcallResult {
         }
     }
 
-    /// The level reported in RDX[2:0].
+    /// The level reported in RDX bits 2:0.
     pub const fn rdx_level(&self) -> u8 {
         (self.rdx & 7) as u8
     }
 
-    /// The public state reported in RDX[15:8].
+    /// The public state reported in RDX bits 15:8.
     pub const fn rdx_state(&self) -> u8 {
         (self.rdx >> 8) as u8
     }

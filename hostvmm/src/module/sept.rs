@@ -46,7 +46,7 @@ impl SeptState {
         SeptState::PendingBlocked,
     ];
 
-    /// The public state number the module reports in RDX[15:8] (`sept_state_lookup.h`).
+    /// The public state number the module reports in RDX bits 15:8 (`sept_state_lookup.h`).
     pub const fn public_state(self) -> u8 {
         match self {
             SeptState::Free => 0,
