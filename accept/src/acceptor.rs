@@ -410,7 +410,6 @@ impl Acceptor {
                     bump(&stats.invalid);
                     self.cap
                         .fetch_min(PageLevel::Size2M.index(), Ordering::Relaxed);
-                    log::debug!("ACCEPT at 1G refused; capping at 2M");
                     return Ok(UnitOutcome::Split);
                 }
                 code => {

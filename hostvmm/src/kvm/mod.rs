@@ -356,14 +356,16 @@ impl Counters {
 }
 
 /// What one zap did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ZapReport {
     /// Leaves removed.
     pub removed: u64,
     /// Huge leaves demoted because they straddled the range.
     pub demoted: u64,
-    /// Leaves whose removal failed and were recorded as error pages.
-    pub poisoned: u64,
+    /// Leaves whose REMOVE or DEMOTE failed: their 4K pages must become error pages. The
+    /// zap path does not record them itself (its caller, a guest_memfd conversion, holds the
+    /// backing's lock and records them through its poison sink).
+    pub poisoned: Vec<(Gpa, PageLevel)>,
 }
 
 /// What a merge attempt found.
@@ -700,9 +702,15 @@ impl PrivateMmu {
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(base.as_u64());
                 let e = self.module.leaf(gpa);
+                let mut poisoned = Vec::new();
                 if e.state == SeptState::Pending && e.level == level.index() {
                     // A PENDING leaf holds no guest data: removing it loses nothing.
-                    self.block_track_remove(&[(base, level)]);
+                    poisoned = self.block_track_remove(&[(base, level)]).poisoned;
+                }
+                drop(_w);
+                // Recorded outside the MMU lock: the backing's lock comes first in lock order.
+                for (gpa, level) in poisoned {
+                    self.backing.poison(gpa, level);
                 }
                 inc(&self.counters.inhibits);
                 Ok(FaultOutcome::Inhibited)
@@ -779,8 +787,7 @@ impl PrivateMmu {
 
     fn poison(&self, gpa: Gpa, level: PageLevel, report: &mut ZapReport) {
         inc(&self.counters.poisoned_leaves);
-        report.poisoned += 1;
-        self.backing.poison(gpa, level);
+        report.poisoned.push((gpa, level));
     }
 
     // ---- zap path --------------------------------------------------------------------------
@@ -849,7 +856,7 @@ impl PrivateMmu {
         }
         let r = self.block_track_remove(&leaves);
         report.removed += r.removed;
-        report.poisoned += r.poisoned;
+        report.poisoned.extend(r.poisoned);
         report
     }
 
@@ -858,20 +865,25 @@ impl PrivateMmu {
     /// Tries to PROMOTE the 2M range at `base` back to one leaf.
     pub fn try_merge(&self, base: Gpa) -> MergeOutcome {
         let base = base.align_down(PageLevel::Size2M);
+        // The backing must hold the whole range in one private folio. Asked before taking the
+        // MMU lock (lock order: backing, then MMU); a zap meanwhile bumps the sequence.
+        let seq = self.invalidate_seq.load(Ordering::Acquire);
+        match self.backing.get_pfn(base) {
+            Ok(p) if p.max_level >= PageLevel::Size2M => {}
+            _ => return MergeOutcome::NotReady,
+        }
         let _w = self
             .mmu_lock
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        if self.invalidate_seq.load(Ordering::Acquire) != seq {
+            return MergeOutcome::NotReady;
+        }
         let Some(e) = self.module.entry(base, PageLevel::Size2M) else {
             return MergeOutcome::Nothing;
         };
         if e.state != SeptState::NlMapped {
             return MergeOutcome::Nothing;
-        }
-        // The backing must hold the whole range in one private folio.
-        match self.backing.get_pfn(base) {
-            Ok(p) if p.max_level >= PageLevel::Size2M => {}
-            _ => return MergeOutcome::NotReady,
         }
         // Check the children (as KVM would with its mirror table) before blocking anything.
         let first = self.module.leaf(base);
