@@ -850,6 +850,45 @@ rules! {
         assert!(td.m.tdg_vp_info(0).is_err(), "{rule}: guest calls need the vCPU inside");
         assert!(td.m.vcpu_enter(9).is_err(), "{rule}: no such vCPU");
     };
+    s4_kick_moves_running_vcpus_to_the_current_epoch:
+        "§4 epoch tracking: a kick (exit + re-entry) completes the tracking of earlier blocks" => |rule| {
+        let td = Td::runnable();
+        td.m.vcpu_enter(1).expect("enter");
+        td.mapped(0, M2, HPA_2M);
+        assert!(td.m.range_block(gpa(0), M2).status.is_success());
+        assert!(td.m.mem_track().status.is_success());
+        assert_eq!(td.m.page_remove(gpa(0), M2).status, st(C::TlbTrackingNotDone, operand::RCX), "{rule}");
+        td.m.vcpu_kick(0).expect("kick");
+        assert_eq!(td.m.page_remove(gpa(0), M2).status, st(C::TlbTrackingNotDone, operand::RCX), "{rule}: vCPU 1 not kicked");
+        td.m.kick_all();
+        assert!(td.m.vcpu_in_td(0) && td.m.vcpu_in_td(1), "{rule}: kicked vCPUs keep running");
+        assert!(td.m.page_remove(gpa(0), M2).status.is_success(), "{rule}");
+    };
+    sept_memory_scales_with_mappings_not_td_size:
+        "issue: a 1 TiB TD mapped at 2M fits in a few MiB of S-EPT" => |rule| {
+        let td = Td::runnable();
+        for g in (0..1u64 << 40).step_by(1 << 30) {
+            td.path(g, 1);
+        }
+        assert_eq!(td.m.sept_nodes(), 1 + 2 + 1024, "{rule}");
+        for g in [0u64, 0x20_0000, 0x7F_FFE0_0000, 0xFF_FFE0_0000] {
+            assert!(td.m.page_aug(gpa(g), M2, HPA_2M).status.is_success(), "{rule}");
+        }
+        assert_eq!(td.m.sept_nodes(), 1027, "{rule}: leaves cost no nodes");
+        assert!(td.m.footprint_bytes() <= 5 << 20, "{rule}: {} bytes", td.m.footprint_bytes());
+    };
+    counters_by_level:
+        "counters: calls with a page-info operand are also counted by level" => |rule| {
+        let td = Td::runnable();
+        td.mapped(0, M2, HPA_2M);
+        td.mapped(0x4000_0000, K4, HPA_4K);
+        let s = td.m.stats();
+        let ok = CallOutcome::Status(C::Success);
+        assert_eq!(s.get_at(CallKind::Accept, M2, ok), 1, "{rule}");
+        assert_eq!(s.get_at(CallKind::Accept, K4, ok), 1, "{rule}");
+        assert_eq!(s.get_at(CallKind::PageAug, M2, ok), 1, "{rule}");
+        assert_eq!(s.get(CallKind::Accept, ok), 2, "{rule}");
+    };
     faults_are_injected_deterministically:
         "fault injection: the nth matching call returns the chosen result" => |rule| {
         let td = Td::runnable();

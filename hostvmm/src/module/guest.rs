@@ -39,13 +39,13 @@ impl TdxModule {
         Ok(v)
     }
 
-    fn count(&self, kind: CallKind, outcome: &TdcallOutcome) {
+    fn count(&self, kind: CallKind, page_info: Option<u64>, outcome: &TdcallOutcome) {
         let o = match outcome {
             TdcallOutcome::Completed(s) => CallOutcome::Status(s.code()),
             TdcallOutcome::Exit(_) => CallOutcome::TdExit,
             TdcallOutcome::Interrupted => CallOutcome::Interrupted,
         };
-        self.counters.call(kind, o);
+        self.counters.call(kind, page_info, o);
     }
 
     // ---- TDG.MEM.PAGE.ACCEPT ---------------------------------------------------------------
@@ -77,7 +77,7 @@ impl TdxModule {
         if let TdcallOutcome::Exit(_) = outcome {
             self.leave(&mut v);
         }
-        self.count(CallKind::Accept, &outcome);
+        self.count(CallKind::Accept, Some(page_info), &outcome);
         Ok(outcome)
     }
 
@@ -203,7 +203,7 @@ impl TdxModule {
             None => v.ve.take().ok_or(StatusCode::NoValidVeInfo.status()),
         };
         let status = r.as_ref().map_or_else(|s| *s, |_| TdxStatus::SUCCESS);
-        self.counters.status(CallKind::VeInfoGet, status);
+        self.counters.status(CallKind::VeInfoGet, None, status);
         Ok(r)
     }
 
@@ -240,7 +240,7 @@ impl TdxModule {
             }),
         };
         let status = r.as_ref().map_or_else(|s| *s, |_| TdxStatus::SUCCESS);
-        self.counters.status(CallKind::VpInfo, status);
+        self.counters.status(CallKind::VpInfo, None, status);
         Ok(r)
     }
 
@@ -286,7 +286,7 @@ impl TdxModule {
         if let TdcallOutcome::Exit(_) = outcome {
             self.leave(&mut v);
         }
-        self.count(CallKind::VpVmcall, &outcome);
+        self.count(CallKind::VpVmcall, None, &outcome);
         Ok(outcome)
     }
 

@@ -88,7 +88,7 @@ impl TdxModule {
             }
             None => body(),
         };
-        self.counters.status(kind, result.status);
+        self.counters.status(kind, gpa, result.status);
         result
     }
 

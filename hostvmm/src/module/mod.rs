@@ -507,6 +507,33 @@ impl TdxModule {
         }
     }
 
+    /// A host kick of `vcpu` (KVM's IPI): if it is inside the TD it exits and re-enters at once,
+    /// which moves it to the current epoch's parity; if it is outside, nothing happens. A kick
+    /// waits for a guest call in progress on that vCPU to finish, as the IPI takes effect at
+    /// an instruction boundary.
+    ///
+    /// # Errors
+    /// [`VcpuError::NoSuchVcpu`].
+    pub fn vcpu_kick(&self, vcpu: usize) -> Result<(), VcpuError> {
+        let mut v = self.vcpu(vcpu)?;
+        if v.inside {
+            let mut e = lock(&self.epoch);
+            let old = (v.epoch & 1) as usize;
+            e.refcount[old] = e.refcount[old].saturating_sub(1);
+            let new = (e.td_epoch & 1) as usize;
+            e.refcount[new] = e.refcount[new].saturating_add(1);
+            v.epoch = e.td_epoch;
+        }
+        Ok(())
+    }
+
+    /// Kicks every vCPU ([`TdxModule::vcpu_kick`]).
+    pub fn kick_all(&self) {
+        for vcpu in 0..self.vcpus.len() {
+            let _ = self.vcpu_kick(vcpu);
+        }
+    }
+
     /// Whether `vcpu` is inside the TD (`false` for an unknown index).
     pub fn vcpu_in_td(&self, vcpu: usize) -> bool {
         self.vcpu(vcpu).is_ok_and(|v| v.inside)

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use accept::abi::{StatusCode, TdxStatus};
+use accept::abi::{PageLevel, StatusCode, TdxStatus};
 
 /// A module call, host (SEAMCALL) or guest (TDCALL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,6 +114,8 @@ const UNKNOWN: usize = CODES.len();
 const EXIT: usize = UNKNOWN + 1;
 const INTERRUPTED: usize = UNKNOWN + 2;
 const BUCKETS: usize = UNKNOWN + 3;
+/// 4K, 2M, 1G.
+const LEVELS: usize = 3;
 
 fn bucket(outcome: CallOutcome) -> usize {
     match outcome {
@@ -171,6 +173,7 @@ impl AccessKind {
 #[derive(Debug)]
 pub(crate) struct Counters {
     calls: Vec<AtomicU64>,
+    by_level: Vec<AtomicU64>,
     access: [AtomicU64; 7],
     zeroed_4k: AtomicU64,
     injected: AtomicU64,
@@ -182,21 +185,32 @@ impl Counters {
             calls: (0..CallKind::ALL.len() * BUCKETS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            by_level: (0..CallKind::ALL.len() * LEVELS * BUCKETS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             access: Default::default(),
             zeroed_4k: AtomicU64::new(0),
             injected: AtomicU64::new(0),
         }
     }
 
-    pub(crate) fn call(&self, kind: CallKind, outcome: CallOutcome) {
-        let i = kind.index() * BUCKETS + bucket(outcome);
-        if let Some(c) = self.calls.get(i) {
+    /// Counts a call; `page_info` is its raw page-info operand, if it has one (its level, when
+    /// 4K, 2M or 1G, is counted too).
+    pub(crate) fn call(&self, kind: CallKind, page_info: Option<u64>, outcome: CallOutcome) {
+        let b = bucket(outcome);
+        if let Some(c) = self.calls.get(kind.index() * BUCKETS + b) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(level) = page_info.map(|p| (p & 7) as usize).filter(|&l| l < LEVELS) {
+            let i = (kind.index() * LEVELS + level) * BUCKETS + b;
+            if let Some(c) = self.by_level.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
-    pub(crate) fn status(&self, kind: CallKind, status: TdxStatus) {
-        self.call(kind, CallOutcome::Status(status.code()));
+    pub(crate) fn status(&self, kind: CallKind, page_info: Option<u64>, status: TdxStatus) {
+        self.call(kind, page_info, CallOutcome::Status(status.code()));
     }
 
     pub(crate) fn access(&self, kind: AccessKind) {
@@ -218,6 +232,11 @@ impl Counters {
                 .iter()
                 .map(|c| c.load(Ordering::Relaxed))
                 .collect(),
+            by_level: self
+                .by_level
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
             access: std::array::from_fn(|i| self.access[i].load(Ordering::Relaxed)),
             zeroed_4k: self.zeroed_4k.load(Ordering::Relaxed),
             injected: self.injected.load(Ordering::Relaxed),
@@ -229,6 +248,7 @@ impl Counters {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
     calls: Vec<u64>,
+    by_level: Vec<u64>,
     access: [u64; 7],
     /// 4K zeroings done by ACCEPT (a 2M ACCEPT counts 512), the modelled cost unit.
     pub zeroed_4k: u64,
@@ -243,6 +263,13 @@ impl Stats {
             .get(kind.index() * BUCKETS + bucket(outcome))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Calls of `kind` at page level `level` (from the page-info operand) that ended with
+    /// `outcome`. SEPT.ADD/SEPT.REMOVE at levels 3 and 4 are counted only in [`Stats::get`].
+    pub fn get_at(&self, kind: CallKind, level: PageLevel, outcome: CallOutcome) -> u64 {
+        let i = (kind.index() * LEVELS + usize::from(level.index())) * BUCKETS + bucket(outcome);
+        self.by_level.get(i).copied().unwrap_or(0)
     }
 
     /// Calls of `kind` that completed with a status of class `code`.
@@ -285,16 +312,31 @@ mod tests {
     #[test]
     fn counts_by_kind_and_outcome() {
         let c = Counters::new();
-        c.status(CallKind::PageAug, TdxStatus::SUCCESS);
-        c.status(CallKind::PageAug, StatusCode::OperandBusy.with_operand(1));
-        c.call(CallKind::Accept, CallOutcome::TdExit);
-        c.status(CallKind::Accept, TdxStatus::from_raw(0xC000_0DEA_0000_0000));
+        c.status(CallKind::PageAug, Some(0x20_0001), TdxStatus::SUCCESS);
+        c.status(
+            CallKind::PageAug,
+            Some(0),
+            StatusCode::OperandBusy.with_operand(1),
+        );
+        c.call(CallKind::Accept, Some(7), CallOutcome::TdExit);
+        c.status(
+            CallKind::Accept,
+            None,
+            TdxStatus::from_raw(0xC000_0DEA_0000_0000),
+        );
         let s = c.snapshot();
         assert_eq!(s.total(CallKind::PageAug), 2);
         assert_eq!(s.status(CallKind::PageAug, StatusCode::OperandBusy), 1);
         assert_eq!(s.get(CallKind::Accept, CallOutcome::TdExit), 1);
         assert_eq!(s.total(CallKind::Accept), 2);
         assert_eq!(s.nonzero().len(), 4);
+        let ok = CallOutcome::Status(StatusCode::Success);
+        assert_eq!(s.get_at(CallKind::PageAug, PageLevel::Size2M, ok), 1);
+        assert_eq!(s.get_at(CallKind::PageAug, PageLevel::Size4K, ok), 0);
+        assert_eq!(
+            s.get_at(CallKind::Accept, PageLevel::Size4K, CallOutcome::TdExit),
+            0
+        );
         assert!(CallKind::Finalize.is_seamcall());
         assert!(!CallKind::Accept.is_seamcall());
     }
