@@ -638,6 +638,23 @@ rules! {
         let out = td.accept(0, 0, M2);
         assert_eq!(out, T::Completed(TdxStatus::from_raw(0xC000_0B0B_0000_0001)), "{rule}");
     };
+    s5_blocked_non_leaf_at_requested_level_is_page_size_mismatch:
+        "§5: any non-free non-leaf at the requested level (NL_BLOCKED too) -> PAGE_SIZE_MISMATCH + level" => |rule| {
+        let td = Td::runnable();
+        td.path(0, 0);
+        assert!(td.m.range_block(gpa(0), M2).status.is_success());
+        assert_eq!(td.accept(0, 0, M2), T::Completed(st(C::PageSizeMismatch, 1)), "{rule}");
+        accept_exit(&td, td.accept(0, 0x1000, K4), 0, 1, S::NlBlocked, false, rule);
+    };
+    s5_accept_slices_are_configurable:
+        "§5 (model): the slice size sets how much a 2M accept zeroes between interrupt checks" => |rule| {
+        let td = Td::with(ModuleConfig { accept_slice_chunks: 64, ..ModuleConfig::default() });
+        assert!(td.aug(0, M2, HPA_2M).status.is_success());
+        td.m.set_pending_interrupt(0, true);
+        assert_eq!(td.accept(0, 0, M2), T::Interrupted, "{rule}");
+        assert_eq!(td.m.entry(gpa(0), M2).map(|e| e.accept_progress), Some(64), "{rule}");
+        assert_eq!(td.m.stats().zeroed_4k, 64, "{rule}");
+    };
     s5_larger_pending_leaf_exits_with_accept_qualification:
         "§5: larger leaf PENDING (guest asks 4K, host mapped 2M) -> ACCEPT-type EPT-violation exit with the requested level" => |rule| {
         let td = Td::runnable();
@@ -716,7 +733,7 @@ rules! {
         td.m.set_pending_interrupt(0, true);
         assert_eq!(td.accept(0, 0, M2), T::Interrupted, "{rule}");
         let e = td.m.entry(gpa(0), M2).expect("leaf");
-        assert_eq!((e.state, e.accept_progress, e.locked), (S::Pending, 64, false), "{rule}");
+        assert_eq!((e.state, e.accept_progress, e.locked), (S::Pending, 1, false), "{rule}");
         assert_eq!(td.accept(0, 0, M2), OK, "{rule}: re-executed");
         assert_eq!(td.m.stats().zeroed_4k, 512, "{rule}: 512 4K zeroings in all");
         assert_eq!(td.m.stats().get(CallKind::Accept, CallOutcome::Interrupted), 1, "{rule}");

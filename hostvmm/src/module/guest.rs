@@ -87,11 +87,10 @@ impl TdxModule {
             Ok(v) => v,
             Err(s) => return TdcallOutcome::Completed(s),
         };
-        // Model: the guest walk takes the tree lock shared; a host holding it exclusively is
-        // working on some entry, which the guest sees as that entry being locked (BUSY|RCX).
-        let Ok(tree) = self.tree_shared() else {
-            return TdcallOutcome::Completed(StatusCode::OperandBusy.with_operand(operand::RCX));
-        };
+        // The module's guest side takes no tree lock, only the entry lock. Here the walk waits
+        // for a host call holding the tree exclusively to finish: that is one of the orders
+        // the module allows, and it never gives a spurious BUSY for an unrelated entry.
+        let tree = self.read_tree();
         let end = tree.walk(gpa, level, false);
         let state = end.word.state();
         let exit = |is_leaf: bool| {
@@ -112,13 +111,14 @@ impl TdxModule {
             };
         }
         match state {
-            SeptState::NlMapped => TdcallOutcome::Completed(
+            // Any non-free non-leaf at the requested level (NL_BLOCKED too) is a size mismatch.
+            SeptState::NlMapped | SeptState::NlBlocked => TdcallOutcome::Completed(
                 StatusCode::PageSizeMismatch.with_operand(u32::from(level)),
             ),
             SeptState::Mapped => TdcallOutcome::Completed(
                 StatusCode::PageAlreadyAccepted.with_operand(u32::from(level)),
             ),
-            SeptState::Free | SeptState::NlBlocked => exit(false),
+            SeptState::Free => exit(false),
             SeptState::Blocked | SeptState::PendingBlocked => exit(true),
             SeptState::Pending => {
                 let Some(slot) = tree.slot(end.node, end.idx) else {
@@ -150,22 +150,18 @@ impl TdxModule {
                 let chunk_bytes = chunk_pages * 4096;
                 let slice = u64::from(self.config.accept_slice_chunks);
                 let start = word.progress().min(ACCEPT_CHUNKS);
-                let mut done = start;
-                // Zero slice by slice, looking for a pending interrupt between slices. The
-                // contents are zeroed once for the whole run of slices (same result, one
-                // store operation).
-                let interrupted = loop {
-                    done += slice.min(ACCEPT_CHUNKS - done);
-                    if done >= ACCEPT_CHUNKS {
-                        break false;
-                    }
-                    let pending = self.interrupts.get(vcpu).is_some_and(|f| {
+                // The module looks for a pending interrupt after each slice. Emulated zeroing
+                // takes no time, so an interrupt not pending at the first slice boundary is
+                // taken as arriving after the ACCEPT: the run is one slice (interrupted) or
+                // all the rest, and costs O(1) either way.
+                let mut done = start + slice.min(ACCEPT_CHUNKS - start);
+                let interrupted = done < ACCEPT_CHUNKS
+                    && self.interrupts.get(vcpu).is_some_and(|f| {
                         f.load(Ordering::Acquire) && f.swap(false, Ordering::AcqRel)
                     });
-                    if pending {
-                        break true;
-                    }
-                };
+                if !interrupted {
+                    done = ACCEPT_CHUNKS;
+                }
                 let pages = (done - start) * chunk_pages;
                 self.contents
                     .zero(hpa.saturating_add(start * chunk_bytes), pages);

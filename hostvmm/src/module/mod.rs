@@ -13,11 +13,15 @@
 //! TDG.MEM.PAGE.ATTR.WR. Capabilities that differ between module versions are data
 //! ([`ModuleConfig`]) so that callers can be tested against each.
 //!
-//! Locking (spec §4): a tree lock with try semantics (shared for PAGE.ADD, PAGE.AUG,
-//! PAGE.REMOVE and ACCEPT; exclusive for SEPT.ADD, RANGE.BLOCK, RANGE.UNBLOCK, DEMOTE, PROMOTE,
-//! SEPT.REMOVE, as the public source does for BLOCK; the split for the others is a model) and
-//! a per-entry lock bit taken with compare-and-swap under the shared lock. A call that finds
-//! either taken returns `TDX_OPERAND_BUSY` instead of waiting; callers retry.
+//! Locking (spec §4): host calls take a tree lock with try semantics (shared for PAGE.ADD,
+//! PAGE.AUG and PAGE.REMOVE; exclusive for SEPT.ADD, RANGE.BLOCK, RANGE.UNBLOCK, DEMOTE,
+//! PROMOTE and SEPT.REMOVE, as the public source does for BLOCK; the split for the others is a
+//! model) and a per-entry lock bit taken with compare-and-swap under the shared lock. A host
+//! call that finds either taken returns `TDX_OPERAND_BUSY` (|SEPT_TREE or |RCX) instead of
+//! waiting; callers retry. Guest ACCEPT takes only the entry lock in the module; here it waits
+//! for an exclusive host call to finish, then takes the entry lock with try semantics
+//! (BUSY|RCX when a host call holds that entry). Model consequence: an exclusive host call can
+//! see BUSY|SEPT_TREE while a guest call is in flight on any entry.
 
 mod content;
 mod fault;
@@ -64,8 +68,8 @@ pub struct ModuleConfig {
     /// Number of vCPUs (at least 1).
     pub vcpus: u32,
     /// Chunks zeroed by one slice of an interruptible 2M (or 1G) ACCEPT before the module looks
-    /// for a pending interrupt (1..=512). A 2M page has 512 4K chunks; a 1G page is modelled
-    /// as 512 2M chunks.
+    /// for a pending interrupt (1..=512). Module 1.5 looks after every 4K chunk (1, the
+    /// default). A 2M page has 512 4K chunks; a 1G page is modelled as 512 2M chunks.
     pub accept_slice_chunks: u16,
 }
 
@@ -78,7 +82,7 @@ impl Default for ModuleConfig {
             demote_interruptible: true,
             pending_ve: true,
             vcpus: 1,
-            accept_slice_chunks: 64,
+            accept_slice_chunks: 1,
         }
     }
 }
