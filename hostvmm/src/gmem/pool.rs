@@ -508,7 +508,7 @@ mod tests {
         assert_eq!(FolioPool::new(1, M2).err(), Some(PoolError::Misaligned(1)));
         assert_eq!(FolioPool::new(0, 0).err(), Some(PoolError::InvalidRange));
         assert_eq!(
-            FolioPool::new(u64::MAX & !0xFFF, M2).err(),
+            FolioPool::new(!0xFFF, M2).err(),
             Some(PoolError::InvalidRange)
         );
     }
