@@ -7,8 +7,11 @@
 //!   zap-path splits, PROMOTE back to huge mappings.
 //! - [`gmem`]: a guest_memfd-style backend: folios, shareability ranges, all-or-nothing
 //!   conversion, deferred commits and error pages.
+//! - [`vmm`]: the host half wired together (module, guest_memfd, MMU) and the exit handlers,
+//!   MapGPA included.
 #![forbid(unsafe_code)]
 
 pub mod gmem;
 pub mod kvm;
 pub mod module;
+pub mod vmm;

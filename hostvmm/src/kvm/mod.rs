@@ -71,6 +71,9 @@ pub enum BackingError {
     /// Outside the guest memory.
     #[error("GPA outside guest memory")]
     OutOfRange,
+    /// A conversion of the page to private waits for host references to drop: retry later.
+    #[error("conversion to private pending")]
+    Pending,
 }
 
 /// The private memory behind the MMU: a guest_memfd as KVM sees it (kvm_gmem_get_pfn).
@@ -542,7 +545,10 @@ impl PrivateMmu {
         // Look the page up before taking the MMU lock (as KVM does), then make sure no
         // invalidation ran meanwhile.
         let seq = self.invalidate_seq.load(Ordering::Acquire);
-        let pfn = self.backing.get_pfn(g)?;
+        let pfn = match self.backing.get_pfn(g) {
+            Err(BackingError::Pending) => return Ok(FaultOutcome::Retry),
+            other => other?,
+        };
         let guard = self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner);
         if self.invalidate_seq.load(Ordering::Acquire) != seq {
             inc(&self.counters.invalidation_retries);

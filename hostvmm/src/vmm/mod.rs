@@ -1,0 +1,480 @@
+//! The VMM: one TD's host half wired together, and its exit handlers.
+//!
+//! [`Host`] owns the TDX-module emulator, the guest_memfd ([`GuestMemfd`]) and the private MMU
+//! ([`PrivateMmu`]) and connects them the way KVM and a VMM do:
+//!
+//! - the MMU's backing store is the guest_memfd ([`PrivateBacking`] over it: `get_pfn` plus the
+//!   largest uniformly private level around the GPA);
+//! - the guest_memfd's invalidations go to the MMU ([`InvalidateHook`]): private -> shared and
+//!   hole punches zap the private Secure-EPT, and pages the zap could not remove come back
+//!   through the poison sink as error pages;
+//! - EPT-violation exits go to the MMU's fault path ([`Host::handle_exit`]);
+//! - `TDG.VP.VMCALL<MapGPA>` exits go to [`Host::handle_map_gpa`], which validates the request,
+//!   converts in 2 MiB chunks (one KVM_HC_MAP_GPA_RANGE exit each on real KVM), answers RETRY
+//!   with R11 = the next GPA (shared bit as sent) when the vCPU has a pending event or its time
+//!   slice is spent, and maps backend errors to GHCI statuses a guest can act on.
+//!
+//! Lock order is guest_memfd first, then the MMU: conversions hold the guest_memfd while the
+//! MMU zaps, and the MMU's fault path asks the guest_memfd before it takes its own lock.
+//!
+//! Not here: vCPU scheduling and guest code (see the simulator), shared-memory mappings.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
+
+use crate::gmem::{
+    ConvertError, ConvertMode, ConvertReport, FolioPool, GmemConfig, GmemError, GuestMemfd,
+    HookError, InvalidateCtx, InvalidateHook, InvalidateReason, Shareability,
+};
+use crate::kvm::{
+    BackingError, FaultError, FaultOutcome, Kicker, MmuPolicy, Pfn, PrivateBacking, PrivateMmu,
+    SeptPagePool,
+};
+use crate::module::{ConfigError, ModuleConfig, TdExit, TdxModule, VmcallRegs};
+
+/// Host physical base of guest memory folios in the model.
+pub const GUEST_HPA_BASE: u64 = 1 << 40;
+/// Host physical base of the S-EPT page pool in the model.
+pub const SEPT_HPA_BASE: u64 = 1 << 46;
+
+/// How the host splits MapGPA work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapGpaConfig {
+    /// Bytes converted per chunk (KVM: 2 MiB).
+    pub chunk: u64,
+    /// Chunks per MapGPA call before the host answers RETRY anyway (a time slice); `0` never.
+    pub chunks_per_slice: u32,
+}
+
+impl Default for MapGpaConfig {
+    fn default() -> Self {
+        MapGpaConfig {
+            chunk: PageLevel::Size2M.size(),
+            chunks_per_slice: 64,
+        }
+    }
+}
+
+/// Everything needed to build a [`Host`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The TDX module's capabilities and the TD's configuration.
+    pub module: ModuleConfig,
+    /// Guest memory size in bytes (GPAs `[0, memory)`).
+    pub memory: u64,
+    /// Folio size of the guest_memfd.
+    pub folio_level: PageLevel,
+    /// Private MMU policy.
+    pub mmu: MmuPolicy,
+    /// MapGPA handling.
+    pub map_gpa: MapGpaConfig,
+    /// Pages in the S-EPT page pool.
+    pub sept_pages: u64,
+}
+
+impl HostConfig {
+    /// A host for `memory` bytes and `vcpus` vCPUs with this project's policies.
+    pub fn new(memory: u64, vcpus: u32) -> HostConfig {
+        HostConfig {
+            module: ModuleConfig {
+                vcpus,
+                ..ModuleConfig::default()
+            },
+            memory,
+            folio_level: PageLevel::Size2M,
+            mmu: MmuPolicy::OURS,
+            map_gpa: MapGpaConfig::default(),
+            // One S-EPT page per 2M of guest memory covers a fully 4K-mapped TD, plus the
+            // upper levels.
+            sept_pages: memory / PageLevel::Size2M.size() + 4096,
+        }
+    }
+}
+
+/// Why a host could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The module configuration is invalid.
+    #[error("module: {0}")]
+    Module(#[from] ConfigError),
+    /// The guest_memfd configuration is invalid.
+    #[error("guest_memfd: {0}")]
+    Gmem(#[from] GmemError),
+    /// The folio pool could not be created.
+    #[error("folio pool: {0}")]
+    Pool(String),
+}
+
+/// The MMU's view of the guest_memfd.
+struct GmemBacking {
+    gmem: Arc<Mutex<GuestMemfd>>,
+}
+
+fn lock(m: &Mutex<GuestMemfd>) -> MutexGuard<'_, GuestMemfd> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PrivateBacking for GmemBacking {
+    fn get_pfn(&self, gpa: Gpa) -> Result<Pfn, BackingError> {
+        let mut g = lock(&self.gmem);
+        let pfn = g.get_pfn(gpa).map_err(backing_error)?;
+        let max_level = g.max_private_level(gpa).map_err(backing_error)?;
+        Ok(Pfn {
+            hpa: pfn.hpa.as_u64(),
+            max_level,
+        })
+    }
+
+    fn poison(&self, gpa: Gpa, level: PageLevel) {
+        let mut g = lock(&self.gmem);
+        for i in 0..level.pages_4k() {
+            let page = Gpa::new_truncate(gpa.as_u64() + i * 4096);
+            if let Err(e) = g.poison(page) {
+                log::warn!("cannot poison {page}: {e}");
+            }
+        }
+    }
+}
+
+fn backing_error(e: GmemError) -> BackingError {
+    match e {
+        GmemError::OutOfRange { .. } => BackingError::OutOfRange,
+        GmemError::Poisoned { .. } => BackingError::Poisoned,
+        GmemError::NoMemory { .. } => BackingError::NoMemory,
+        GmemError::ConversionPending { .. } => BackingError::Pending,
+        _ => BackingError::Shared,
+    }
+}
+
+/// The guest_memfd's invalidations, applied to the private MMU.
+struct MmuHook<'a> {
+    mmu: &'a PrivateMmu,
+}
+
+/// S-EPT pages a zap may need for the DEMOTEs at its two edges (1G and 2M at each).
+const ZAP_SEPT_PAGES: usize = 4;
+
+impl InvalidateHook for MmuHook<'_> {
+    fn prepare(&mut self, _range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
+        if ctx.reason == InvalidateReason::ToPrivate {
+            return Ok(());
+        }
+        // Make sure the DEMOTEs at the edges will find their S-EPT pages (model of KVM's
+        // split cache top-up before the point of no return).
+        let pool = self.mmu.sept_pool();
+        let mut got = Vec::with_capacity(ZAP_SEPT_PAGES);
+        for _ in 0..ZAP_SEPT_PAGES {
+            match pool.alloc() {
+                Some(p) => got.push(p),
+                None => break,
+            }
+        }
+        let enough = got.len() == ZAP_SEPT_PAGES;
+        for p in got {
+            pool.free(p);
+        }
+        if enough {
+            Ok(())
+        } else {
+            Err(HookError::NoMemory)
+        }
+    }
+
+    fn abort(&mut self, _range: GpaRange, _ctx: InvalidateCtx) {}
+
+    fn invalidate(&mut self, range: GpaRange, ctx: InvalidateCtx, poison: &mut dyn FnMut(Gpa)) {
+        if ctx.reason == InvalidateReason::ToPrivate {
+            // Only shared mappings go; the VMM maps shared memory itself (not modelled).
+            return;
+        }
+        let report = self.mmu.zap(range);
+        for (gpa, level) in report.poisoned {
+            for i in 0..level.pages_4k() {
+                poison(Gpa::new_truncate(gpa.as_u64() + i * 4096));
+            }
+        }
+    }
+}
+
+/// Exact counters of the MapGPA handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct VmmStats {
+    /// MapGPA exits handled.
+    pub map_gpa_calls: u64,
+    /// 2 MiB chunks converted (one KVM_HC_MAP_GPA_RANGE exit each on KVM).
+    pub map_gpa_chunks: u64,
+    /// RETRY answers given.
+    pub map_gpa_retries: u64,
+    /// Requests refused (ALIGN_ERROR, INVALID_OPERAND, ...).
+    pub map_gpa_errors: u64,
+    /// Conversions refused with EAGAIN (a host mapping) and turned into RETRY.
+    pub map_gpa_eagain: u64,
+    /// EPT-violation exits handled.
+    pub ept_violations: u64,
+    /// Exits the host could not handle.
+    pub fault_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    map_gpa_calls: AtomicU64,
+    map_gpa_chunks: AtomicU64,
+    map_gpa_retries: AtomicU64,
+    map_gpa_errors: AtomicU64,
+    map_gpa_eagain: AtomicU64,
+    ept_violations: AtomicU64,
+    fault_errors: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the vCPU loop does after the host handled an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the TD: the guest re-executes the instruction (ACCEPT, access) or sees the
+    /// VMCALL's answer.
+    Resume,
+    /// The host cannot let the guest go on with this access (KVM: return to userspace with an
+    /// error; the VMM usually kills the TD).
+    Fatal(FaultError),
+    /// A PENDING_EPT_VIOLATION exit: the TD runs with #VE on pending pages disabled and
+    /// touched memory it never accepted. Mainline KVM kills the TD.
+    KillTd,
+}
+
+/// One TD's host half.
+pub struct Host {
+    config: HostConfig,
+    module: Arc<TdxModule>,
+    gmem: Arc<Mutex<GuestMemfd>>,
+    mmu: Arc<PrivateMmu>,
+    counters: Counters,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Builds the module, the guest_memfd (all private, lazily backed) and the MMU. The TD is
+    /// finalized (op-state RUNNABLE): the build phase (PAGE.ADD) is not modelled here.
+    ///
+    /// # Errors
+    /// [`HostError`] for an unusable configuration.
+    pub fn new(config: HostConfig, kicker: Arc<dyn Kicker>) -> Result<Host, HostError> {
+        let module = Arc::new(TdxModule::new(config.module)?);
+        let finalize = module.finalize();
+        if !finalize.status.is_success() {
+            log::warn!("finalize: {:?}", finalize.status);
+        }
+        let pool = FolioPool::new(GUEST_HPA_BASE, config.memory)
+            .map_err(|e| HostError::Pool(e.to_string()))?;
+        let gmem = Arc::new(Mutex::new(GuestMemfd::new(
+            GmemConfig::new(config.memory, config.folio_level),
+            pool,
+        )?));
+        let backing = Arc::new(GmemBacking { gmem: gmem.clone() });
+        let mmu = Arc::new(PrivateMmu::new(
+            module.clone(),
+            backing,
+            kicker,
+            config.mmu,
+            SeptPagePool::new(SEPT_HPA_BASE, config.sept_pages),
+        ));
+        Ok(Host {
+            config,
+            module,
+            gmem,
+            mmu,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// The module emulator.
+    pub fn module(&self) -> &Arc<TdxModule> {
+        &self.module
+    }
+
+    /// The private MMU.
+    pub fn mmu(&self) -> &Arc<PrivateMmu> {
+        &self.mmu
+    }
+
+    /// The guest_memfd, locked. Do not hold it across a call into the host.
+    pub fn gmem(&self) -> MutexGuard<'_, GuestMemfd> {
+        lock(&self.gmem)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> VmmStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        VmmStats {
+            map_gpa_calls: g(&c.map_gpa_calls),
+            map_gpa_chunks: g(&c.map_gpa_chunks),
+            map_gpa_retries: g(&c.map_gpa_retries),
+            map_gpa_errors: g(&c.map_gpa_errors),
+            map_gpa_eagain: g(&c.map_gpa_eagain),
+            ept_violations: g(&c.ept_violations),
+            fault_errors: g(&c.fault_errors),
+        }
+    }
+
+    /// Handles a TD exit. For a VMCALL, `regs` is updated with the answer (R10, R11).
+    /// `pending_event` tells whether the vCPU has an event to deliver (MapGPA then yields).
+    pub fn handle_exit(
+        &self,
+        exit: TdExit,
+        regs: &mut VmcallRegs,
+        pending_event: &dyn Fn() -> bool,
+    ) -> ExitAction {
+        match exit {
+            TdExit::EptViolation { gpa, ext, .. } => {
+                inc(&self.counters.ept_violations);
+                if ext.exit_type() == crate::module::ExitType::PendingEptViolation {
+                    return ExitAction::KillTd;
+                }
+                match self.mmu.handle_ept_violation(gpa, ext) {
+                    Ok(_) => ExitAction::Resume,
+                    Err(e) => {
+                        inc(&self.counters.fault_errors);
+                        ExitAction::Fatal(e)
+                    }
+                }
+            }
+            TdExit::Vmcall(r) => {
+                *regs = r;
+                if r.gpr[VmcallRegs::R10] == 0 && r.gpr[VmcallRegs::R11] == vmcall::MAP_GPA {
+                    self.handle_map_gpa(regs, pending_event);
+                } else {
+                    regs.gpr[VmcallRegs::R10] = GhciStatus::SubfuncUnsupported.raw();
+                }
+                ExitAction::Resume
+            }
+        }
+    }
+
+    /// Handles `TDG.VP.VMCALL<MapGPA>`: R12 start (shared bit = direction), R13 length; writes
+    /// R10 (status) and R11 (resume GPA on RETRY).
+    pub fn handle_map_gpa(&self, regs: &mut VmcallRegs, pending_event: &dyn Fn() -> bool) {
+        inc(&self.counters.map_gpa_calls);
+        let (status, resume) = self.map_gpa(
+            regs.gpr[VmcallRegs::R12],
+            regs.gpr[VmcallRegs::R13],
+            pending_event,
+        );
+        match status {
+            GhciStatus::Success => {}
+            GhciStatus::Retry => inc(&self.counters.map_gpa_retries),
+            _ => inc(&self.counters.map_gpa_errors),
+        }
+        regs.gpr[VmcallRegs::R10] = status.raw();
+        regs.gpr[VmcallRegs::R11] = resume;
+    }
+
+    fn map_gpa(&self, start: u64, len: u64, pending_event: &dyn Fn() -> bool) -> (GhciStatus, u64) {
+        let gpaw = self.config.module.gpaw;
+        let bit = start & gpaw.shared_bit();
+        let addr = start & !gpaw.shared_bit();
+        if len == 0 || start & 0xFFF != 0 || len & 0xFFF != 0 {
+            return (GhciStatus::AlignError, 0);
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return (GhciStatus::InvalidOperand, 0);
+        };
+        // Bits above the GPA width, a range crossing the shared bit, or beyond guest memory.
+        if start >> gpaw.width() != 0 || end > gpaw.shared_bit() || end > self.config.memory {
+            return (GhciStatus::InvalidOperand, 0);
+        }
+        let to = if bit != 0 {
+            Shareability::Shared
+        } else {
+            Shareability::Private
+        };
+        let chunk = self.config.map_gpa.chunk.max(4096);
+        let mut cur = addr;
+        let mut chunks = 0u32;
+        while cur < end {
+            let chunk_end = ((cur / chunk) + 1).saturating_mul(chunk).min(end);
+            let Ok(range) = GpaRange::new(cur, chunk_end) else {
+                return (GhciStatus::InvalidOperand, 0);
+            };
+            match self.convert(range, to) {
+                Ok(_) => {}
+                Err(ConvertError::Again { offset }) => {
+                    // A host mapping still holds the page: the guest may retry from there.
+                    inc(&self.counters.map_gpa_eagain);
+                    return (GhciStatus::Retry, offset.as_u64() | bit);
+                }
+                Err(ConvertError::NoMemory { .. }) | Err(ConvertError::HookFailed { .. }) => {
+                    return (GhciStatus::Retry, cur | bit);
+                }
+                Err(ConvertError::OutOfRange { .. }) => return (GhciStatus::InvalidOperand, 0),
+            }
+            inc(&self.counters.map_gpa_chunks);
+            chunks += 1;
+            cur = chunk_end;
+            let slice = self.config.map_gpa.chunks_per_slice;
+            if cur < end && (pending_event() || (slice != 0 && chunks >= slice)) {
+                return (GhciStatus::Retry, cur | bit);
+            }
+        }
+        (GhciStatus::Success, 0)
+    }
+
+    /// Converts `range` in the guest_memfd (and, to shared, zaps the private mappings).
+    ///
+    /// # Errors
+    /// The guest_memfd's [`ConvertError`]; nothing changed.
+    pub fn convert(
+        &self,
+        range: GpaRange,
+        to: Shareability,
+    ) -> Result<ConvertReport, ConvertError> {
+        let report = {
+            let mut g = lock(&self.gmem);
+            let mut hook = MmuHook { mmu: &self.mmu };
+            g.convert(range, to, ConvertMode::default(), &mut hook)?
+        };
+        if to == Shareability::Private {
+            self.mmu.note_private(range);
+        }
+        Ok(report)
+    }
+
+    /// Runs the MMU's merge pass (PROMOTE split ranges that became uniform again).
+    pub fn merge_pass(&self) -> u64 {
+        self.mmu.merge_pass()
+    }
+
+    /// Handles an EPT-violation exit directly (for callers that drive the module themselves).
+    ///
+    /// # Errors
+    /// [`FaultError`] from the MMU.
+    pub fn fault(
+        &self,
+        gpa: u64,
+        ext: crate::module::ExtExitQual,
+    ) -> Result<FaultOutcome, FaultError> {
+        inc(&self.counters.ept_violations);
+        self.mmu.handle_ept_violation(gpa, ext)
+    }
+}
+
+#[cfg(test)]
+mod tests;

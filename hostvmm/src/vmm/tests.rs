@@ -1,0 +1,252 @@
+//! The design's flows from the host's side: S-EPT states, folios and exact SEAMCALL counts.
+
+use accept::abi::{page_info, StatusCode, TdxStatus};
+
+use super::*;
+use crate::kvm::YieldKicker;
+use crate::module::{Access, AccessOutcome, CallKind, CallOutcome, TdcallOutcome};
+
+const K4: u64 = 4096;
+const M2: u64 = 2 << 20;
+const SHARED: u64 = 1 << 47;
+
+fn host() -> Host {
+    Host::new(HostConfig::new(64 * M2, 1), Arc::new(YieldKicker)).unwrap()
+}
+
+fn g(a: u64) -> Gpa {
+    Gpa::new_truncate(a)
+}
+
+fn never() -> bool {
+    false
+}
+
+/// One vCPU step, with exits handled by the host, as a vCPU loop runs it.
+fn accept(h: &Host, gpa: u64, level: PageLevel) -> (TdxStatus, u32) {
+    let m = h.module();
+    let mut exits = 0;
+    loop {
+        m.vcpu_enter(0).unwrap();
+        match m.tdg_mem_page_accept(0, page_info(g(gpa), level)).unwrap() {
+            TdcallOutcome::Completed(s) => {
+                m.vcpu_exit(0).unwrap();
+                return (s, exits);
+            }
+            TdcallOutcome::Interrupted => m.vcpu_exit(0).unwrap(),
+            TdcallOutcome::Exit(exit) => {
+                exits += 1;
+                assert!(exits < 8, "livelock");
+                let mut regs = VmcallRegs::default();
+                assert_eq!(h.handle_exit(exit, &mut regs, &never), ExitAction::Resume);
+            }
+        }
+    }
+}
+
+fn access(h: &Host, gpa: u64, a: Access) -> AccessOutcome {
+    let m = h.module();
+    m.vcpu_enter(0).unwrap();
+    let out = m.guest_access(0, gpa, a).unwrap();
+    if !matches!(out, AccessOutcome::Exit(_)) {
+        m.vcpu_exit(0).unwrap();
+    }
+    out
+}
+
+fn map_gpa(h: &Host, start: u64, len: u64, pending: &dyn Fn() -> bool) -> (GhciStatus, u64) {
+    let mut regs = VmcallRegs::default();
+    regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
+    regs.gpr[VmcallRegs::R12] = start;
+    regs.gpr[VmcallRegs::R13] = len;
+    h.handle_map_gpa(&mut regs, pending);
+    (
+        GhciStatus::from_raw(regs.gpr[VmcallRegs::R10]),
+        regs.gpr[VmcallRegs::R11],
+    )
+}
+
+fn ok(h: &Host, kind: CallKind) -> u64 {
+    h.module()
+        .stats()
+        .get(kind, CallOutcome::Status(StatusCode::Success))
+}
+
+fn leaf(h: &Host, gpa: u64) -> (u8, crate::module::SeptState) {
+    let e = h.module().leaf(g(gpa));
+    (e.level, e.state)
+}
+
+use crate::module::SeptState;
+
+#[test]
+fn map_gpa_validates_like_the_ghci() {
+    let h = host();
+    assert_eq!(map_gpa(&h, 0x1001, K4, &never).0, GhciStatus::AlignError);
+    assert_eq!(map_gpa(&h, 0, 0, &never).0, GhciStatus::AlignError);
+    assert_eq!(map_gpa(&h, 0, K4 + 1, &never).0, GhciStatus::AlignError);
+    // Beyond guest memory, crossing the shared bit, overflowing, bits above the GPA width.
+    assert_eq!(
+        map_gpa(&h, 63 * M2, 2 * M2, &never).0,
+        GhciStatus::InvalidOperand
+    );
+    assert_eq!(
+        map_gpa(&h, SHARED - K4, 2 * K4, &never).0,
+        GhciStatus::InvalidOperand
+    );
+    assert_eq!(
+        map_gpa(&h, !0xFFF, 2 * K4, &never).0,
+        GhciStatus::InvalidOperand
+    );
+    assert_eq!(
+        map_gpa(&h, 1 << 50, K4, &never).0,
+        GhciStatus::InvalidOperand
+    );
+    assert_eq!(h.stats().map_gpa_errors, 7);
+    assert_eq!(h.gmem().stats().conversions_to_shared, 0);
+}
+
+#[test]
+fn map_gpa_converts_in_2m_chunks_and_yields_to_pending_events() {
+    let h = host();
+    // A pending event after every chunk: RETRY with the next GPA, shared bit as sent.
+    let (s, r) = map_gpa(&h, SHARED | K4, 3 * M2, &|| true);
+    assert_eq!((s, r), (GhciStatus::Retry, SHARED | M2));
+    let (s, r) = map_gpa(&h, r, 3 * M2 + K4 - M2, &|| true);
+    assert_eq!((s, r), (GhciStatus::Retry, SHARED | 2 * M2));
+    let (s, _) = map_gpa(&h, r, 3 * M2 + K4 - 2 * M2, &never);
+    assert_eq!(s, GhciStatus::Success);
+    assert_eq!(h.stats().map_gpa_chunks, 4);
+    assert!(h.gmem().is_uniform(
+        GpaRange::new(K4, 3 * M2 + K4).unwrap(),
+        Shareability::Shared
+    ));
+    // Private side: no shared bit in R11.
+    let (s, r) = map_gpa(&h, K4, 2 * M2, &|| true);
+    assert_eq!((s, r), (GhciStatus::Retry, M2));
+}
+
+#[test]
+fn shared_hole_in_a_huge_page_and_back_restores_the_2m_mapping() {
+    let h = host();
+    let (s, exits) = accept(&h, 0, PageLevel::Size2M);
+    assert!(s.is_success());
+    assert_eq!(exits, 1);
+    for i in 0..512 {
+        access(&h, i * K4, Access::Write(i + 1));
+    }
+    let folios = h.gmem().folio_count();
+
+    // Private -> shared for one 4K page (a bounce buffer): DEMOTE once, REMOVE one page.
+    assert_eq!(
+        map_gpa(&h, SHARED | 9 * K4, K4, &never).0,
+        GhciStatus::Success
+    );
+    assert_eq!(leaf(&h, 9 * K4), (0, SeptState::Free));
+    assert_eq!(leaf(&h, 10 * K4), (0, SeptState::Mapped));
+    assert_eq!(ok(&h, CallKind::PageDemote), 1);
+    assert_eq!(ok(&h, CallKind::PageRemove), 1);
+    assert_eq!(
+        h.gmem().folio_count(),
+        folios,
+        "the folio is not split (seed 001)"
+    );
+    assert_eq!(access(&h, 10 * K4, Access::Read), AccessOutcome::Ok(11));
+
+    // Shared -> private, the guest accepts 4K, the merge pass PROMOTEs.
+    assert_eq!(map_gpa(&h, 9 * K4, K4, &never).0, GhciStatus::Success);
+    let (s, exits) = accept(&h, 9 * K4, PageLevel::Size4K);
+    assert!(s.is_success());
+    assert_eq!(exits, 1);
+    assert_eq!(h.merge_pass(), 1);
+    assert_eq!(leaf(&h, 0), (1, SeptState::Mapped));
+    assert_eq!(ok(&h, CallKind::PagePromote), 1);
+    assert_eq!(ok(&h, CallKind::PageAug), 2);
+    assert_eq!(access(&h, 10 * K4, Access::Read), AccessOutcome::Ok(11));
+    assert_eq!(access(&h, 9 * K4, Access::Read), AccessOutcome::Ok(0));
+    assert_eq!(h.gmem().folio_count(), folios);
+}
+
+#[test]
+fn shared_to_private_with_a_host_mapping_retries_at_that_page() {
+    let h = host();
+    assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
+    h.gmem().host_map(g(5 * K4)).unwrap();
+    let (s, r) = map_gpa(&h, 0, M2, &never);
+    assert_eq!((s, r), (GhciStatus::Retry, 5 * K4));
+    assert_eq!(h.stats().map_gpa_eagain, 1);
+    // Nothing was converted (all-or-nothing per chunk).
+    assert!(h
+        .gmem()
+        .is_uniform(GpaRange::new(0, M2).unwrap(), Shareability::Shared));
+    h.gmem().host_unmap(g(5 * K4)).unwrap();
+    assert_eq!(map_gpa(&h, 0, M2, &never).0, GhciStatus::Success);
+}
+
+#[test]
+fn shared_to_private_with_a_transient_reference_completes_when_it_drops() {
+    let h = host();
+    assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
+    let token = h.gmem().get_ref(g(3 * K4)).unwrap();
+    assert_eq!(map_gpa(&h, 0, M2, &never).0, GhciStatus::Success);
+    // Until the reference drops, the guest's accept of that page only gets "retry".
+    let m = h.module();
+    m.vcpu_enter(0).unwrap();
+    let TdcallOutcome::Exit(exit) = m
+        .tdg_mem_page_accept(0, page_info(g(3 * K4), PageLevel::Size4K))
+        .unwrap()
+    else {
+        panic!("expected an exit");
+    };
+    let mut regs = VmcallRegs::default();
+    assert_eq!(h.handle_exit(exit, &mut regs, &never), ExitAction::Resume);
+    assert_eq!(leaf(&h, 3 * K4).1, SeptState::Free);
+    h.gmem().put_ref(token).unwrap();
+    let (s, _) = accept(&h, 3 * K4, PageLevel::Size4K);
+    assert!(s.is_success());
+}
+
+#[test]
+fn a_failed_remove_during_conversion_becomes_error_pages() {
+    use crate::module::{FaultResult, FaultRule};
+    let h = host();
+    accept(&h, 0, PageLevel::Size2M);
+    h.module().inject(FaultRule::once(
+        CallKind::PageRemove,
+        FaultResult::Status(StatusCode::EptEntryStateIncorrect.status()),
+    ));
+    assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
+    assert_eq!(h.gmem().poisoned_pages(), 512);
+    assert!(h.gmem().is_poisoned(g(K4)));
+    // Converted back, those pages are never handed to the guest again.
+    assert_eq!(map_gpa(&h, 0, M2, &never).0, GhciStatus::Success);
+    let m = h.module();
+    m.vcpu_enter(0).unwrap();
+    // The S-EPT still holds the blocked leaf the REMOVE failed on: the accept exits and the
+    // host refuses to map an error page.
+    let out = m
+        .tdg_mem_page_accept(0, page_info(g(K4), PageLevel::Size4K))
+        .unwrap();
+    let TdcallOutcome::Exit(exit) = out else {
+        panic!("expected an exit, got {out:?}");
+    };
+    let mut regs = VmcallRegs::default();
+    assert_eq!(
+        h.handle_exit(exit, &mut regs, &never),
+        ExitAction::Fatal(FaultError::Backing(BackingError::Poisoned))
+    );
+    assert_eq!(h.mmu().stats().maps[0], 0, "no poisoned page was mapped");
+}
+
+#[test]
+fn unknown_vmcalls_are_unsupported() {
+    let h = host();
+    let mut regs = VmcallRegs::default();
+    regs.gpr[VmcallRegs::R11] = 0x10002;
+    let action = h.handle_exit(TdExit::Vmcall(regs), &mut regs, &never);
+    assert_eq!(action, ExitAction::Resume);
+    assert_eq!(
+        GhciStatus::from_raw(regs.gpr[VmcallRegs::R10]),
+        GhciStatus::SubfuncUnsupported
+    );
+}
