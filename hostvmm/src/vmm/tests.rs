@@ -113,7 +113,7 @@ fn map_gpa_converts_in_2m_chunks_and_yields_to_pending_events() {
     let (s, r) = map_gpa(&h, SHARED | K4, 3 * M2, &|| true);
     assert_eq!((s, r), (GhciStatus::Retry, SHARED | M2));
     let (s, r) = map_gpa(&h, r, 3 * M2 + K4 - M2, &|| true);
-    assert_eq!((s, r), (GhciStatus::Retry, SHARED | 2 * M2));
+    assert_eq!((s, r), (GhciStatus::Retry, SHARED | (2 * M2)));
     let (s, _) = map_gpa(&h, r, 3 * M2 + K4 - 2 * M2, &never);
     assert_eq!(s, GhciStatus::Success);
     assert_eq!(h.stats().map_gpa_chunks, 4);
@@ -139,7 +139,7 @@ fn shared_hole_in_a_huge_page_and_back_restores_the_2m_mapping() {
 
     // Private -> shared for one 4K page (a bounce buffer): DEMOTE once, REMOVE one page.
     assert_eq!(
-        map_gpa(&h, SHARED | 9 * K4, K4, &never).0,
+        map_gpa(&h, SHARED | (9 * K4), K4, &never).0,
         GhciStatus::Success
     );
     assert_eq!(leaf(&h, 9 * K4), (0, SeptState::Free));
