@@ -942,13 +942,18 @@ impl GuestMemfd {
             };
             let first = (base.max(s) - base) / PAGE;
             let last = ((base + fsize).min(e) - base) / PAGE;
-            for i in first..last {
-                if folio.present.clear(i) {
-                    report.pages_released += 1;
+            if first == 0 && last == folio.level.pages_4k() {
+                // The whole folio goes: no need to clear its pages one by one.
+                report.pages_released += folio.present.ones();
+            } else {
+                for i in first..last {
+                    if folio.present.clear(i) {
+                        report.pages_released += 1;
+                    }
                 }
-            }
-            if folio.present.ones() > 0 {
-                continue;
+                if folio.present.ones() > 0 {
+                    continue;
+                }
             }
             let Some(folio) = self.folios.remove(&base) else {
                 continue;
