@@ -490,3 +490,42 @@ fn concurrent_aug_and_accept_converge() {
     assert_eq!(m.stats().zeroed_4k, 512);
     assert_eq!(m.check_tree(), Ok(()));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A hostile host or guest can pass any register value: no call panics, every failure is a
+    /// status, and the tree stays well formed.
+    #[test]
+    fn arbitrary_operands_never_panic(
+        calls in prop::collection::vec((0u8..14, any::<u64>(), any::<u64>(), 0usize..3), 1..60),
+    ) {
+        let td = Td::runnable();
+        let m = &td.m;
+        td.path(0, 0);
+        for (call, a, b, v) in calls {
+            // Bias half of the operands towards the mapped region so that calls get past decoding.
+            let info = if a & 1 == 0 { a & 0x3F_F007 } else { a };
+            match call {
+                0 => drop(m.page_add_raw(info, b, a)),
+                1 => drop(m.sept_add_raw(info, b)),
+                2 => drop(m.page_aug_raw(info, b & 0x3F_F000)),
+                3 => drop(m.range_block_raw(info)),
+                4 => drop(m.range_unblock_raw(info)),
+                5 => drop(m.page_remove_raw(info)),
+                6 => drop(m.page_demote_raw(info, b)),
+                7 => drop(m.page_promote_raw(info)),
+                8 => drop(m.sept_remove_raw(info)),
+                9 => drop(m.mem_track()),
+                10 => drop(m.tdg_mem_page_accept(v, info)),
+                11 => drop(m.guest_access(v, a, Access::Write(b))),
+                12 => drop(m.tdg_vp_vmcall(v, hostvmm::module::VmcallRegs { mask: b, gpr: [a; 16] })),
+                _ => {
+                    let _ = m.vcpu_enter(v);
+                    let _ = m.tdg_vp_veinfo_get(v);
+                }
+            }
+            m.check_tree().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+    }
+}
