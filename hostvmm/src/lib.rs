@@ -9,9 +9,12 @@
 //!   conversion, deferred commits and error pages.
 //! - [`vmm`]: the host half wired together (module, guest_memfd, MMU) and the exit handlers,
 //!   MapGPA included.
+//! - [`sim`]: the simulated TD: vCPU threads running the guest engine against the host half,
+//!   scenarios, invariants and reports (the `tdsim` binary).
 #![forbid(unsafe_code)]
 
 pub mod gmem;
 pub mod kvm;
 pub mod module;
+pub mod sim;
 pub mod vmm;

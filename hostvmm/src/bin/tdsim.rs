@@ -1,7 +1,212 @@
-//! `tdsim`: the simulated TD. The scenarios arrive with the simulator; until then this binary
-//! says so and exits.
-fn main() {
-    println!(
-        "tdsim: the simulated TD is not yet available; run `cargo xtask test` for the test suite."
-    );
+//! `tdsim`: the simulated TD. Runs a scenario with vCPU threads executing the real guest engine
+//! against the host half and prints what happened.
+//!
+//! `tdsim` alone runs the default scenario (`mixed`, 16 GiB, 8 vCPUs); `tdsim run ...` chooses;
+//! `tdsim scenarios` lists them. The exit status is 0 only when every invariant held.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use accept::abi::PageLevel;
+use clap::{Args, Parser, Subcommand};
+use hostvmm::sim::scenario::Scenario;
+use hostvmm::sim::{svg, GuestPolicy, HostPolicy, SimConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tdsim",
+    about = "A simulated Intel TDX TD: guest acceptance engine against the host half"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one scenario.
+    Run(RunArgs),
+    /// List the scenarios and policies.
+    Scenarios,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Scenario name (see `tdsim scenarios`).
+    #[arg(long, default_value = "mixed")]
+    scenario: String,
+    /// Guest memory, e.g. 16G, 512M, 1T (binary units).
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 8)]
+    vcpus: u32,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Guest policy.
+    #[arg(long, default_value = "ours")]
+    guest_policy: String,
+    /// Host policy.
+    #[arg(long, default_value = "ours")]
+    host_policy: String,
+    /// The module's largest ACCEPT level: 2m (every public module) or 1g (a future one).
+    #[arg(long, default_value = "2m")]
+    max_accept_level: String,
+    /// Run with #VE on pending pages disabled (SEPT_VE_DISABLE), as every existing guest does.
+    #[arg(long)]
+    no_pending_ve: bool,
+    /// Scale the scenario's traffic.
+    #[arg(long, default_value_t = 1)]
+    traffic: u32,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the TD's memory as SVG here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        RunArgs {
+            scenario: "mixed".into(),
+            memory: 16 << 30,
+            vcpus: 8,
+            seed: 1,
+            guest_policy: "ours".into(),
+            host_policy: "ours".into(),
+            max_accept_level: "2m".into(),
+            no_pending_ve: false,
+            traffic: 1,
+            json: None,
+            svg: None,
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, shift) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 10),
+        Some('m') => (&t[..t.len() - 1], 20),
+        Some('g') => (&t[..t.len() - 1], 30),
+        Some('t') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s}"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("too large: {s}"))
+}
+
+fn config(a: &RunArgs) -> Result<SimConfig, String> {
+    let scenario = Scenario::from_name(&a.scenario)
+        .ok_or_else(|| format!("unknown scenario {:?} (see `tdsim scenarios`)", a.scenario))?;
+    let guest = GuestPolicy::from_name(&a.guest_policy)
+        .ok_or_else(|| format!("unknown guest policy {:?}", a.guest_policy))?;
+    let host = HostPolicy::from_name(&a.host_policy)
+        .ok_or_else(|| format!("unknown host policy {:?}", a.host_policy))?;
+    let max_accept_level = match a.max_accept_level.as_str() {
+        "2m" | "2M" => PageLevel::Size2M,
+        "1g" | "1G" => PageLevel::Size1G,
+        other => return Err(format!("max accept level must be 2m or 1g, not {other}")),
+    };
+    Ok(SimConfig {
+        memory: a.memory,
+        vcpus: a.vcpus,
+        seed: a.seed,
+        guest,
+        host,
+        pending_ve: !a.no_pending_ve,
+        max_accept_level,
+        traffic: a.traffic,
+        ..SimConfig::new(scenario)
+    })
+}
+
+fn run_cmd(a: &RunArgs) -> Result<bool, String> {
+    let cfg = config(a)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} steps")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("{} ", cfg.scenario));
+        b
+    });
+    let last = Mutex::new(0u64);
+    let progress = |done: u64, total: u64| {
+        if let Some(b) = &bar {
+            let mut l = last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if done > *l {
+                *l = done;
+                b.set_length(total);
+                b.set_position(done);
+            }
+        }
+    };
+    let mut svg_out = None;
+    let report = hostvmm::sim::run_with(&cfg, &progress, |td| {
+        if a.svg.is_some() {
+            svg_out = Some(svg::render(
+                td.host(),
+                cfg.memory,
+                &format!(
+                    "{} — {} GiB, {} vCPUs, guest {}, host {}, seed {}",
+                    cfg.scenario,
+                    cfg.memory >> 30,
+                    cfg.vcpus,
+                    cfg.guest.name(),
+                    cfg.host.name(),
+                    cfg.seed
+                ),
+            ));
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!("{}", report.summary());
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let (Some(path), Some(svg)) = (&a.svg, svg_out) {
+        std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(report.passed())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        None => run_cmd(&RunArgs::default()),
+        Some(Cmd::Run(a)) => run_cmd(&a),
+        Some(Cmd::Scenarios) => {
+            println!("scenarios:");
+            for (_, name, what) in Scenario::ALL {
+                println!("  {name:<14} {what}");
+            }
+            let g: Vec<_> = GuestPolicy::ALL.iter().map(|(_, n)| *n).collect();
+            let h: Vec<_> = HostPolicy::ALL.iter().map(|(_, n)| *n).collect();
+            println!("guest policies: {}", g.join(", "));
+            println!("host policies:  {}", h.join(", "));
+            Ok(true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tdsim: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

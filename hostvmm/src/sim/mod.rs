@@ -1,0 +1,713 @@
+//! The simulated TD: vCPU threads that run the real guest engine (`accept`) against the real
+//! host half ([`crate::vmm::Host`]), with scenarios, invariants and reports.
+//!
+//! - [`SimConfig`] describes a run: scenario, memory size, vCPUs, seed, guest and host
+//!   policies, module capabilities.
+//! - [`run`] builds the host and the guest's shared state (acceptor, converter, lazy-accept
+//!   tracker over a Linux-format unaccepted table), starts one thread per vCPU under a
+//!   deterministic scheduler ([`sched`]), runs the scenario ([`scenario`]) and checks the
+//!   invariants, returning a [`Report`].
+//! - Runs are deterministic: the same configuration and seed give identical counts.
+//!
+//! What the guest believes (pages it accepted, pages it gave to the host, the content it wrote)
+//! is tracked next to the TD and checked against the module's Secure-EPT and the guest_memfd:
+//! no page accepted twice; no GPA both mapped private and shared; every page the guest believes
+//! private-accepted is MAPPED; private content survives DEMOTE/PROMOTE; poisoned pages are never
+//! mapped again; no livelock (bounded exits per instruction).
+
+pub mod cost;
+pub mod ranges;
+pub mod report;
+pub mod scenario;
+pub mod sched;
+pub mod svg;
+pub mod vcpu;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use accept::abi::{GhciStatus, Gpa, GpaRange, MapGpaOutcome, PageLevel};
+use accept::acceptor::{AcceptPolicy, Acceptor};
+use accept::convert::{ConvertPolicy, Converter};
+use accept::parallel::{BootJob, WorkerProgress};
+use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
+use accept::unaccepted::{build_table, UnacceptedTable};
+
+use crate::kvm::{MmuPolicy, MmuStats, YieldKicker};
+use crate::module::{Access, SeptState};
+use crate::vmm::{Host, HostConfig, VmmStats};
+
+use cost::CostTable;
+pub use report::Report;
+use scenario::Scenario;
+use sched::Scheduler;
+use vcpu::SimVcpu;
+
+/// Guest acceptance policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestPolicy {
+    /// This project's engine: 1G -> 2M -> 4K, learns the module's cap, strict.
+    Ours,
+    /// 4K accepts only (asterinas mainline's behaviour).
+    FourK,
+}
+
+impl GuestPolicy {
+    /// Every policy, with its command-line name.
+    pub const ALL: [(GuestPolicy, &'static str); 2] = [
+        (GuestPolicy::Ours, "ours"),
+        (GuestPolicy::FourK, "asterinas"),
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        GuestPolicy::ALL
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map_or("?", |(_, n)| n)
+    }
+
+    /// Parses a command-line name.
+    pub fn from_name(name: &str) -> Option<GuestPolicy> {
+        GuestPolicy::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(p, _)| *p)
+    }
+
+    /// The acceptor policy.
+    pub fn accept_policy(self) -> AcceptPolicy {
+        match self {
+            GuestPolicy::Ours => AcceptPolicy::default(),
+            GuestPolicy::FourK => AcceptPolicy {
+                max_level: PageLevel::Size4K,
+                ..AcceptPolicy::default()
+            },
+        }
+    }
+}
+
+/// Host policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostPolicy {
+    /// This project's host: 2M at the guest's accept level, DEMOTE on demand, PROMOTE back.
+    Ours,
+    /// Mainline KVM: 4K private mappings only.
+    Kvm4k,
+    /// The KVM TDX huge-page series: 2M, split in the zap path, one-way inhibit, no merge.
+    KvmHugepage,
+}
+
+impl HostPolicy {
+    /// Every policy, with its command-line name.
+    pub const ALL: [(HostPolicy, &'static str); 3] = [
+        (HostPolicy::Ours, "ours"),
+        (HostPolicy::Kvm4k, "kvm-4k"),
+        (HostPolicy::KvmHugepage, "kvm-hugepage"),
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        HostPolicy::ALL
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map_or("?", |(_, n)| n)
+    }
+
+    /// Parses a command-line name.
+    pub fn from_name(name: &str) -> Option<HostPolicy> {
+        HostPolicy::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(p, _)| *p)
+    }
+
+    /// The MMU policy.
+    pub fn mmu_policy(self) -> MmuPolicy {
+        match self {
+            HostPolicy::Ours => MmuPolicy::OURS,
+            HostPolicy::Kvm4k => MmuPolicy::KVM_4K,
+            HostPolicy::KvmHugepage => MmuPolicy::KVM_HUGEPAGE,
+        }
+    }
+}
+
+/// One simulation run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimConfig {
+    /// What the TD does.
+    pub scenario: Scenario,
+    /// Guest memory in bytes (a multiple of 2 MiB, at least 64 MiB).
+    pub memory: u64,
+    /// vCPUs (threads).
+    pub vcpus: u32,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Guest policy.
+    pub guest: GuestPolicy,
+    /// Host policy.
+    pub host: HostPolicy,
+    /// #VE on access to pending pages (TD attribute SEPT_VE_DISABLE clear).
+    pub pending_ve: bool,
+    /// The module's largest ACCEPT level (2M in every public module; 1G for a future one).
+    pub max_accept_level: PageLevel,
+    /// Per-mille chance that a vCPU has an interrupt pending at a TDCALL.
+    pub irq_per_mille: u32,
+    /// A scheduling point hands over the baton with probability 1 / this.
+    pub switch_every: u64,
+    /// Scale of the scenario's traffic (1 = default).
+    pub traffic: u32,
+}
+
+impl SimConfig {
+    /// The default run of `scenario`: 16 GiB, 8 vCPUs, seed 1, our policies.
+    pub fn new(scenario: Scenario) -> SimConfig {
+        SimConfig {
+            scenario,
+            memory: 16 << 30,
+            vcpus: 8,
+            seed: 1,
+            guest: GuestPolicy::Ours,
+            host: HostPolicy::Ours,
+            pending_ve: true,
+            max_accept_level: PageLevel::Size2M,
+            irq_per_mille: 20,
+            switch_every: 4,
+            traffic: 1,
+        }
+    }
+}
+
+/// A broken invariant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum ViolationKind {
+    /// A page was accepted twice without being given up in between.
+    DoubleAccept,
+    /// A GPA is shared in the guest_memfd and mapped private in the Secure-EPT.
+    PrivateAndShared,
+    /// A page the guest believes private-accepted is not MAPPED.
+    AcceptedNotMapped,
+    /// Private content the guest wrote is gone or changed.
+    ContentLost,
+    /// A poisoned page is mapped again.
+    PoisonReused,
+    /// An instruction needed more exits than the bound.
+    Livelock,
+    /// The Secure-EPT tree is malformed.
+    Tree,
+}
+
+/// One violation, with where it was seen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    /// Which invariant.
+    pub kind: ViolationKind,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// What went wrong with a run itself (not an invariant: the configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Unusable configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The host could not be built.
+    #[error("host: {0}")]
+    Host(#[from] crate::vmm::HostError),
+}
+
+/// What the guest believes, next to the TD.
+#[derive(Debug, Default)]
+struct Belief {
+    accepted: ranges::RangeSet,
+    shared: ranges::RangeSet,
+    /// Expected token of private 4K pages the guest wrote.
+    shadow: BTreeMap<u64, u64>,
+    /// Host memory behind shared pages (the model of shared memory: a token per page).
+    shared_mem: HashMap<u64, u64>,
+}
+
+/// The guest-side engine objects, shared by every vCPU.
+#[derive(Debug)]
+pub struct Guest<'g> {
+    /// The acceptor.
+    pub acceptor: &'g Acceptor,
+    /// The converter.
+    pub converter: &'g Converter,
+    /// The kernel's lazy-accept tracker.
+    pub tracker: &'g LazyTracker<'g>,
+    /// End of what the firmware accepts eagerly (start of lazily accepted memory).
+    pub eager_end: u64,
+}
+
+/// One simulated TD: host, scheduler, guest engine objects, and the guest's belief.
+pub struct SimTd<'g> {
+    host: Host,
+    sched: Scheduler,
+    cost: CostTable,
+    config: SimConfig,
+    guest: Guest<'g>,
+    belief: Mutex<Belief>,
+    violations: Mutex<ViolationLog>,
+}
+
+type Pairs = Vec<(u64, u64)>;
+
+/// Every violation counted, the first ones kept in full.
+#[derive(Debug, Default)]
+pub(crate) struct ViolationLog {
+    pub(crate) kept: Vec<Violation>,
+    pub(crate) count: usize,
+    pub(crate) by_kind: BTreeMap<ViolationKind, usize>,
+}
+
+/// Private mapping totals at the end of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MappingTotals {
+    /// MAPPED bytes.
+    pub(crate) private: u64,
+    /// Of those, bytes in 2M+ leaves.
+    pub(crate) huge: u64,
+    /// Bytes in 2M ranges the guest holds entirely private and accepted.
+    pub(crate) optimal: u64,
+}
+
+impl fmt::Debug for SimTd<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimTd")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Violations kept in full in a report (all are counted).
+const MAX_KEPT_VIOLATIONS: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<'g> SimTd<'g> {
+    /// The host half.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// The guest engine objects.
+    pub fn guest(&self) -> &Guest<'g> {
+        &self.guest
+    }
+
+    pub(crate) fn tracker(&self) -> Option<&LazyTracker<'g>> {
+        Some(self.guest.tracker)
+    }
+
+    pub(crate) fn host_cost(
+        &self,
+        m0: &MmuStats,
+        m1: &MmuStats,
+        v0: &VmmStats,
+        v1: &VmmStats,
+    ) -> u64 {
+        vcpu::host_cost(&self.cost, m0, m1, v0, v1)
+    }
+
+    /// Records a violation.
+    pub fn violation(&self, kind: ViolationKind, detail: String) {
+        log::warn!("invariant {kind:?}: {detail}");
+        let mut v = lock(&self.violations);
+        v.count += 1;
+        *v.by_kind.entry(kind).or_insert(0) += 1;
+        if v.kept.len() < MAX_KEPT_VIOLATIONS {
+            v.kept.push(Violation { kind, detail });
+        }
+    }
+
+    fn shared_bit(&self) -> u64 {
+        self.config_gpaw().shared_bit()
+    }
+
+    fn config_gpaw(&self) -> accept::abi::Gpaw {
+        self.host.config().module.gpaw
+    }
+
+    pub(crate) fn note_accept(&self, gpa: Gpa, level: PageLevel) {
+        let (s, e) = (gpa.as_u64(), gpa.as_u64() + level.size());
+        let double = {
+            let mut b = lock(&self.belief);
+            let double = b.accepted.overlaps(s, e);
+            b.accepted.insert(s, e);
+            double
+        };
+        if double {
+            self.violation(
+                ViolationKind::DoubleAccept,
+                format!("{level} ACCEPT of {gpa} succeeded over accepted pages"),
+            );
+        }
+    }
+
+    pub(crate) fn note_map_gpa(&self, start: u64, len: u64, out: &MapGpaOutcome) {
+        if !out.tdcall.is_success() {
+            return;
+        }
+        let bit = start & self.shared_bit();
+        let s = start & !self.shared_bit();
+        let Some(end) = s.checked_add(len) else {
+            return;
+        };
+        let done = match out.status {
+            GhciStatus::Success => end,
+            GhciStatus::Retry => {
+                let r = out.resume_gpa & !self.shared_bit();
+                if r >= s && r <= end {
+                    r
+                } else {
+                    s
+                }
+            }
+            _ => s,
+        };
+        let mut b = lock(&self.belief);
+        if bit != 0 {
+            b.accepted.remove(s, done);
+            b.shared.insert(s, done);
+            let keys: Vec<u64> = b.shadow.range(s..done).map(|(&k, _)| k).collect();
+            for k in keys {
+                b.shadow.remove(&k);
+            }
+        } else {
+            b.shared.remove(s, done);
+            let keys: Vec<u64> = b
+                .shared_mem
+                .keys()
+                .copied()
+                .filter(|&k| k >= s && k < done)
+                .collect();
+            for k in keys {
+                b.shared_mem.remove(&k);
+            }
+        }
+    }
+
+    pub(crate) fn note_write(&self, gpa: u64, token: u64) {
+        if gpa & self.shared_bit() == 0 {
+            lock(&self.belief).shadow.insert(gpa & !0xFFF, token);
+        }
+    }
+
+    pub(crate) fn shared_access(&self, gpa: u64, access: Access) -> u64 {
+        let page = gpa & !self.shared_bit() & !0xFFF;
+        let mut b = lock(&self.belief);
+        match access {
+            Access::Read => b.shared_mem.get(&page).copied().unwrap_or(0),
+            Access::Write(t) => {
+                b.shared_mem.insert(page, t);
+                t
+            }
+        }
+    }
+
+    /// Bytes the guest believes private-accepted.
+    pub fn accepted_bytes(&self) -> u64 {
+        lock(&self.belief).accepted.bytes()
+    }
+
+    /// Checks the part of the invariants that concern `range` (cheap enough after each step).
+    pub fn check_range(&self, range: GpaRange) {
+        let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
+            let b = lock(&self.belief);
+            let (s, e) = (range.start().as_u64(), range.end().as_u64());
+            let clip = |set: &ranges::RangeSet| {
+                set.iter()
+                    .filter(|&(a, b)| b > s && a < e)
+                    .map(|(a, b)| (a.max(s), b.min(e)))
+                    .collect::<Vec<_>>()
+            };
+            (
+                clip(&b.accepted),
+                clip(&b.shared),
+                b.shadow.range(s..e).map(|(&k, &v)| (k, v)).collect(),
+            )
+        };
+        self.check_parts(&accepted, &shared, &shadow);
+    }
+
+    /// Checks every invariant over the whole TD.
+    pub fn check_all(&self) {
+        let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
+            let b = lock(&self.belief);
+            (
+                b.accepted.iter().collect(),
+                b.shared.iter().collect(),
+                b.shadow.iter().map(|(&k, &v)| (k, v)).collect(),
+            )
+        };
+        self.check_parts(&accepted, &shared, &shadow);
+        // The host's own view of shared memory, too.
+        let host_shared: Vec<(u64, u64)> = self
+            .host
+            .gmem()
+            .ranges()
+            .into_iter()
+            .filter(|(_, s)| *s == crate::gmem::Shareability::Shared)
+            .map(|(r, _)| (r.start().as_u64(), r.end().as_u64()))
+            .collect();
+        self.check_parts(&[], &host_shared, &[]);
+        if let Err(e) = self.host.module().check_tree() {
+            self.violation(ViolationKind::Tree, e.to_string());
+        }
+    }
+
+    fn check_parts(&self, accepted: &[(u64, u64)], shared: &[(u64, u64)], shadow: &[(u64, u64)]) {
+        let module = self.host.module();
+        for &(s, e) in accepted {
+            let mut cur = s;
+            while cur < e {
+                let leaf = module.leaf(Gpa::new_truncate(cur));
+                let size = 1u64 << (12 + 9 * u32::from(leaf.level));
+                if leaf.state != SeptState::Mapped {
+                    self.violation(
+                        ViolationKind::AcceptedNotMapped,
+                        format!("{cur:#x} is {:?} at level {}", leaf.state, leaf.level),
+                    );
+                    break;
+                }
+                cur = (cur & !(size - 1)) + size;
+            }
+        }
+        for &(s, e) in shared {
+            let mut cur = s;
+            while cur < e {
+                let leaf = module.leaf(Gpa::new_truncate(cur));
+                let size = 1u64 << (12 + 9 * u32::from(leaf.level));
+                if leaf.state.is_leaf() {
+                    self.violation(
+                        ViolationKind::PrivateAndShared,
+                        format!("{cur:#x} is shared and has a {:?} private leaf", leaf.state),
+                    );
+                    break;
+                }
+                cur = (cur & !(size - 1)) + size;
+            }
+        }
+        for &(gpa, token) in shadow {
+            let leaf = module.leaf(Gpa::new_truncate(gpa));
+            let found = if leaf.state == SeptState::Mapped {
+                Some(module.read_content(leaf.page_hpa(gpa)))
+            } else {
+                None
+            };
+            if found != Some(token) {
+                self.violation(
+                    ViolationKind::ContentLost,
+                    format!("{gpa:#x}: wrote {token:#x}, found {found:?}"),
+                );
+            }
+        }
+        if self.host.gmem().poisoned_pages() > 0 {
+            let g = self.host.gmem();
+            for &(s, e) in accepted {
+                let mut cur = s;
+                while cur < e {
+                    if g.is_poisoned(Gpa::new_truncate(cur)) {
+                        self.violation(
+                            ViolationKind::PoisonReused,
+                            format!("{cur:#x} is poisoned and accepted"),
+                        );
+                    }
+                    cur += 4096;
+                }
+            }
+        }
+    }
+}
+
+/// Private mapping totals over the whole TD: (MAPPED bytes, bytes in MAPPED leaves of 2M+).
+fn mapping_totals(host: &Host, memory: u64) -> (u64, u64) {
+    let module = host.module();
+    let (mut private, mut huge) = (0u64, 0u64);
+    let mut cur = 0u64;
+    while cur < memory {
+        let leaf = module.leaf(Gpa::new_truncate(cur));
+        let size = 1u64 << (12 + 9 * u32::from(leaf.level));
+        if leaf.state == SeptState::Mapped {
+            let len = size.min(memory - cur);
+            private += len;
+            if leaf.level >= 1 {
+                huge += len;
+            }
+        }
+        cur = (cur & !(size - 1)) + size;
+    }
+    (private, huge)
+}
+
+/// Runs one simulation.
+///
+/// `progress(done, total)` is called from the vCPU threads as scenario steps complete.
+///
+/// # Errors
+/// [`SimError`] for an unusable configuration. Invariant violations and a TD the host killed
+/// are results, in the [`Report`].
+pub fn run(config: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Report, SimError> {
+    run_with(config, progress, |_| {})
+}
+
+/// As [`run`], and lets `inspect` look at the finished TD (to draw it, for example) before it
+/// is dropped.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(
+    config: &SimConfig,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    inspect: impl FnOnce(&SimTd<'_>),
+) -> Result<Report, SimError> {
+    let m2 = PageLevel::Size2M.size();
+    if config.memory < 64 << 20 || config.memory % m2 != 0 {
+        return Err(SimError::Config(format!(
+            "memory must be a multiple of 2 MiB and at least 64 MiB, not {}",
+            config.memory
+        )));
+    }
+    if config.vcpus == 0 || config.vcpus > 512 {
+        return Err(SimError::Config(format!("{} vCPUs", config.vcpus)));
+    }
+    let wall = Instant::now();
+    let mut host_config = HostConfig::new(config.memory, config.vcpus);
+    host_config.module.pending_ve = config.pending_ve;
+    host_config.module.max_accept_level = config.max_accept_level;
+    host_config.mmu = config.host.mmu_policy();
+    let host = Host::new(host_config, Arc::new(YieldKicker))?;
+    let gpaw = host_config.module.gpaw;
+
+    // Firmware side: what is accepted eagerly, and the Linux-format table for the rest.
+    let eager_end = config.scenario.eager_bytes(config.memory);
+    let mut table_buf = vec![0u8; 64 + (config.memory / m2 / 8) as usize + 8];
+    let table = if eager_end < config.memory {
+        let lazy = GpaRange::new(eager_end, config.memory)
+            .map_err(|e| SimError::Config(format!("lazy range: {e}")))?;
+        let mut accept_now = Vec::new();
+        let len = build_table(&mut table_buf, &[lazy], m2 as u32, |r| accept_now.push(r))
+            .map_err(|e| SimError::Config(format!("unaccepted table: {e}")))?;
+        if !accept_now.is_empty() {
+            return Err(SimError::Config("unaligned lazy range".into()));
+        }
+        Some(
+            UnacceptedTable::parse(&table_buf[..len])
+                .map_err(|e| SimError::Config(format!("unaccepted table: {e}")))?,
+        )
+    } else {
+        None
+    };
+
+    // Kernel side: the engine objects every vCPU shares.
+    let acceptor = Acceptor::new(gpaw, config.guest.accept_policy());
+    let converter = Converter::new(gpaw, ConvertPolicy::default());
+    let units = table.as_ref().map_or(0, |t| t.units());
+    let words: Vec<AtomicU64> = (0..words_needed(units).max(1))
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let inflight: Vec<AtomicU64> = (0..config.vcpus).map(|_| AtomicU64::new(0)).collect();
+    let tracker = match &table {
+        Some(t) => {
+            LazyTracker::from_table(&acceptor, t, &words, &inflight, TrackerConfig::default())
+        }
+        None => LazyTracker::new(
+            &acceptor,
+            eager_end,
+            m2,
+            0,
+            &words,
+            &inflight,
+            TrackerConfig::default(),
+        ),
+    }
+    .map_err(|e| SimError::Config(format!("tracker: {e}")))?;
+
+    let td = SimTd {
+        host,
+        sched: Scheduler::new(config.vcpus as usize, config.seed, config.switch_every),
+        cost: CostTable::DEFAULT,
+        config: *config,
+        guest: Guest {
+            acceptor: &acceptor,
+            converter: &converter,
+            tracker: &tracker,
+            eager_end,
+        },
+        belief: Mutex::new(Belief::default()),
+        violations: Mutex::new(ViolationLog::default()),
+    };
+    let boot_ranges = [
+        GpaRange::new(0, eager_end).map_err(|e| SimError::Config(format!("eager range: {e}")))?
+    ];
+    let boot_progress: Vec<WorkerProgress> =
+        (0..config.vcpus).map(|_| WorkerProgress::new()).collect();
+    let job = BootJob::new(&boot_ranges, &boot_progress);
+    let plan = scenario::Plan::new(&td, &job);
+    let n = config.vcpus as usize;
+    let results: Vec<(vcpu::VcpuStats, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|id| {
+                let td = &td;
+                let plan = &plan;
+                scope.spawn(move || {
+                    let mut v = SimVcpu::new(td, id, config.seed);
+                    td.sched.wait_turn(id);
+                    let r = plan.run_vcpu(&mut v, progress);
+                    if let Err(e) = r {
+                        if v.fatal().is_none() {
+                            log::error!("vCPU {id}: {e}");
+                        }
+                    }
+                    td.sched.finish(id);
+                    (v.stats(), v.fatal().map(str::to_string).or(plan.error(id)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        vcpu::VcpuStats::default(),
+                        Some("vCPU thread panicked".into()),
+                    )
+                })
+            })
+            .collect()
+    });
+    td.host.merge_pass();
+    td.check_all();
+    let (private, huge) = mapping_totals(&td.host, config.memory);
+    let optimal = {
+        let b = lock(&td.belief);
+        b.accepted
+            .iter()
+            .map(|(s, e)| {
+                let s2 = s.div_ceil(m2) * m2;
+                let e2 = e / m2 * m2;
+                e2.saturating_sub(s2)
+            })
+            .sum::<u64>()
+    };
+    inspect(&td);
+    let log = std::mem::take(&mut *lock(&td.violations));
+    let totals = MappingTotals {
+        private,
+        huge,
+        optimal,
+    };
+    Ok(report::build(&td, &results, log, totals, wall.elapsed()))
+}

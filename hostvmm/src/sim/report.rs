@@ -1,0 +1,325 @@
+//! The report of a run: exact counts, mapping quality, invariant results, modelled and wall
+//! time. Counts are exact and deterministic for a seed; `modelled_time_us` is arithmetic over
+//! counts with [`super::cost::CostTable`], not a measurement; `wall_ms` is the simulator's own
+//! run time on this machine.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use accept::abi::{PageLevel, StatusCode};
+use serde::Serialize;
+
+use super::vcpu::VcpuStats;
+use super::{MappingTotals, SimTd, Violation, ViolationKind, ViolationLog};
+use crate::kvm::MmuStats;
+use crate::module::{AccessKind, CallKind, CallOutcome};
+
+/// ACCEPT TDCALLs the guest made, by level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ByLevel {
+    /// 4K.
+    #[serde(rename = "4k")]
+    pub k4: u64,
+    /// 2M.
+    #[serde(rename = "2m")]
+    pub m2: u64,
+    /// 1G.
+    #[serde(rename = "1g")]
+    pub g1: u64,
+}
+
+/// SEAMCALLs by kind (every call, whatever its outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Seamcalls {
+    /// TDH.MEM.PAGE.ADD.
+    pub add: u64,
+    /// TDH.MEM.SEPT.ADD.
+    pub sept_add: u64,
+    /// TDH.MEM.PAGE.AUG.
+    pub aug: u64,
+    /// TDH.MEM.RANGE.BLOCK.
+    pub block: u64,
+    /// TDH.MEM.TRACK.
+    pub track: u64,
+    /// TDH.MEM.RANGE.UNBLOCK.
+    pub unblock: u64,
+    /// TDH.MEM.PAGE.REMOVE.
+    pub remove: u64,
+    /// TDH.MEM.PAGE.DEMOTE.
+    pub demote: u64,
+    /// TDH.MEM.PAGE.PROMOTE.
+    pub promote: u64,
+}
+
+/// Exact counts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Counts {
+    /// ACCEPT TDCALLs the guest engine issued (a re-execution after an exit is the same call).
+    pub accept_calls: u64,
+    /// The same, by level.
+    pub accept_by_level: ByLevel,
+    /// ACCEPTs answered PAGE_SIZE_MISMATCH.
+    pub accept_size_mismatch: u64,
+    /// ACCEPTs answered PAGE_ALREADY_ACCEPTED.
+    pub accept_already_accepted: u64,
+    /// ACCEPTs answered OPERAND_BUSY.
+    pub accept_busy: u64,
+    /// ACCEPT executions the module ran (including re-executions after exits and interrupts).
+    pub accept_executions: u64,
+    /// EPT-violation exits the host handled.
+    pub ept_violation_exits: u64,
+    /// #VEs injected.
+    pub ve_injected: u64,
+    /// Interrupts taken inside interruptible ACCEPTs.
+    pub accept_interrupted: u64,
+    /// MapGPA TDCALLs the guest issued.
+    pub map_gpa_calls: u64,
+    /// RETRY answers to them.
+    pub map_gpa_retries: u64,
+    /// SEAMCALLs by kind.
+    pub seamcalls: Seamcalls,
+    /// Fault-path splits (DEMOTE for a smaller ACCEPT).
+    pub fault_splits: u64,
+    /// Zap-path splits (DEMOTE of a leaf straddling a conversion).
+    pub zap_splits: u64,
+    /// Merges (PROMOTE back to 2M).
+    pub merges: u64,
+    /// Error pages recorded.
+    pub poisoned_pages: u64,
+}
+
+/// One vCPU's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuReport {
+    /// Index.
+    pub vcpu: usize,
+    /// Counters.
+    #[serde(flatten)]
+    pub stats: VcpuStats,
+    /// Why the TD stopped on this vCPU, if it did.
+    pub fatal: Option<String>,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Seed.
+    pub seed: u64,
+    /// Guest policy name.
+    pub guest_policy: String,
+    /// Host policy name.
+    pub host_policy: String,
+    /// Exact counts.
+    pub counts: Counts,
+    /// Private bytes mapped and accepted (MAPPED leaves).
+    pub private_bytes: u64,
+    /// Of those, bytes in 2M (or larger) leaves.
+    pub huge_private_bytes: u64,
+    /// Bytes in 2M-aligned ranges the guest holds entirely private and accepted: the most a
+    /// host could map huge.
+    pub optimal_huge_private_bytes: u64,
+    /// Invariant violations (all of them counted).
+    pub invariant_violations: usize,
+    /// Violations by invariant.
+    pub violations_by_kind: Vec<(ViolationKind, usize)>,
+    /// The first violations, in full.
+    pub violations: Vec<Violation>,
+    /// Modelled time of the run's critical path: the busiest vCPU (microseconds, modelled).
+    pub modelled_time_us: u64,
+    /// Simulator wall time (milliseconds, measured).
+    pub wall_ms: u64,
+    /// Baton hand-overs of the deterministic scheduler.
+    pub schedule_switches: u64,
+    /// Per vCPU.
+    pub per_vcpu: Vec<VcpuReport>,
+    /// Errors that stopped a vCPU's program or the TD.
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// True when the run had no violation and no error.
+    pub fn passed(&self) -> bool {
+        self.invariant_violations == 0 && self.errors.is_empty()
+    }
+
+    /// Huge-mapped private bytes as a share of the optimum (1.0 when nothing could be huge).
+    pub fn huge_ratio(&self) -> f64 {
+        if self.optimal_huge_private_bytes == 0 {
+            1.0
+        } else {
+            self.huge_private_bytes as f64 / self.optimal_huge_private_bytes as f64
+        }
+    }
+
+    /// A short human summary.
+    pub fn summary(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let c = &self.counts;
+        let s = &c.seamcalls;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "tdsim: {} on a {:.1} GiB TD with {} vCPUs (seed {}, guest {}, host {})",
+            self.scenario,
+            gib(self.memory_bytes),
+            self.vcpus,
+            self.seed,
+            self.guest_policy,
+            self.host_policy
+        );
+        let _ = writeln!(
+            out,
+            "  ACCEPT   {} calls (4K {}, 2M {}, 1G {}), {} size mismatch, {} already accepted, {} busy, {} interrupted",
+            c.accept_calls,
+            c.accept_by_level.k4,
+            c.accept_by_level.m2,
+            c.accept_by_level.g1,
+            c.accept_size_mismatch,
+            c.accept_already_accepted,
+            c.accept_busy,
+            c.accept_interrupted
+        );
+        let _ = writeln!(
+            out,
+            "  exits    {} EPT violations, {} #VE, {} MapGPA calls ({} RETRY)",
+            c.ept_violation_exits, c.ve_injected, c.map_gpa_calls, c.map_gpa_retries
+        );
+        let _ = writeln!(
+            out,
+            "  host     AUG {}, SEPT.ADD {}, BLOCK {}, TRACK {}, REMOVE {}, DEMOTE {} ({} fault-path, {} zap), PROMOTE {} ({} merges), poisoned pages {}",
+            s.aug,
+            s.sept_add,
+            s.block,
+            s.track,
+            s.remove,
+            s.demote,
+            c.fault_splits,
+            c.zap_splits,
+            s.promote,
+            c.merges,
+            c.poisoned_pages
+        );
+        let _ = writeln!(
+            out,
+            "  memory   {:.2} GiB private, {:.2} GiB of it in 2M leaves, {:.1}% of the {:.2} GiB a host could map huge",
+            gib(self.private_bytes),
+            gib(self.huge_private_bytes),
+            self.huge_ratio() * 100.0,
+            gib(self.optimal_huge_private_bytes)
+        );
+        let _ = writeln!(
+            out,
+            "  time     {:.3} s modelled (busiest vCPU, cost table), {:.3} s simulator wall time",
+            self.modelled_time_us as f64 / 1e6,
+            self.wall_ms as f64 / 1e3
+        );
+        let _ = write!(
+            out,
+            "  checks   {} invariant violations",
+            self.invariant_violations
+        );
+        for (k, n) in &self.violations_by_kind {
+            let _ = write!(out, ", {k:?} {n}");
+        }
+        for e in &self.errors {
+            let _ = write!(out, "\n  error    {e}");
+        }
+        out
+    }
+}
+
+pub(crate) fn build(
+    td: &SimTd<'_>,
+    results: &[(VcpuStats, Option<String>)],
+    log: ViolationLog,
+    totals: MappingTotals,
+    wall: Duration,
+) -> Report {
+    let config = td.config();
+    let host = td.host();
+    let module = host.module().stats();
+    let mmu: MmuStats = host.mmu().stats();
+    let vmm = host.stats();
+    let g = td.guest();
+    let acc = g.acceptor.stats();
+    let conv = g.converter.stats();
+    let lvl = |l: PageLevel| acc.level(l).calls;
+    let sum = |f: fn(&accept::acceptor::LevelStats) -> u64| acc.levels.iter().map(f).sum::<u64>();
+    let total = |k: CallKind| module.total(k);
+    let counts = Counts {
+        accept_calls: acc.total_calls(),
+        accept_by_level: ByLevel {
+            k4: lvl(PageLevel::Size4K),
+            m2: lvl(PageLevel::Size2M),
+            g1: lvl(PageLevel::Size1G),
+        },
+        accept_size_mismatch: sum(|l| l.size_mismatch),
+        accept_already_accepted: sum(|l| l.already_accepted),
+        accept_busy: sum(|l| l.busy),
+        accept_executions: total(CallKind::Accept),
+        ept_violation_exits: vmm.ept_violations,
+        ve_injected: module.access(AccessKind::Ve),
+        accept_interrupted: module.get(CallKind::Accept, CallOutcome::Interrupted),
+        map_gpa_calls: conv.map_gpa_calls,
+        map_gpa_retries: conv.map_gpa_retries,
+        seamcalls: Seamcalls {
+            add: total(CallKind::PageAdd),
+            sept_add: total(CallKind::SeptAdd),
+            aug: total(CallKind::PageAug),
+            block: total(CallKind::RangeBlock),
+            track: total(CallKind::MemTrack),
+            unblock: total(CallKind::RangeUnblock),
+            remove: total(CallKind::PageRemove),
+            demote: total(CallKind::PageDemote),
+            promote: total(CallKind::PagePromote),
+        },
+        fault_splits: mmu.fault_splits,
+        zap_splits: mmu.zap_demotes,
+        merges: module.status(CallKind::PagePromote, StatusCode::Success),
+        poisoned_pages: host.gmem().poisoned_pages(),
+    };
+    let per_vcpu: Vec<VcpuReport> = results
+        .iter()
+        .enumerate()
+        .map(|(i, (s, f))| VcpuReport {
+            vcpu: i,
+            stats: *s,
+            fatal: f.clone(),
+        })
+        .collect();
+    let errors: Vec<String> = per_vcpu
+        .iter()
+        .filter_map(|v| v.fatal.as_ref().map(|f| format!("vCPU {}: {f}", v.vcpu)))
+        .collect();
+    Report {
+        scenario: config.scenario.name().to_string(),
+        memory_bytes: config.memory,
+        vcpus: config.vcpus,
+        seed: config.seed,
+        guest_policy: config.guest.name().to_string(),
+        host_policy: config.host.name().to_string(),
+        counts,
+        private_bytes: totals.private,
+        huge_private_bytes: totals.huge,
+        optimal_huge_private_bytes: totals.optimal,
+        invariant_violations: log.count,
+        violations_by_kind: log.by_kind.into_iter().collect(),
+        violations: log.kept,
+        modelled_time_us: per_vcpu
+            .iter()
+            .map(|v| v.stats.modelled_ns)
+            .max()
+            .unwrap_or(0)
+            / 1000,
+        wall_ms: wall.as_millis() as u64,
+        schedule_switches: td.sched.switches(),
+        per_vcpu,
+        errors,
+    }
+}
