@@ -1,0 +1,258 @@
+//! x86 plumbing: port I/O, the 16550 UARTs, the TSS (an IST stack for #DF), the IDT, and the
+//! `isa-debug-exit` device QEMU uses to return the image's verdict as its exit status.
+
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::fmt;
+
+/// COM1: the human-readable log.
+pub const COM1: u16 = 0x3F8;
+/// COM2: the link to `tdhost`.
+#[cfg(not(feature = "tdx"))]
+pub const COM2: u16 = 0x2F8;
+/// QEMU `-device isa-debug-exit,iobase=0xf4,iosize=4`.
+const DEBUG_EXIT: u16 = 0xF4;
+/// Value written to the debug-exit port on success (QEMU exits with `(v << 1) | 1` = 33).
+pub const EXIT_PASS: u8 = 0x10;
+/// On failure (QEMU exit status 35).
+pub const EXIT_FAIL: u8 = 0x11;
+
+/// A cell for boot-time globals of this single-vCPU image.
+pub struct Global<T>(UnsafeCell<T>);
+
+// SAFETY: the image runs on one vCPU; every access is either during single-threaded setup or
+// from the exception path that the same vCPU entered synchronously (`int 20`), never
+// concurrently.
+unsafe impl<T> Sync for Global<T> {}
+
+impl<T> Global<T> {
+    /// A global with this value.
+    pub const fn new(v: T) -> Global<T> {
+        Global(UnsafeCell::new(v))
+    }
+
+    /// Raw access.
+    pub fn get(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    #[cfg(not(feature = "tdx"))]
+    // SAFETY: port I/O to the UARTs and the debug-exit device only; no memory is touched.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+    }
+    #[cfg(feature = "tdx")]
+    // Inside a TD, port I/O is a TDVMCALL<Instruction.IO> (an `out` would raise #VE).
+    tdx_tdcall::tdx::tdvmcall_io_write_8(port, value);
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    #[cfg(not(feature = "tdx"))]
+    {
+        let value: u8;
+        // SAFETY: port I/O to the UARTs only; no memory is touched.
+        unsafe {
+            asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags));
+        }
+        value
+    }
+    #[cfg(feature = "tdx")]
+    {
+        tdx_tdcall::tdx::tdvmcall_io_read_8(port)
+    }
+}
+
+/// Programs a 16550 for 115200 8N1 with FIFOs (QEMU ignores the rate for a socket or file).
+pub fn uart_init(base: u16) {
+    outb(base + 1, 0x00); // no interrupts
+    outb(base + 3, 0x80); // DLAB
+    outb(base, 0x01); // divisor 1
+    outb(base + 1, 0x00);
+    outb(base + 3, 0x03); // 8N1
+    outb(base + 2, 0xC7); // FIFOs on, cleared
+    outb(base + 4, 0x03); // DTR, RTS
+}
+
+/// Sends one byte, waiting for room.
+pub fn uart_put(base: u16, b: u8) {
+    while inb(base + 5) & 0x20 == 0 {
+        core::hint::spin_loop();
+    }
+    outb(base, b);
+}
+
+/// Receives one byte, waiting for it.
+#[cfg(not(feature = "tdx"))]
+pub fn uart_get(base: u16) -> u8 {
+    while inb(base + 5) & 0x01 == 0 {
+        core::hint::spin_loop();
+    }
+    inb(base)
+}
+
+/// The COM1 log as a `fmt::Write`.
+#[derive(Debug, Clone, Copy)]
+pub struct Log;
+
+impl fmt::Write for Log {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                uart_put(COM1, b'\r');
+            }
+            uart_put(COM1, b);
+        }
+        Ok(())
+    }
+}
+
+/// Prints a line on COM1.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::arch::Log, $($arg)*);
+    }};
+}
+
+/// Ends the run: QEMU exits with `(code << 1) | 1`. Outside QEMU (a TD), halts.
+pub fn exit(code: u8) -> ! {
+    outb(DEBUG_EXIT, code);
+    loop {
+        // SAFETY: `hlt` with interrupts disabled stops this vCPU; nothing else runs.
+        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Registers saved by the exception stubs (boot.rs), lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Frame {
+    /// General registers, in reverse push order.
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// Vector pushed by the stub.
+    pub vector: u64,
+    /// Error code (0 when the CPU pushes none).
+    pub error: u64,
+    /// CPU-pushed frame.
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Gate([u64; 2]);
+
+static TSS: Global<Tss> = Global::new(Tss {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: 104,
+});
+static IDT: Global<[Gate; 256]> = Global::new([Gate([0, 0]); 256]);
+
+extern "C" {
+    static isr_table: [u64; 32];
+    static mut gdt64: [u64; 5];
+    static df_stack_top: u8;
+}
+
+/// Vector of #DF, which runs on IST1.
+const DF_VECTOR: usize = 8;
+
+/// Loads the TSS (IST1 = the #DF stack) and an IDT whose vectors 0-31 go to the stubs.
+pub fn install_idt() {
+    // SAFETY: single-threaded setup. `gdt64` is the live GDT (boot.rs), writable, and slot 3-4
+    // is reserved for this TSS descriptor; `TSS` and `IDT` are statics that live forever;
+    // `isr_table` holds the 32 stub addresses; selector 0x08 is the 64-bit code segment.
+    unsafe {
+        let tss = TSS.get();
+        (*tss).ist[0] = core::ptr::addr_of!(df_stack_top) as u64;
+        let base = tss as u64;
+        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        let low = (limit & 0xFFFF)
+            | ((base & 0xFF_FFFF) << 16)
+            | (0x89 << 40)
+            | (((limit >> 16) & 0xF) << 48)
+            | (((base >> 24) & 0xFF) << 56);
+        let gdt = core::ptr::addr_of_mut!(gdt64);
+        (*gdt)[3] = low;
+        (*gdt)[4] = base >> 32;
+        asm!("ltr {0:x}", in(reg) 0x18u16, options(nostack));
+
+        let idt = IDT.get();
+        let table = core::ptr::addr_of!(isr_table);
+        for v in 0..32 {
+            let h = (*table)[v];
+            let ist = if v == DF_VECTOR { 1 } else { 0 };
+            let low = (h & 0xFFFF)
+                | (0x08 << 16)
+                | (ist << 32)
+                | (0x8E << 40)
+                | (((h >> 16) & 0xFFFF) << 48);
+            (*idt)[v] = Gate([low, h >> 32]);
+        }
+        let ptr: [u16; 5] = {
+            let base = idt as u64;
+            [
+                (256 * 16 - 1) as u16,
+                base as u16,
+                (base >> 16) as u16,
+                (base >> 32) as u16,
+                (base >> 48) as u16,
+            ]
+        };
+        asm!("lidt [{0}]", in(reg) ptr.as_ptr(), options(nostack));
+    }
+}
+
+/// CR2 (the faulting address of a #PF).
+pub fn cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { asm!("mov {0}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Raises vector 20 (#VE) through the IDT with a software interrupt.
+#[cfg(not(feature = "tdx"))]
+pub fn int20() {
+    // SAFETY: vector 20's gate is installed (install_idt) and its handler returns with iretq
+    // after restoring every register.
+    unsafe { asm!("int 20") };
+}

@@ -1,0 +1,276 @@
+//! The bare-metal test image of tdmem.
+//!
+//! Two ways to run it, one binary format (an ELF linked at 1 MiB):
+//!
+//! - **QEMU TCG** (default build): `qemu-system-x86_64 -kernel image` boots it through the PVH
+//!   note (boot.rs). TCG has no TDX, so every TDCALL and every memory touch of the self-test
+//!   is a request to `tdhost` over COM2 (`td_shim_ext::wire`), which runs the TDX-module
+//!   emulator and the host half. When `tdhost` answers "inject #VE", the image executes
+//!   `int 20`: a real exception delivered through IDT gate 20 to the #VE handler (a software
+//!   interrupt, not a hardware-raised #VE; the log says so), which reads VE info and accepts
+//!   with further requests, returns with `iretq`, and the access is retried.
+//! - **td-shim payload** (feature `tdx`): td-shim jumps to the ELF entry in long mode with the
+//!   TD HOB list; TDCALLs are real (`accept::hw`), the plan comes from the HOB list, and the #VE
+//!   test touches a pending page for real, so the TDX module raises #VE through the same gate.
+//!
+//! COM1 carries the log and the machine-readable result line `TDMEM-GUEST-RESULT ...`; QEMU's
+//! `isa-debug-exit` device turns the verdict into QEMU's exit status (33 = pass).
+#![no_std]
+#![no_main]
+
+mod arch;
+mod boot;
+#[cfg(feature = "tdx")]
+mod tdx;
+
+use core::panic::PanicInfo;
+
+use accept::ve::VeVerdict;
+use td_shim_ext::selftest::VeHandler;
+
+use arch::{Frame, Global, EXIT_FAIL, EXIT_PASS};
+
+/// The #VE handler the current touch armed (`None` outside a touch).
+static VE_HANDLER: Global<Option<*mut (dyn VeHandler + 'static)>> = Global::new(None);
+/// #VEs delivered through the IDT.
+static VE_ENTRIES: Global<u64> = Global::new(0);
+
+/// Arms the #VE gate with `handler` for the duration of `f`.
+pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) -> R {
+    // SAFETY: the lifetime is erased only for the duration of `f`; the pointer is cleared
+    // before `handler`'s borrow ends, and only the #VE entry on this vCPU reads it, while `f`
+    // runs.
+    let ptr: *mut (dyn VeHandler + 'static) = unsafe { core::mem::transmute(handler) };
+    // SAFETY: single vCPU; no #VE can be in flight while the slot is written.
+    unsafe { *VE_HANDLER.get() = Some(ptr) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { *VE_HANDLER.get() = None };
+    r
+}
+
+/// Called by the exception stubs (boot.rs) with the saved registers.
+#[no_mangle]
+extern "C" fn exception_dispatch(frame: &mut Frame) {
+    match frame.vector {
+        20 => ve_entry(frame),
+        8 => {
+            println!("#DF: double fault at rip={:#x} (on IST1)", frame.rip);
+            println!("TDMEM-GUEST-RESULT FAILED double-fault");
+            arch::exit(EXIT_FAIL);
+        }
+        v => {
+            println!(
+                "exception {v} error={:#x} rip={:#x} cr2={:#x}",
+                frame.error,
+                frame.rip,
+                arch::cr2()
+            );
+            println!("TDMEM-GUEST-RESULT FAILED exception-{v}");
+            arch::exit(EXIT_FAIL);
+        }
+    }
+}
+
+fn ve_entry(frame: &mut Frame) {
+    // SAFETY: single vCPU; the counter is only touched here.
+    let n = unsafe {
+        *VE_ENTRIES.get() += 1;
+        *VE_ENTRIES.get()
+    };
+    println!(
+        "ve: #VE #{n} entered through IDT gate 20, rip={:#x} rsp={:#x} ({})",
+        frame.rip,
+        frame.rsp,
+        if cfg!(feature = "tdx") {
+            "raised by the TDX module"
+        } else {
+            "software `int 20` on tdhost's inject-#VE answer"
+        }
+    );
+    // SAFETY: the slot holds a live handler while a touch is in progress (with_ve_handler),
+    // and nothing else uses that handler until this returns.
+    let handler = unsafe { *VE_HANDLER.get() };
+    let Some(handler) = handler else {
+        println!("ve: no handler armed: unexpected #VE");
+        println!("TDMEM-GUEST-RESULT FAILED unexpected-ve");
+        arch::exit(EXIT_FAIL);
+    };
+    // SAFETY: see above; the pointer came from a `&mut dyn VeHandler` that outlives the touch.
+    let verdict = unsafe { (*handler).handle() };
+    match verdict {
+        VeVerdict::Handled { gpa, unit } => {
+            println!("ve: VEINFO.GET gpa={gpa}, accepted unit {unit}; iretq, access retried")
+        }
+        VeVerdict::AcceptedMeanwhile { gpa, .. } => {
+            println!("ve: {gpa} accepted meanwhile; iretq, access retried")
+        }
+        other => {
+            println!("ve: fatal verdict {other:?}");
+            println!("TDMEM-GUEST-RESULT FAILED ve-verdict");
+            arch::exit(EXIT_FAIL);
+        }
+    }
+}
+
+#[cfg(not(feature = "tdx"))]
+mod qemu {
+    //! The QEMU TCG run: the serial transport to `tdhost` and the bare-metal platform.
+
+    use td_shim_ext::selftest::{self, Channel, Platform, Scenario, VeHandler, WireMachine};
+    use td_shim_ext::wire::{self, Answer, Decoder, Request, MAX_FRAME};
+
+    use crate::arch::{self, COM2, EXIT_FAIL, EXIT_PASS};
+    use crate::println;
+
+    /// The link to `tdhost` on COM2: one frame out, one frame back.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Serial;
+
+    impl Channel for Serial {
+        fn call(&mut self, req: Request) -> Answer {
+            let mut out = [0u8; MAX_FRAME];
+            let n = req.to_frame().encode(&mut out);
+            for &b in &out[..n] {
+                arch::uart_put(COM2, b);
+            }
+            let mut dec = Decoder::new();
+            loop {
+                match dec.push(arch::uart_get(COM2)) {
+                    None => continue,
+                    Some(Ok(f)) => return Answer::from_frame(&f).unwrap_or(Answer::Fatal(0xBAD)),
+                    Some(Err(_)) => return Answer::Fatal(0xBAD),
+                }
+            }
+        }
+    }
+
+    /// Real RAM, a real IDT.
+    #[derive(Debug)]
+    pub struct BareMetal;
+
+    impl Platform for BareMetal {
+        fn access(&mut self, gpa: u64, write: Option<u64>) {
+            let p = gpa as *mut u64;
+            // SAFETY: `gpa` is 8-byte aligned RAM below 1 GiB (identity mapped by boot.rs,
+            // inside QEMU's 512 MiB), outside the image ([0, 8 MiB)), and the self-test uses
+            // it for nothing else.
+            unsafe {
+                match write {
+                    Some(v) => p.write_volatile(v),
+                    None => {
+                        let _ = p.read_volatile();
+                    }
+                }
+            }
+        }
+
+        fn raise_ve(&mut self, handler: &mut dyn VeHandler) {
+            crate::with_ve_handler(handler, arch::int20);
+        }
+
+        fn memory(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+            if gpa < selftest::IMAGE_END || gpa.checked_add(len as u64)? > selftest::MEMORY {
+                return None;
+            }
+            // SAFETY: identity-mapped RAM outside the image, reserved by the boot plan for the
+            // table; no other reference to it exists.
+            Some(unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len) })
+        }
+
+        fn log(&mut self, args: core::fmt::Arguments<'_>) {
+            println!("{args}");
+        }
+    }
+
+    pub fn run() -> ! {
+        arch::uart_init(COM2);
+        let mut chan = Serial;
+        match chan.call(Request::Hello {
+            version: wire::VERSION,
+        }) {
+            Answer::Ack => println!("tdhost: connected on COM2"),
+            other => {
+                println!("tdhost: bad hello answer {other:?}");
+                println!("TDMEM-GUEST-RESULT FAILED no-host");
+                arch::exit(EXIT_FAIL);
+            }
+        }
+        let mut machine = WireMachine {
+            chan,
+            platform: BareMetal,
+        };
+        let sum = selftest::run(&mut machine, &Scenario::QEMU_E2E);
+        println!("TDMEM-GUEST-RESULT {sum}");
+        let (counts, n) = sum.counts();
+        let pass = sum.failed == 0 && sum.passed > 0;
+        let ack = chan.call(Request::Done {
+            status: u64::from(!pass),
+            counts,
+            n,
+        });
+        println!("tdhost: done ({ack:?})");
+        arch::exit(if pass { EXIT_PASS } else { EXIT_FAIL });
+    }
+}
+
+/// PVH entry (boot.rs), in long mode on the image's stack.
+#[no_mangle]
+extern "C" fn rust_start(_start_info: u64) -> ! {
+    arch::uart_init(arch::COM1);
+    println!("tdmem e2e image: PVH entry, long mode, identity map of 1 GiB");
+    arch::install_idt();
+    println!("IDT loaded: #VE gate 20, #DF gate 8 on IST1, vectors 0-31 fatal otherwise");
+    #[cfg(not(feature = "tdx"))]
+    qemu::run();
+    #[cfg(feature = "tdx")]
+    {
+        println!("built for a TD (feature tdx): boot it as a td-shim payload, not via PVH");
+        println!("TDMEM-GUEST-RESULT FAILED wrong-entry");
+        arch::exit(EXIT_FAIL);
+    }
+}
+
+/// td-shim payload entry (boot.rs): `hob` is the TD HOB list.
+#[no_mangle]
+extern "C" fn payload_start(hob: u64, _payload: u64) -> ! {
+    arch::uart_init(arch::COM1);
+    println!("tdmem e2e image: td-shim payload entry, HOB list at {hob:#x}");
+    arch::install_idt();
+    println!("IDT loaded: #VE gate 20, #DF gate 8 on IST1");
+    #[cfg(feature = "tdx")]
+    tdx::run(hob);
+    #[cfg(not(feature = "tdx"))]
+    {
+        println!("built without feature tdx: the payload entry needs the real TDCALL backend");
+        println!("TDMEM-GUEST-RESULT FAILED wrong-entry");
+        arch::exit(EXIT_FAIL);
+    }
+}
+
+/// `td-shim-interface` (the HOB layouts) links `alloc` for parts of it this image never calls,
+/// so the binary needs a global allocator. None of the image's code allocates: this one always
+/// fails, which would end in the panic handler.
+struct NoAlloc;
+
+// SAFETY: `alloc` returns null (allocation failure), which the contract allows; `dealloc` is
+// never given a pointer because none is ever handed out.
+unsafe impl core::alloc::GlobalAlloc for NoAlloc {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static ALLOC: NoAlloc = NoAlloc;
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    println!("panic: {info}");
+    println!("TDMEM-GUEST-RESULT FAILED panic");
+    arch::exit(EXIT_FAIL)
+}
+
+/// Keeps `EXIT_PASS` referenced in every build.
+const _: u8 = EXIT_PASS;
