@@ -18,6 +18,7 @@
 pub mod cost;
 pub mod ranges;
 pub mod report;
+pub mod sabotage;
 pub mod scenario;
 pub mod sched;
 pub mod svg;
@@ -160,6 +161,8 @@ pub struct SimConfig {
     pub switch_every: u64,
     /// Scale of the scenario's traffic (1 = default).
     pub traffic: u32,
+    /// A deliberate breakage, to check the checker (`None` in every normal run).
+    pub sabotage: Option<sabotage::Sabotage>,
 }
 
 impl SimConfig {
@@ -177,6 +180,7 @@ impl SimConfig {
             irq_per_mille: 20,
             switch_every: 4,
             traffic: 1,
+            sabotage: None,
         }
     }
 }
@@ -588,6 +592,9 @@ pub fn run_with(
     host_config.module.pending_ve = config.pending_ve;
     host_config.module.max_accept_level = config.max_accept_level;
     host_config.mmu = config.host.mmu_policy();
+    if config.sabotage == Some(sabotage::Sabotage::IgnoreSplit) {
+        host_config.mmu.fault_split = crate::kvm::FaultSplit::Ignore;
+    }
     let host = Host::new(host_config, Arc::new(YieldKicker))?;
     let gpaw = host_config.module.gpaw;
 

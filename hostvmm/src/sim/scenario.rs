@@ -325,6 +325,13 @@ impl<'p, 'g> Plan<'p, 'g> {
                 }
             }
         }
+        if let Some(s) = td.config().sabotage {
+            self.barrier(v, 2);
+            if v.id() == 0 {
+                let what = super::sabotage::apply(td, v, s);
+                log::warn!("sabotage {s:?}: {what}");
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,157 @@
+//! The simulated TD end to end: every scenario passes its invariants at small sizes, runs are
+//! deterministic, and every invariant check catches a deliberately broken host or guest.
+
+use hostvmm::sim::sabotage::Sabotage;
+use hostvmm::sim::scenario::Scenario;
+use hostvmm::sim::{run, GuestPolicy, HostPolicy, Report, SimConfig};
+
+fn small(scenario: Scenario) -> SimConfig {
+    SimConfig {
+        memory: 256 << 20,
+        vcpus: 4,
+        ..SimConfig::new(scenario)
+    }
+}
+
+fn go(config: SimConfig) -> Report {
+    run(&config, &|_, _| {}).expect("valid configuration")
+}
+
+#[test]
+fn every_scenario_passes_at_small_size() {
+    for (scenario, name, _) in Scenario::ALL {
+        let r = go(small(scenario));
+        assert!(r.passed(), "{name}:\n{}", r.summary());
+        assert!(r.counts.accept_calls > 0, "{name} accepted nothing");
+        assert_eq!(r.scenario, name);
+    }
+}
+
+#[test]
+fn every_scenario_passes_under_baseline_hosts_and_a_4k_guest() {
+    for (scenario, name, _) in Scenario::ALL {
+        for host in [HostPolicy::Kvm4k, HostPolicy::KvmHugepage] {
+            let r = go(SimConfig {
+                host,
+                ..small(scenario)
+            });
+            assert!(r.passed(), "{name} on {host:?}:\n{}", r.summary());
+        }
+        let r = go(SimConfig {
+            guest: GuestPolicy::FourK,
+            memory: 128 << 20,
+            ..small(scenario)
+        });
+        assert!(r.passed(), "{name} with a 4K guest:\n{}", r.summary());
+    }
+}
+
+#[test]
+fn same_seed_same_counts() {
+    for scenario in [Scenario::Mixed, Scenario::VeSplit] {
+        let a = go(small(scenario));
+        let b = go(small(scenario));
+        assert_eq!(a.counts, b.counts);
+        assert_eq!(a.modelled_time_us, b.modelled_time_us);
+        assert_eq!(a.schedule_switches, b.schedule_switches);
+        let c = go(SimConfig {
+            seed: 2,
+            ..small(scenario)
+        });
+        assert_ne!(a.counts, c.counts, "another seed, another run");
+    }
+}
+
+#[test]
+fn our_host_keeps_swiotlb_memory_huge_and_the_4k_host_does_not() {
+    let ours = go(small(Scenario::Swiotlb));
+    assert!(ours.counts.zap_splits > 0);
+    assert_eq!(ours.counts.merges, ours.counts.zap_splits);
+    assert!(ours.huge_ratio() >= 0.99, "{}", ours.summary());
+    let series = go(SimConfig {
+        host: HostPolicy::KvmHugepage,
+        ..small(Scenario::Swiotlb)
+    });
+    assert_eq!(series.counts.merges, 0);
+    assert!(series.huge_ratio() < ours.huge_ratio());
+    let mainline = go(SimConfig {
+        host: HostPolicy::Kvm4k,
+        ..small(Scenario::Swiotlb)
+    });
+    assert_eq!(mainline.huge_private_bytes, 0);
+}
+
+#[test]
+fn the_ve_split_path_demotes_for_a_4k_guest_and_never_for_ours() {
+    let ours = go(small(Scenario::VeSplit));
+    assert!(ours.counts.ve_injected > 0);
+    assert_eq!(ours.counts.fault_splits, 0);
+    let small_guest = go(SimConfig {
+        guest: GuestPolicy::FourK,
+        ..small(Scenario::VeSplit)
+    });
+    assert!(small_guest.counts.fault_splits > 0);
+    assert!(small_guest.passed(), "{}", small_guest.summary());
+}
+
+#[test]
+fn a_td_without_pending_ve_is_killed_on_its_first_early_touch() {
+    let r = go(SimConfig {
+        pending_ve: false,
+        ..small(Scenario::VeSplit)
+    });
+    assert!(!r.passed());
+    assert!(
+        r.errors.iter().any(|e| e.contains("PENDING_EPT_VIOLATION")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.invariant_violations, 0);
+}
+
+#[test]
+fn every_invariant_check_catches_its_breakage() {
+    for (sabotage, kind) in Sabotage::ALL {
+        let kind: hostvmm::sim::ViolationKind = kind;
+        let r = go(SimConfig {
+            sabotage: Some(sabotage),
+            guest: if sabotage == Sabotage::IgnoreSplit {
+                GuestPolicy::FourK
+            } else {
+                GuestPolicy::Ours
+            },
+            ..small(Scenario::BootLazy)
+        });
+        let found = r
+            .violations_by_kind
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0, |(_, n)| *n);
+        assert!(
+            found > 0,
+            "{sabotage:?} did not trip {kind:?}:\n{}",
+            r.summary()
+        );
+        assert!(!r.passed());
+    }
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    assert!(run(
+        &SimConfig {
+            memory: (64 << 20) + 4096,
+            ..small(Scenario::Mixed)
+        },
+        &|_, _| {}
+    )
+    .is_err());
+    assert!(run(
+        &SimConfig {
+            vcpus: 0,
+            ..small(Scenario::Mixed)
+        },
+        &|_, _| {}
+    )
+    .is_err());
+}
