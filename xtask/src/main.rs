@@ -2,13 +2,17 @@
 //!
 //! - `cargo xtask test`: the project's test command (what the README and CI run).
 //! - `cargo xtask ci`: everything CI checks: toolchain setup, fmt, clippy, docs, the bare-metal
-//!   builds of `accept`, then `test`.
+//!   builds of `accept`, then `test`, then `e2e`.
+//! - `cargo xtask e2e [--tdx]`: the bare-metal test image under QEMU against `tdhost` (or, with
+//!   `--tdx`, as a td-shim payload in a real TD); see `e2e.rs` and docs/e2e.md.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod e2e;
 
 #[derive(Parser)]
 #[command(about = "tdmem build and test tasks")]
@@ -23,6 +27,12 @@ enum Cmd {
     Test,
     /// Run every CI check: setup, fmt, clippy, docs, bare-metal builds, tests.
     Ci,
+    /// Boot the bare-metal test image under QEMU TCG against tdhost (or, with --tdx, in a TD).
+    E2e {
+        /// Run the image as a td-shim payload in a real TD (skips when the host has no TDX).
+        #[arg(long)]
+        tdx: bool,
+    },
 }
 
 /// The bare-metal target the guest engine must build for (firmware and kernels).
@@ -130,13 +140,15 @@ fn ci() -> Result<()> {
     c.env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc", c)?;
 
-    test()
+    test()?;
+    e2e::e2e(false)
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
+        Cmd::E2e { tdx } => e2e::e2e(tdx),
     }
 }
 

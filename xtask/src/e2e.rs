@@ -1,0 +1,446 @@
+//! `cargo xtask e2e`: the bare-metal test image under QEMU TCG against `tdhost`, and
+//! `cargo xtask e2e --tdx`: the same image as a td-shim payload in a real TD.
+//!
+//! The TCG run builds the image (`e2e/guest`, `x86_64-unknown-none`) and `tdhost`, installs
+//! QEMU (Debian `qemu-system-x86`) when `qemu-system-x86_64` is missing, runs the self-test
+//! in process (`tdhost --in-process`), then starts `tdhost` on a Unix socket and QEMU with the
+//! image (COM1 -> serial log, COM2 -> the socket). It fails unless QEMU exits with the image's
+//! pass code, `tdhost` reports success with its invariants holding, and the QEMU run's guest
+//! result line and host counts equal the in-process run's. Both processes are killed on timeout.
+//! Logs: `target/e2e/serial.log`, `target/e2e/host.log`, `target/e2e/in-process.log`.
+//!
+//! The TDX run needs a host whose `kvm_intel` has TDX enabled; elsewhere it says so and skips.
+//! docs/e2e.md has the manual procedure.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, run, FIRMWARE_TARGET};
+
+/// QEMU's exit status when the image writes its pass code to `isa-debug-exit` ((0x10 << 1) | 1).
+const QEMU_PASS: i32 = 33;
+/// Whole-run bound for QEMU and `tdhost` each.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Guest memory, as `td_shim_ext::selftest::MEMORY`.
+const GUEST_MEMORY: &str = "512M";
+/// Where `kvm_intel` says whether TDX is enabled.
+const TDX_PARAM: &str = "/sys/module/kvm_intel/parameters/tdx";
+/// td-shim's public repository.
+const TD_SHIM_REPO: &str = "https://github.com/confidential-containers/td-shim";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds the image; `tdx` selects the real TDCALL backend (a PIE for td-shim's loader).
+fn build_image(tdx: bool) -> Result<PathBuf> {
+    let dir = target_dir().join("e2e-guest");
+    let mut c = cargo();
+    c.current_dir(root().join("e2e/guest"))
+        .args(["build", "--release", "--target", FIRMWARE_TARGET])
+        .env("CARGO_TARGET_DIR", &dir)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    if tdx {
+        c.args(["--features", "tdx"])
+            .env("RUSTFLAGS", "-C relocation-model=pie");
+    } else {
+        // e2e/guest/.cargo/config.toml sets relocation-model=static; RUSTFLAGS would override it.
+        c.env_remove("RUSTFLAGS");
+    }
+    run("build the bare-metal image", c)?;
+    Ok(dir.join(FIRMWARE_TARGET).join("release/tdmem-e2e-guest"))
+}
+
+fn build_tdhost() -> Result<PathBuf> {
+    let mut c = cargo();
+    c.current_dir(root())
+        .args(["build", "-p", "hostvmm", "--bin", "tdhost"]);
+    run("build tdhost", c)?;
+    Ok(target_dir().join("debug/tdhost"))
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs Debian's `qemu-system-x86` when `qemu-system-x86_64` is missing.
+fn ensure_qemu() -> Result<()> {
+    if have("qemu-system-x86_64") {
+        return Ok(());
+    }
+    let sudo = if is_root() { None } else { Some("sudo") };
+    for args in [
+        &["apt-get", "update"][..],
+        &[
+            "apt-get",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "qemu-system-x86",
+        ][..],
+    ] {
+        let mut c = match sudo {
+            Some(s) => {
+                let mut c = Command::new(s);
+                c.args(args);
+                c
+            }
+            None => {
+                let mut c = Command::new(args[0]);
+                c.args(&args[1..]);
+                c
+            }
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        run(&args.join(" "), c)?;
+    }
+    if !have("qemu-system-x86_64") {
+        bail!("qemu-system-x86_64 is still missing after installing qemu-system-x86");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Waits for `child` until `deadline`; kills it (and reports a timeout) after.
+fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitStatus> {
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{what} timed out after {}s and was killed",
+                RUN_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The text after `prefix` on the first line that starts with it.
+fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+}
+
+/// What one run reported.
+struct Reports {
+    guest: String,
+    counts: String,
+}
+
+fn reports(guest_log: &str, host_log: &str, what: &str) -> Result<Reports> {
+    let guest = line_after(guest_log, "TDMEM-GUEST-RESULT ")
+        .with_context(|| format!("{what}: no TDMEM-GUEST-RESULT line"))?;
+    if !guest.contains("failed=0") || guest.starts_with("FAILED") {
+        bail!("{what}: the image's self-test failed: {guest}");
+    }
+    let result = line_after(host_log, "TDMEM-HOST-RESULT ")
+        .with_context(|| format!("{what}: no TDMEM-HOST-RESULT line"))?;
+    if !result.starts_with("ok") {
+        bail!("{what}: tdhost reports: {result}");
+    }
+    let counts = line_after(host_log, "TDMEM-HOST-COUNTS ")
+        .with_context(|| format!("{what}: no TDMEM-HOST-COUNTS line"))?;
+    Ok(Reports {
+        guest: guest.to_string(),
+        counts: counts.to_string(),
+    })
+}
+
+/// `cargo xtask e2e [--tdx]`.
+pub fn e2e(tdx: bool) -> Result<()> {
+    if tdx {
+        return e2e_tdx();
+    }
+    let start = Instant::now();
+    let mut c = Command::new("rustup");
+    c.args(["target", "add", FIRMWARE_TARGET]);
+    run("rustup target add", c)?;
+    let image = build_image(false)?;
+    let tdhost = build_tdhost()?;
+    ensure_qemu()?;
+    let logs = target_dir().join("e2e");
+    fs::create_dir_all(&logs).context("creating target/e2e")?;
+
+    // 1. The same self-test in process: the reference counts.
+    eprintln!("==> tdhost --in-process");
+    let out = Command::new(&tdhost)
+        .arg("--in-process")
+        .output()
+        .context("running tdhost --in-process")?;
+    let in_log = String::from_utf8_lossy(&out.stdout).into_owned();
+    fs::write(logs.join("in-process.log"), &in_log).context("writing in-process.log")?;
+    if !out.status.success() {
+        eprintln!("{in_log}");
+        bail!("tdhost --in-process failed ({})", out.status);
+    }
+    let reference = reports(&in_log, &in_log, "in-process run")?;
+
+    // 2. QEMU TCG + tdhost over a Unix socket (short path: sun_path holds 108 bytes).
+    let sock_dir = std::env::temp_dir().join(format!("tdmem-e2e-{}", std::process::id()));
+    fs::create_dir_all(&sock_dir).context("creating the socket directory")?;
+    let sock = sock_dir.join("host.sock");
+    let serial_log = logs.join("serial.log");
+    let host_log_path = logs.join("host.log");
+    let _ = fs::remove_file(&serial_log);
+    eprintln!("==> tdhost --socket {}", sock.display());
+    let host_out = fs::File::create(&host_log_path).context("creating host.log")?;
+    let mut host = Command::new(&tdhost)
+        .args(["--socket", &sock.to_string_lossy()])
+        .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
+        .stdout(host_out.try_clone().context("host.log")?)
+        .stderr(host_out)
+        .spawn()
+        .context("starting tdhost")?;
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let ready = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if Instant::now() > ready || host.try_wait().ok().flatten().is_some() {
+            let _ = host.kill();
+            bail!("tdhost did not open {}", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "==> qemu-system-x86_64 -accel tcg -kernel {}",
+        image.display()
+    );
+    let qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            GUEST_MEMORY,
+        ])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&image)
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=tdhost,path={}", sock.display()))
+        .args(["-serial", "chardev:tdhost"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .spawn();
+    let mut qemu = match qemu {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = host.kill();
+            return Err(e).context("starting qemu-system-x86_64");
+        }
+    };
+    let qemu_status = wait_until(&mut qemu, deadline, "QEMU");
+    if qemu_status.is_err() {
+        let _ = host.kill();
+    }
+    let host_status = wait_until(&mut host, deadline + Duration::from_secs(5), "tdhost");
+    let _ = fs::remove_dir_all(&sock_dir);
+    let serial = fs::read_to_string(&serial_log).unwrap_or_default();
+    let host_log = fs::read_to_string(&host_log_path).unwrap_or_default();
+    println!("---- QEMU serial log ({}) ----", serial_log.display());
+    print!("{serial}");
+    println!("---- tdhost report ({}) ----", host_log_path.display());
+    print!("{host_log}");
+    println!("----");
+    let qemu_status = qemu_status?;
+    let host_status = host_status?;
+    if qemu_status.code() != Some(QEMU_PASS) {
+        bail!("QEMU exited with {qemu_status}, not the image's pass code {QEMU_PASS}");
+    }
+    if !host_status.success() {
+        bail!("tdhost failed ({host_status})");
+    }
+    let got = reports(&serial, &host_log, "QEMU run")?;
+    if got.guest != reference.guest {
+        bail!(
+            "guest results differ:\n  QEMU:       {}\n  in-process: {}",
+            got.guest,
+            reference.guest
+        );
+    }
+    if got.counts != reference.counts {
+        bail!(
+            "host counts differ:\n  QEMU:       {}\n  in-process: {}",
+            got.counts,
+            reference.counts
+        );
+    }
+    if !serial.contains("entered through IDT gate 20") {
+        bail!("the serial log shows no #VE entered through the IDT");
+    }
+    println!("e2e: guest   {}", got.guest);
+    println!("e2e: host    {}", got.counts);
+    println!(
+        "e2e: pass (QEMU TCG run equals the in-process run; {:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Whether this host's KVM has TDX enabled, with the reason when not.
+fn tdx_available() -> std::result::Result<(), String> {
+    match fs::read_to_string(TDX_PARAM) {
+        Ok(v) if matches!(v.trim(), "Y" | "y" | "1") => Ok(()),
+        Ok(v) => Err(format!("{TDX_PARAM} is {:?}", v.trim())),
+        Err(e) => Err(format!("{TDX_PARAM}: {e}")),
+    }
+}
+
+/// `cargo xtask e2e --tdx`: the image as a td-shim payload in a real TD.
+fn e2e_tdx() -> Result<()> {
+    if let Err(why) = tdx_available() {
+        println!("e2e --tdx: TDX is unavailable on this host ({why}): skipped.");
+        println!("e2e --tdx: see docs/e2e.md, \"Running on a TDX host\", for the procedure.");
+        return Ok(());
+    }
+    let image = build_image(true)?;
+    let work = target_dir().join("e2e-tdx");
+    fs::create_dir_all(&work).context("creating target/e2e-tdx")?;
+    let shim = work.join("td-shim");
+    if !shim.join("Cargo.toml").exists() {
+        let mut c = Command::new("git");
+        c.args([
+            "clone",
+            "--depth",
+            "1",
+            "--recurse-submodules",
+            TD_SHIM_REPO,
+        ])
+        .arg(&shim);
+        run("clone td-shim", c)?;
+    }
+    // td-shim's own scripts: toolchain pieces (nasm, clang, llvm-ar) and its patched deps.
+    let mut c = Command::new("bash");
+    c.current_dir(&shim).arg("sh_script/preparation.sh");
+    run("td-shim preparation.sh", c)?;
+    let payload = work.join("tdmem-e2e-guest");
+    fs::copy(&image, &payload).context("copying the image")?;
+    let final_bin = work.join("final-tdmem.bin");
+    let mut c = cargo();
+    c.current_dir(&shim)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("CC_x86_64_unknown_none", "clang")
+        .env("AR_x86_64_unknown_none", "llvm-ar")
+        .env("AS", "nasm")
+        .args(["image", "--release", "-t", "executable", "-p"])
+        .arg(&payload)
+        .arg("-o")
+        .arg(&final_bin);
+    run("td-shim cargo image (payload: the test image)", c)?;
+    let serial_log = work.join("serial.log");
+    let _ = fs::remove_file(&serial_log);
+    let mut qemu = Command::new(std::env::var("QEMU").unwrap_or("qemu-system-x86_64".into()))
+        .args(tdx_qemu_args(&final_bin, &serial_log))
+        .spawn()
+        .context("starting QEMU with TDX")?;
+    // The image prints its result, then writes the debug-exit port (a TDVMCALL<IO> in a TD)
+    // and halts; stop QEMU once the result line is there, whichever comes first.
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let serial = loop {
+        let serial = fs::read_to_string(&serial_log).unwrap_or_default();
+        let exited = qemu.try_wait().context("waiting for QEMU")?.is_some();
+        if exited || line_after(&serial, "TDMEM-GUEST-RESULT ").is_some() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            break serial;
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            bail!("the TD did not report within {}s", RUN_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    print!("{serial}");
+    let result = line_after(&serial, "TDMEM-GUEST-RESULT ").context("no TDMEM-GUEST-RESULT")?;
+    if !result.contains("failed=0") || result.starts_with("FAILED") {
+        bail!("TDX run failed: {result}");
+    }
+    println!("e2e --tdx: pass: {result}");
+    Ok(())
+}
+
+/// QEMU's command line for the TD (docs/e2e.md shows the same).
+fn tdx_qemu_args(final_bin: &Path, serial_log: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "kvm",
+        "-m",
+        "2G",
+        "-smp",
+        "1",
+        "-cpu",
+        "host,pmu=off,-kvm-steal-time",
+        "-object",
+        "memory-backend-ram,id=ram1,size=2G,private=on",
+        "-object",
+        "tdx-guest,id=tdx0,sept-ve-disable=off",
+        "-machine",
+        "q35,confidential-guest-support=tdx0,kernel-irqchip=split,memory-backend=ram1",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-no-hpet",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("-bios".into());
+    a.push(final_bin.display().to_string());
+    a.push("-serial".into());
+    a.push(format!("file:{}", serial_log.display()));
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_after;
+
+    #[test]
+    fn finds_report_lines() {
+        let log = "boot\r\nTDMEM-GUEST-RESULT passed=7 failed=0\r\nmore\n";
+        assert_eq!(
+            line_after(log, "TDMEM-GUEST-RESULT "),
+            Some("passed=7 failed=0")
+        );
+        assert_eq!(line_after(log, "TDMEM-HOST-RESULT "), None);
+    }
+}
