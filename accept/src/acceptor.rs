@@ -43,16 +43,70 @@ pub struct AcceptPolicy {
     pub tolerate_already_accepted: bool,
     /// Consecutive `OPERAND_BUSY` answers tolerated per ACCEPT call.
     pub busy_retries: u32,
+    /// Remember that the module refused 1G (`OPERAND_INVALID|RCX`) and stop trying it.
+    pub learn_level_cap: bool,
+    /// Treat *any* failure above 4K as "try the next level down" for that chunk, as Linux's
+    /// `try_accept_one` does, instead of only `PAGE_SIZE_MISMATCH` and a refused 1G.
+    pub fall_back_on_any_error: bool,
 }
 
 impl Default for AcceptPolicy {
     fn default() -> Self {
-        AcceptPolicy {
-            max_level: PageLevel::Size1G,
-            tolerate_already_accepted: false,
-            busy_retries: DEFAULT_BUSY_RETRIES,
-        }
+        AcceptPolicy::OURS
     }
+}
+
+impl AcceptPolicy {
+    /// This engine: 1G -> 2M -> 4K, learns the module's cap, BUSY retried, strict about
+    /// `PAGE_ALREADY_ACCEPTED`.
+    pub const OURS: AcceptPolicy = AcceptPolicy {
+        max_level: PageLevel::Size1G,
+        tolerate_already_accepted: false,
+        busy_retries: DEFAULT_BUSY_RETRIES,
+        learn_level_cap: true,
+        fall_back_on_any_error: false,
+    };
+
+    /// Behaves like Linux (`arch/x86/coco/tdx/tdx.c` `try_accept_one`): 1G -> 2M -> 4K for
+    /// every chunk, any error at a level means "try smaller", nothing learned, no BUSY retry, an
+    /// error at 4K (including `PAGE_ALREADY_ACCEPTED`) is fatal. A baseline for comparison,
+    /// written from that behaviour.
+    pub const LINUX: AcceptPolicy = AcceptPolicy {
+        max_level: PageLevel::Size1G,
+        tolerate_already_accepted: false,
+        busy_retries: 0,
+        learn_level_cap: false,
+        fall_back_on_any_error: true,
+    };
+
+    /// Behaves like td-shim (`td_accept_pages`): 2M runs else 4K, never 1G,
+    /// `PAGE_ALREADY_ACCEPTED` counts as success, BUSY retried 5 times. A baseline.
+    pub const TD_SHIM: AcceptPolicy = AcceptPolicy {
+        max_level: PageLevel::Size2M,
+        tolerate_already_accepted: true,
+        busy_retries: 5,
+        learn_level_cap: false,
+        fall_back_on_any_error: false,
+    };
+
+    /// Behaves like asterinas mainline: 4K accepts only. A baseline.
+    pub const ASTERINAS: AcceptPolicy = AcceptPolicy {
+        max_level: PageLevel::Size4K,
+        tolerate_already_accepted: false,
+        busy_retries: DEFAULT_BUSY_RETRIES,
+        learn_level_cap: false,
+        fall_back_on_any_error: false,
+    };
+
+    /// Behaves like OVMF (`TdAcceptPages`): 2M for the aligned body, 4K for the head and tail,
+    /// `PAGE_SIZE_MISMATCH` -> 512 accepts one level down. A baseline.
+    pub const OVMF: AcceptPolicy = AcceptPolicy {
+        max_level: PageLevel::Size2M,
+        tolerate_already_accepted: false,
+        busy_retries: DEFAULT_BUSY_RETRIES,
+        learn_level_cap: false,
+        fall_back_on_any_error: false,
+    };
 }
 
 /// Why an acceptance stopped. Every variant carries the GPA and level of the failing call.
@@ -375,6 +429,20 @@ impl Acceptor {
             tries += 1;
             bump(&stats.calls);
             let status = tdcall.accept(gpa, level);
+            if self.policy.fall_back_on_any_error
+                && level > PageLevel::Size4K
+                && !status.is_success()
+            {
+                let counter = match status.code() {
+                    StatusCode::PageSizeMismatch => &stats.size_mismatch,
+                    StatusCode::OperandBusy => &stats.busy,
+                    StatusCode::PageAlreadyAccepted => &stats.already_accepted,
+                    StatusCode::OperandInvalid => &stats.invalid,
+                    _ => &stats.other,
+                };
+                bump(counter);
+                return Ok(UnitOutcome::Split);
+            }
             match status.code() {
                 StatusCode::Success => {
                     bump(&stats.accepted);
@@ -408,8 +476,10 @@ impl Acceptor {
                 {
                     // The module does not accept 1G pages: learn it for every later chunk.
                     bump(&stats.invalid);
-                    self.cap
-                        .fetch_min(PageLevel::Size2M.index(), Ordering::Relaxed);
+                    if self.policy.learn_level_cap {
+                        self.cap
+                            .fetch_min(PageLevel::Size2M.index(), Ordering::Relaxed);
+                    }
                     return Ok(UnitOutcome::Split);
                 }
                 code => {
@@ -705,6 +775,58 @@ pub(crate) mod tests {
         let err = a.accept_range(&mut t, range(0, G)).unwrap_err();
         assert_eq!(err.gpa(), Some(Gpa::new_truncate(bad)));
         assert_eq!(a.stats().bytes_accepted, bad);
+    }
+
+    #[test]
+    fn linux_baseline_falls_back_on_any_error_and_never_learns() {
+        let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::LINUX);
+        // A 2M-capped module, and BUSY once on the first 2M call.
+        let mut busy_once = true;
+        let mut t = Script::new(|gpa, level| match level {
+            PageLevel::Size1G => StatusCode::OperandInvalid.with_operand(operand::RCX),
+            PageLevel::Size2M if gpa.as_u64() == 0 && busy_once => {
+                busy_once = false;
+                StatusCode::OperandBusy.with_operand(operand::RCX)
+            }
+            _ => TdxStatus::SUCCESS,
+        });
+        a.accept_range(&mut t, range(0, 2 * G)).unwrap();
+        let s = a.stats();
+        // One refused 1G call per GiB: nothing learned.
+        assert_eq!(s.level(PageLevel::Size1G).calls, 2);
+        // BUSY at 2M is not retried: that chunk went 4K.
+        assert_eq!(s.level(PageLevel::Size2M).busy, 1);
+        assert_eq!(s.level(PageLevel::Size4K).accepted, 512);
+        assert_eq!(s.bytes_accepted, 2 * G);
+        // ALREADY_ACCEPTED is fatal once it reaches 4K.
+        let mut t = Script::new(|_, _| StatusCode::PageAlreadyAccepted.status());
+        let err = a.accept_range(&mut t, range(0, M2)).unwrap_err();
+        assert!(matches!(
+            err,
+            AcceptError::AlreadyAccepted {
+                level: PageLevel::Size4K,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn baseline_presets_keep_their_levels() {
+        for (policy, top) in [
+            (AcceptPolicy::TD_SHIM, PageLevel::Size2M),
+            (AcceptPolicy::OVMF, PageLevel::Size2M),
+            (AcceptPolicy::ASTERINAS, PageLevel::Size4K),
+        ] {
+            let a = Acceptor::new(Gpaw::Bits48, policy);
+            let mut t = Script::new(|_, _| TdxStatus::SUCCESS);
+            a.accept_range(&mut t, range(G - K4, 2 * G + K4)).unwrap();
+            assert!(t.calls.iter().all(|&(_, l)| l <= top), "{policy:?}");
+            assert!(t.calls.iter().any(|&(_, l)| l == top), "{policy:?}");
+        }
+        // td-shim tolerates ALREADY_ACCEPTED.
+        let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::TD_SHIM);
+        let mut t = Script::new(|_, _| StatusCode::PageAlreadyAccepted.status());
+        a.accept_range(&mut t, range(0, M2)).unwrap();
     }
 
     proptest::proptest! {

@@ -38,7 +38,7 @@ fn every_scenario_passes_under_baseline_hosts_and_a_4k_guest() {
             assert!(r.passed(), "{name} on {host:?}:\n{}", r.summary());
         }
         let r = go(SimConfig {
-            guest: GuestPolicy::FourK,
+            guest: GuestPolicy::Asterinas,
             memory: 128 << 20,
             ..small(scenario)
         });
@@ -87,7 +87,7 @@ fn the_ve_split_path_demotes_for_a_4k_guest_and_never_for_ours() {
     assert!(ours.counts.ve_injected > 0);
     assert_eq!(ours.counts.fault_splits, 0);
     let small_guest = go(SimConfig {
-        guest: GuestPolicy::FourK,
+        guest: GuestPolicy::Asterinas,
         ..small(Scenario::VeSplit)
     });
     assert!(small_guest.counts.fault_splits > 0);
@@ -116,7 +116,7 @@ fn every_invariant_check_catches_its_breakage() {
         let r = go(SimConfig {
             sabotage: Some(sabotage),
             guest: if sabotage == Sabotage::IgnoreSplit {
-                GuestPolicy::FourK
+                GuestPolicy::Asterinas
             } else {
                 GuestPolicy::Ours
             },

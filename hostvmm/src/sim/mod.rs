@@ -47,20 +47,30 @@ use scenario::Scenario;
 use sched::Scheduler;
 use vcpu::SimVcpu;
 
-/// Guest acceptance policies.
+/// Guest acceptance policies: this engine, and baselines that behave like other guests
+/// (presets of [`AcceptPolicy`], written from their described behaviour).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GuestPolicy {
     /// This project's engine: 1G -> 2M -> 4K, learns the module's cap, strict.
     Ours,
-    /// 4K accepts only (asterinas mainline's behaviour).
-    FourK,
+    /// Like Linux: 1G -> 2M -> 4K per chunk, any error -> smaller, nothing learned.
+    Linux,
+    /// Like td-shim: 2M else 4K, already-accepted counts as success.
+    TdShim,
+    /// Like asterinas mainline: 4K accepts only.
+    Asterinas,
+    /// Like OVMF: 2M body, 4K head and tail.
+    Ovmf,
 }
 
 impl GuestPolicy {
     /// Every policy, with its command-line name.
-    pub const ALL: [(GuestPolicy, &'static str); 2] = [
+    pub const ALL: [(GuestPolicy, &'static str); 5] = [
         (GuestPolicy::Ours, "ours"),
-        (GuestPolicy::FourK, "asterinas"),
+        (GuestPolicy::Linux, "linux"),
+        (GuestPolicy::TdShim, "td-shim"),
+        (GuestPolicy::Asterinas, "asterinas"),
+        (GuestPolicy::Ovmf, "ovmf"),
     ];
 
     /// The command-line name.
@@ -82,11 +92,11 @@ impl GuestPolicy {
     /// The acceptor policy.
     pub fn accept_policy(self) -> AcceptPolicy {
         match self {
-            GuestPolicy::Ours => AcceptPolicy::default(),
-            GuestPolicy::FourK => AcceptPolicy {
-                max_level: PageLevel::Size4K,
-                ..AcceptPolicy::default()
-            },
+            GuestPolicy::Ours => AcceptPolicy::OURS,
+            GuestPolicy::Linux => AcceptPolicy::LINUX,
+            GuestPolicy::TdShim => AcceptPolicy::TD_SHIM,
+            GuestPolicy::Asterinas => AcceptPolicy::ASTERINAS,
+            GuestPolicy::Ovmf => AcceptPolicy::OVMF,
         }
     }
 }
