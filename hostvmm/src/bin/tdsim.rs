@@ -61,6 +61,13 @@ struct RunArgs {
     /// Scale the scenario's traffic.
     #[arg(long, default_value_t = 1)]
     traffic: u32,
+    /// A scheduling point hands the baton to another vCPU with probability 1/N (smaller N
+    /// explores more interleavings, larger N runs faster).
+    #[arg(long, default_value_t = 4)]
+    switch_every: u64,
+    /// Per-mille chance of a pending interrupt at each TDCALL.
+    #[arg(long, default_value_t = 20)]
+    irq_per_mille: u32,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -81,6 +88,8 @@ impl Default for RunArgs {
             max_accept_level: "2m".into(),
             no_pending_ve: false,
             traffic: 1,
+            switch_every: 4,
+            irq_per_mille: 20,
             json: None,
             svg: None,
         }
@@ -123,6 +132,8 @@ fn config(a: &RunArgs) -> Result<SimConfig, String> {
         pending_ve: !a.no_pending_ve,
         max_accept_level,
         traffic: a.traffic,
+        switch_every: a.switch_every,
+        irq_per_mille: a.irq_per_mille,
         ..SimConfig::new(scenario)
     })
 }
