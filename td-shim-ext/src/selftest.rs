@@ -646,3 +646,162 @@ const fn range(start: u64, end: u64) -> GpaRange {
         Err(_) => panic!("bad constant range"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accept::abi::decode_page_info;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::rc::Rc;
+    use std::vec::Vec;
+
+    /// A scripted module: every first ACCEPT of a page exits once (the host maps it) and is
+    /// re-executed; an unaccepted page raises #VE on touch; ACCEPT zeroes; MapGPA succeeds.
+    #[derive(Default)]
+    struct Fake {
+        mapped: BTreeSet<u64>,
+        accepted: BTreeSet<u64>,
+        tokens: BTreeMap<u64, u64>,
+        ve_gpa: Option<u64>,
+        reexecs: u64,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeChan(Rc<RefCell<Fake>>);
+
+    impl Channel for FakeChan {
+        fn call(&mut self, req: Request) -> Answer {
+            let mut f = self.0.borrow_mut();
+            let ok = |rcx| {
+                Answer::Regs(Regs {
+                    rcx,
+                    ..Regs::default()
+                })
+            };
+            match req {
+                Request::VpInfo => ok(48),
+                Request::Accept { page_info } => {
+                    let Ok((gpa, level)) = decode_page_info(page_info, PageLevel::Size1G) else {
+                        return Answer::Fatal(1);
+                    };
+                    if level == PageLevel::Size1G {
+                        return Answer::Regs(Regs {
+                            rax: 0xC000_0100_0000_0001,
+                            ..Regs::default()
+                        });
+                    }
+                    let g = gpa.as_u64();
+                    if f.mapped.insert(g) {
+                        f.reexecs += 1;
+                        return Answer::Reexecute;
+                    }
+                    for p in (g..g + level.size()).step_by(4096) {
+                        f.accepted.insert(p);
+                        f.tokens.remove(&p);
+                    }
+                    ok(0)
+                }
+                Request::MapGpa { start, len } => {
+                    let s = start & !(1 << 47);
+                    for p in (s..s + len).step_by(4096) {
+                        f.accepted.remove(&p);
+                        f.mapped.remove(&(p & !0x1F_FFFF));
+                    }
+                    ok(0)
+                }
+                Request::VeInfo => match f.ve_gpa.take() {
+                    Some(gpa) => Answer::Regs(Regs {
+                        rcx: 48,
+                        r9: gpa,
+                        ..Regs::default()
+                    }),
+                    None => Answer::Regs(Regs {
+                        rax: 0xC000_0704_0000_0000,
+                        ..Regs::default()
+                    }),
+                },
+                Request::Touch { gpa, write } => {
+                    let page = gpa & !0xFFF;
+                    if !f.accepted.contains(&page) {
+                        f.ve_gpa = Some(gpa);
+                        return Answer::InjectVe;
+                    }
+                    if let Some(v) = write {
+                        f.tokens.insert(page, v);
+                    }
+                    ok(f.tokens.get(&page).copied().unwrap_or(0))
+                }
+                Request::Hello { .. } | Request::Done { .. } => Answer::Ack,
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Plat {
+        table: Vec<u8>,
+        ves: u64,
+    }
+
+    impl Platform for Plat {
+        fn access(&mut self, _gpa: u64, _write: Option<u64>) {}
+        fn raise_ve(&mut self, handler: &mut dyn VeHandler) {
+            self.ves += 1;
+            assert!(matches!(handler.handle(), VeVerdict::Handled { .. }));
+        }
+        fn memory(&mut self, _gpa: u64, len: usize) -> Option<&mut [u8]> {
+            self.table.resize(len, 0);
+            Some(&mut self.table)
+        }
+        fn log(&mut self, _args: fmt::Arguments<'_>) {}
+    }
+
+    #[test]
+    fn suite_passes_against_a_scripted_module() {
+        let chan = FakeChan::default();
+        let mut m = WireMachine {
+            chan: chan.clone(),
+            platform: Plat::default(),
+        };
+        // The image's own memory is accepted before the run.
+        for p in (0..IMAGE_END).step_by(4096) {
+            chan.0.borrow_mut().accepted.insert(p);
+        }
+        let sum = run(&mut m, &Scenario::QEMU_E2E);
+        assert_eq!((sum.passed, sum.failed), (7, 0), "{sum}");
+        assert_eq!(sum.ves, 1);
+        assert_eq!(m.platform.ves, 1);
+        // 28 eager + 1 lazy + 1 #VE + 2 after the conversion, all 2M.
+        assert_eq!(sum.accepted, [0, 32, 0]);
+        assert_eq!(sum.map_gpa, (2, 0));
+        // Every first ACCEPT of a 2M page was re-executed once.
+        assert_eq!(chan.0.borrow().reexecs, 32);
+        let (counts, n) = sum.counts();
+        assert_eq!(Summary::from_counts(&counts[..n]), sum);
+    }
+
+    #[test]
+    fn transport_failure_is_a_status_not_a_hang() {
+        #[derive(Clone)]
+        struct Dead;
+        impl Channel for Dead {
+            fn call(&mut self, _req: Request) -> Answer {
+                Answer::Fatal(7)
+            }
+        }
+        #[derive(Clone)]
+        struct Loop;
+        impl Channel for Loop {
+            fn call(&mut self, _req: Request) -> Answer {
+                Answer::Reexecute
+            }
+        }
+        let gpa = Gpa::new_truncate(0x20_0000);
+        let s = WireTdcall::new(Dead).accept(gpa, PageLevel::Size2M);
+        assert_eq!(s.raw(), TRANSPORT_FAILED | 7);
+        assert!(s.is_error());
+        let s = WireTdcall::new(Loop).accept(gpa, PageLevel::Size2M);
+        assert_eq!(s.raw(), TRANSPORT_FAILED);
+        assert!(WireTdcall::new(Dead).vp_info().is_err());
+    }
+}
