@@ -6,8 +6,9 @@
 //! scenarios differ in what the kernel does next. Every choice is drawn from the vCPU's seeded
 //! generator, so a run is reproducible.
 //!
-//! Guest data ownership: vCPU `i` writes only to the 2 MiB blocks `b` with `b % vcpus == i`,
-//! so the expected content of every page is well defined under any interleaving.
+//! Guest data ownership: vCPU `i` writes to and converts only the 8 MiB regions `r` with
+//! `r % vcpus == i`, so the expected content of every page is well defined under any
+//! interleaving (lazy acceptance itself is shared: the tracker serialises it).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -23,6 +24,9 @@ use crate::module::Access;
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
+/// 2M blocks per ownership region (8 MiB): conversions up to a region span several MapGPA
+/// chunks.
+const REGION_BLOCKS: u64 = 4;
 
 /// A scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -186,7 +190,8 @@ impl Traffic {
 fn pool_bytes(td: &SimTd<'_>) -> u64 {
     let c = td.config();
     let lazy = c.memory - td.guest().eager_end;
-    ((lazy / 16) / M2 * M2).clamp(M2 * u64::from(c.vcpus), 64 << 20)
+    let floor = M2 * REGION_BLOCKS * u64::from(c.vcpus);
+    ((lazy / 16) / (M2 * REGION_BLOCKS) * (M2 * REGION_BLOCKS)).clamp(floor, floor.max(64 << 20))
 }
 
 impl<'p, 'g> Plan<'p, 'g> {
@@ -335,19 +340,35 @@ impl<'p, 'g> Plan<'p, 'g> {
         Ok(())
     }
 
-    /// Lazily accepted 2M blocks owned by `v`: `[first, count)` in block numbers.
-    fn own_block(&self, v: &mut SimVcpu<'_>, lo: u64, hi: u64) -> Option<u64> {
+    /// A random region (of [`REGION_BLOCKS`] 2M blocks) owned by `v` and lying inside
+    /// `[lo, hi)`: its first block number.
+    fn own_region(&self, v: &mut SimVcpu<'_>, lo: u64, hi: u64) -> Option<u64> {
         let n = u64::from(self.td.config().vcpus);
         let id = v.id() as u64;
-        let first = lo.div_ceil(M2);
-        let last = hi / M2;
-        // Blocks b in [first, last) with b % n == id.
+        let first = lo.div_ceil(M2 * REGION_BLOCKS);
+        let last = hi / (M2 * REGION_BLOCKS);
+        // Regions r in [first, last) with r % n == id.
         let start = first + (id + n - first % n) % n;
         if start >= last {
             return None;
         }
         let count = (last - start).div_ceil(n);
-        Some(start + v.rng().below(count) * n)
+        Some((start + v.rng().below(count) * n) * REGION_BLOCKS)
+    }
+
+    /// A random 2M block owned by `v` inside `[lo, hi)`.
+    fn own_block(&self, v: &mut SimVcpu<'_>, lo: u64, hi: u64) -> Option<u64> {
+        let n = u64::from(self.td.config().vcpus);
+        let id = v.id() as u64;
+        let (first, last) = (lo.div_ceil(M2), hi / M2);
+        // Blocks owned by `id` in [first, last), drawn uniformly.
+        let owned = |b: u64| (b / REGION_BLOCKS) % n == id;
+        let count = (first..last).filter(|&b| owned(b)).count() as u64;
+        if count == 0 {
+            return None;
+        }
+        let pick = v.rng().below(count);
+        (first..last).filter(|&b| owned(b)).nth(pick as usize)
     }
 
     fn token(v: &mut SimVcpu<'_>) -> u64 {
@@ -524,21 +545,24 @@ impl<'p, 'g> Plan<'p, 'g> {
         let lo = g.eager_end + pool_bytes(td);
         let mut pt = PageTables::default();
         for i in 0..count {
-            let Some(b) = self.own_block(v, lo, memory) else {
+            let Some(first_block) = self.own_region(v, lo, memory) else {
                 break;
             };
-            let base = b * M2;
+            let base = first_block * M2;
+            let region = M2 * REGION_BLOCKS;
             let mut hooks = v.hooks();
             g.tracker
-                .accept_range(v.id(), v, &mut hooks, base, base + M2)
+                .accept_range(v.id(), v, &mut hooks, base, base + region)
                 .map_err(|e| format!("storm accept: {e}"))?;
-            let pages = match v.rng().below(4) {
+            let region_pages = region / K4;
+            let pages = match v.rng().below(5) {
                 0 => 1,
                 1 => 1 + v.rng().below(16),
                 2 => 1 + v.rng().below(511),
-                _ => 512,
+                3 => 512,
+                _ => 1 + v.rng().below(region_pages),
             };
-            let first = v.rng().below(512 - pages + 1);
+            let first = v.rng().below(region_pages - pages + 1);
             let range =
                 GpaRange::from_len(base + first * K4, pages * K4).map_err(|e| e.to_string())?;
             g.converter
@@ -550,7 +574,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 .map_err(|e| format!("storm to private: {e}"))?;
             let t = Self::token(v);
             v.touch(range.start().as_u64(), Access::Write(t))?;
-            td.check_range(GpaRange::from_len(base, M2).map_err(|e| e.to_string())?);
+            td.check_range(GpaRange::from_len(base, region).map_err(|e| e.to_string())?);
             if v.id() == 0 && i % 16 == 15 {
                 td.host().merge_pass();
             }
