@@ -398,15 +398,24 @@ pub fn touch<C: Channel, P: Platform + ?Sized>(
     write: Option<u64>,
     ve: &mut dyn VeHandler,
 ) -> Result<u64, TouchError> {
+    let mut ves = 0u32;
     for _ in 0..MAX_REEXEC {
         match chan.call(Request::Touch { gpa, write }) {
             Answer::Regs(r) if r.rax == 0 => {
                 platform.access(gpa, write);
+                if ves != 0 {
+                    platform.log(format_args!(
+                        "touch: access to {gpa:#x} retried after {ves} #VE: completed"
+                    ));
+                }
                 return Ok(r.rcx);
             }
             Answer::Regs(r) => return Err(TouchError::Fatal(r.rax)),
             Answer::Reexecute => {}
-            Answer::InjectVe => platform.raise_ve(ve),
+            Answer::InjectVe => {
+                ves += 1;
+                platform.raise_ve(ve);
+            }
             Answer::InjectDf => return Err(TouchError::DoubleFault),
             Answer::Fatal(code) => return Err(TouchError::Fatal(code)),
             Answer::Ack => return Err(TouchError::Fatal(0)),
