@@ -195,7 +195,8 @@ extern "C" {
 /// Vector of #DF, which runs on IST1.
 const DF_VECTOR: usize = 8;
 
-/// Loads the TSS (IST1 = the #DF stack) and an IDT whose vectors 0-31 go to the stubs.
+/// Loads the image's GDT (code 0x08, data 0x10, TSS 0x18; td-shim's GDT has no TSS slot for
+/// us), the TSS (IST1 = the #DF stack) and an IDT whose vectors 0-31 go to the stubs.
 pub fn install_idt() {
     // SAFETY: single-threaded setup. `gdt64` is the live GDT (boot.rs), writable, and slot 3-4
     // is reserved for this TSS descriptor; `TSS` and `IDT` are statics that live forever;
@@ -213,6 +214,29 @@ pub fn install_idt() {
         let gdt = core::ptr::addr_of_mut!(gdt64);
         (*gdt)[3] = low;
         (*gdt)[4] = base >> 32;
+        let gdt_base = gdt as u64;
+        let gdtr: [u16; 5] = [
+            (5 * 8 - 1) as u16,
+            gdt_base as u16,
+            (gdt_base >> 16) as u16,
+            (gdt_base >> 32) as u16,
+            (gdt_base >> 48) as u16,
+        ];
+        // Load it and reload CS (far return) and the data segments.
+        asm!(
+            "lgdt [{gdtr}]",
+            "push 0x08",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov {tmp:e}, 0x10",
+            "mov ds, {tmp:e}",
+            "mov es, {tmp:e}",
+            "mov ss, {tmp:e}",
+            gdtr = in(reg) gdtr.as_ptr(),
+            tmp = out(reg) _,
+        );
         asm!("ltr {0:x}", in(reg) 0x18u16, options(nostack));
 
         let idt = IDT.get();

@@ -17,6 +17,7 @@
 //! its 5-word frame; error code + vector + 15 registers make the total 22 words, so RSP is
 //! 16-byte aligned at the call, as the SysV ABI requires.
 
+#[cfg(not(feature = "tdx"))]
 core::arch::global_asm!(
     r#"
     .section .note.Xen, "a", @note
@@ -89,6 +90,21 @@ start64:
     hlt
     jmp 2b
 
+
+    .section .data
+gdt_ptr:
+    .word gdt64_end - gdt64 - 1
+    .long gdt64
+    .long 0
+"#,
+    options(att_syntax)
+);
+
+// The payload entry, the GDT, stacks and exception stubs (both builds; position independent
+// apart from the stub table, which a PIE build gets as relative relocations).
+core::arch::global_asm!(
+    r#"
+    .section .text
     .global _payload_start
 _payload_start:
     cli
@@ -108,11 +124,8 @@ gdt64:
     .quad 0x00cf92000000ffff
     .quad 0
     .quad 0
+    .global gdt64_end
 gdt64_end:
-gdt_ptr:
-    .word gdt64_end - gdt64 - 1
-    .long gdt64
-    .long 0
 
     .section .bss
     .p2align 12
@@ -134,7 +147,7 @@ df_stack_top:
 
     .section .text
 .macro STUB vec, err
-    .global isr\vec
+
 isr\vec:
     .if \err == 0
     push $0
@@ -212,7 +225,7 @@ isr_common:
     add $16, %rsp
     iretq
 
-    .section .rodata
+    .section .data
     .p2align 3
     .global isr_table
 isr_table:
