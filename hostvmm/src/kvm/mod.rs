@@ -866,6 +866,77 @@ impl PrivateMmu {
         report
     }
 
+    /// The leaves that overlap `range` (including huge leaves straddling its edges), in
+    /// address order.
+    fn leaves_overlapping(&self, range: GpaRange) -> Vec<(Gpa, PageLevel)> {
+        let mut leaves = Vec::new();
+        let (start, end) = (range.start().as_u64(), range.end().as_u64());
+        let mut cur = start;
+        while cur < end {
+            let e = self.module.leaf(Gpa::new_truncate(cur));
+            let step = 1u64 << (12 + 9 * u32::from(e.level));
+            let base = cur & !(step - 1);
+            if e.state.is_leaf() {
+                if let Some(level) = PageLevel::from_index(u64::from(e.level)) {
+                    leaves.push((Gpa::new_truncate(base), level));
+                }
+            }
+            cur = base.saturating_add(step);
+        }
+        leaves
+    }
+
+    /// Block-first mode of a zap (seed 002): BLOCKs every leaf overlapping `range` before the
+    /// point of no return, so that the guest stops using it while nothing is destroyed yet.
+    /// [`PrivateMmu::unblock_leaves`] undoes it on abort; [`PrivateMmu::zap`] completes it.
+    ///
+    /// # Errors
+    /// The failing BLOCK's status; the leaves blocked before it are unblocked again.
+    pub fn block_range(&self, range: GpaRange) -> Result<Vec<(Gpa, PageLevel)>, FaultError> {
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let mut blocked = Vec::new();
+        for (gpa, level) in self.leaves_overlapping(range) {
+            let r = self.block(gpa, level);
+            if r.status.is_error() {
+                self.unblock_locked(&blocked);
+                return Err(FaultError::Seamcall {
+                    call: "TDH.MEM.RANGE.BLOCK",
+                    status: r.status,
+                });
+            }
+            if r.status.is_success() {
+                blocked.push((gpa, level));
+            }
+        }
+        Ok(blocked)
+    }
+
+    /// Undoes [`PrivateMmu::block_range`]: TRACK, then UNBLOCK each leaf.
+    pub fn unblock_leaves(&self, leaves: &[(Gpa, PageLevel)]) {
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.unblock_locked(leaves);
+    }
+
+    fn unblock_locked(&self, leaves: &[(Gpa, PageLevel)]) {
+        if leaves.is_empty() {
+            return;
+        }
+        if self.track().is_err() {
+            log::warn!("TRACK failed; {} leaves stay blocked", leaves.len());
+            return;
+        }
+        for &(gpa, level) in leaves {
+            self.unblock(gpa, level);
+        }
+    }
+
     // ---- merge -----------------------------------------------------------------------------
 
     /// Tries to PROMOTE the 2M range at `base` back to one leaf.

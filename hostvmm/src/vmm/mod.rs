@@ -47,6 +47,9 @@ pub struct MapGpaConfig {
     pub chunk: u64,
     /// Chunks per MapGPA call before the host answers RETRY anyway (a time slice); `0` never.
     pub chunks_per_slice: u32,
+    /// Convert in block-first mode: BLOCK the private mappings before the point of no return
+    /// and UNBLOCK them if the conversion aborts (seed 002).
+    pub block_first: bool,
 }
 
 impl Default for MapGpaConfig {
@@ -54,6 +57,7 @@ impl Default for MapGpaConfig {
         MapGpaConfig {
             chunk: PageLevel::Size2M.size(),
             chunks_per_slice: 64,
+            block_first: false,
         }
     }
 }
@@ -152,13 +156,24 @@ fn backing_error(e: GmemError) -> BackingError {
 /// The guest_memfd's invalidations, applied to the private MMU.
 struct MmuHook<'a> {
     mmu: &'a PrivateMmu,
+    /// Leaves blocked by a block-first `prepare`, per prepared range.
+    blocked: Vec<(GpaRange, Vec<(Gpa, PageLevel)>)>,
+}
+
+impl<'a> MmuHook<'a> {
+    fn new(mmu: &'a PrivateMmu) -> MmuHook<'a> {
+        MmuHook {
+            mmu,
+            blocked: Vec::new(),
+        }
+    }
 }
 
 /// S-EPT pages a zap may need for the DEMOTEs at its two edges (1G and 2M at each).
 const ZAP_SEPT_PAGES: usize = 4;
 
 impl InvalidateHook for MmuHook<'_> {
-    fn prepare(&mut self, _range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
+    fn prepare(&mut self, range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
         if ctx.reason == InvalidateReason::ToPrivate {
             return Ok(());
         }
@@ -176,20 +191,34 @@ impl InvalidateHook for MmuHook<'_> {
         for p in got {
             pool.free(p);
         }
-        if enough {
-            Ok(())
-        } else {
-            Err(HookError::NoMemory)
+        if !enough {
+            return Err(HookError::NoMemory);
         }
+        if ctx.block_first {
+            let leaves = self.mmu.block_range(range).map_err(|e| match e {
+                FaultError::Seamcall { status, .. } => HookError::Seamcall(status),
+                _ => HookError::Busy,
+            })?;
+            self.blocked.push((range, leaves));
+        }
+        Ok(())
     }
 
-    fn abort(&mut self, _range: GpaRange, _ctx: InvalidateCtx) {}
+    fn abort(&mut self, range: GpaRange, _ctx: InvalidateCtx) {
+        if let Some(i) = self.blocked.iter().position(|(r, _)| *r == range) {
+            let (_, leaves) = self.blocked.swap_remove(i);
+            self.mmu.unblock_leaves(&leaves);
+        }
+    }
 
     fn invalidate(&mut self, range: GpaRange, ctx: InvalidateCtx, poison: &mut dyn FnMut(Gpa)) {
         if ctx.reason == InvalidateReason::ToPrivate {
             // Only shared mappings go; the VMM maps shared memory itself (not modelled).
             return;
         }
+        // Leaves blocked in `prepare` are zapped like the others (BLOCK answers "already
+        // blocked").
+        self.blocked.retain(|(r, _)| *r != range);
         let report = self.mmu.zap(range);
         for (gpa, level) in report.poisoned {
             for i in 0..level.pages_4k() {
@@ -446,10 +475,13 @@ impl Host {
         range: GpaRange,
         to: Shareability,
     ) -> Result<ConvertReport, ConvertError> {
+        let mode = ConvertMode {
+            block_first: self.config.map_gpa.block_first,
+        };
         let report = {
             let mut g = lock(&self.gmem);
-            let mut hook = MmuHook { mmu: &self.mmu };
-            g.convert(range, to, ConvertMode::default(), &mut hook)?
+            let mut hook = MmuHook::new(&self.mmu);
+            g.convert(range, to, mode, &mut hook)?
         };
         if to == Shareability::Private {
             self.mmu.note_private(range);

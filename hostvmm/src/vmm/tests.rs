@@ -250,3 +250,42 @@ fn unknown_vmcalls_are_unsupported() {
         GhciStatus::SubfuncUnsupported
     );
 }
+
+#[test]
+fn block_first_conversion_aborts_cleanly_when_a_later_block_fails() {
+    use crate::module::{FaultResult, FaultRule};
+    let mut config = HostConfig::new(64 * M2, 1);
+    config.map_gpa.block_first = true;
+    let h = Host::new(config, Arc::new(YieldKicker)).unwrap();
+    accept(&h, 0, PageLevel::Size2M);
+    access(&h, 5 * K4, Access::Write(55));
+    // Page 100 is already shared: converting [0, 2M) has two runs, of 100 and 411 4K leaves.
+    assert_eq!(
+        map_gpa(&h, SHARED | (100 * K4), K4, &never).0,
+        GhciStatus::Success
+    );
+    let before = h.gmem().snapshot();
+    // Every BLOCK of the first run succeeds, the first BLOCK of the second run fails.
+    h.module().inject(FaultRule {
+        skip: 100,
+        ..FaultRule::once(
+            CallKind::RangeBlock,
+            FaultResult::Status(StatusCode::EptEntryStateIncorrect.status()),
+        )
+    });
+    let unblocks = ok(&h, CallKind::RangeUnblock);
+    let (s, r) = map_gpa(&h, SHARED, M2, &never);
+    assert_eq!(
+        (s, r),
+        (GhciStatus::Retry, SHARED),
+        "aborted before the point of no return"
+    );
+    assert_eq!(h.gmem().snapshot(), before);
+    // The first run was unblocked again: the guest still reads its data.
+    assert_eq!(ok(&h, CallKind::RangeUnblock) - unblocks, 100);
+    assert_eq!(leaf(&h, 5 * K4), (0, SeptState::Mapped));
+    assert_eq!(access(&h, 5 * K4, Access::Read), AccessOutcome::Ok(55));
+    // Retried, it completes.
+    assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
+    assert_eq!(leaf(&h, 5 * K4).1, SeptState::Free);
+}
