@@ -375,6 +375,18 @@ impl<'p, 'g> Plan<'p, 'g> {
         v.rng().next_u64() | 1
     }
 
+    /// Writes a fresh token to `gpa` and reads it back.
+    fn write_and_check(v: &mut SimVcpu<'_>, gpa: u64) -> Result<(), String> {
+        let t = Self::token(v);
+        v.touch(gpa, Access::Write(t))?;
+        let back = v.touch(gpa, Access::Read)?;
+        if back == t {
+            Ok(())
+        } else {
+            Err(format!("{gpa:#x}: wrote {t:#x}, read {back:#x}"))
+        }
+    }
+
     /// Writes and reads back a few tokens in the vCPU's blocks of eagerly accepted memory.
     fn data_check(&self, v: &mut SimVcpu<'_>, pages: u64) -> Result<(), String> {
         let end = self.td.guest().eager_end;
@@ -383,12 +395,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 return Ok(());
             };
             let gpa = b * M2 + v.rng().below(512) * K4;
-            let t = Self::token(v);
-            v.touch(gpa, Access::Write(t))?;
-            let back = v.touch(gpa, Access::Read)?;
-            if back != t {
-                return Err(format!("{gpa:#x}: wrote {t:#x}, read {back:#x}"));
-            }
+            Self::write_and_check(v, gpa)?;
         }
         Ok(())
     }
@@ -442,12 +449,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 break;
             };
             let gpa = b * M2 + v.rng().below(512) * K4;
-            let t = Self::token(v);
-            v.touch(gpa, Access::Write(t))?;
-            let back = v.touch(gpa, Access::Read)?;
-            if back != t {
-                return Err(format!("{gpa:#x}: wrote {t:#x}, read {back:#x}"));
-            }
+            Self::write_and_check(v, gpa)?;
             if let Ok(r) = GpaRange::from_len(b * M2, M2) {
                 td.check_range(r);
             }
