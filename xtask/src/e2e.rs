@@ -32,7 +32,7 @@ const TDX_PARAM: &str = "/sys/module/kvm_intel/parameters/tdx";
 /// td-shim's public repository.
 const TD_SHIM_REPO: &str = "https://github.com/confidential-containers/td-shim";
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

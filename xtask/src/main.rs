@@ -54,6 +54,11 @@ fn run(what: &str, mut cmd: Command) -> Result<()> {
 /// Runs `cargo test --workspace`, passing its output through, and closes with one line that
 /// totals every test binary's result ("tests: N passed, M failed").
 fn test() -> Result<()> {
+    test_counts().map(|_| ())
+}
+
+/// [`test`], returning the totals.
+fn test_counts() -> Result<(u64, u64)> {
     eprintln!("==> cargo test --workspace");
     let mut child = cargo()
         .args(["test", "--workspace"])
@@ -79,7 +84,7 @@ fn test() -> Result<()> {
     if passed == 0 {
         bail!("cargo test ran no test");
     }
-    Ok(())
+    Ok((passed, failed))
 }
 
 /// Parses libtest's "test result: ok. 12 passed; 0 failed; ..." line.
@@ -123,25 +128,55 @@ fn ci() -> Result<()> {
     run("cargo clippy", c)?;
 
     for features in [None, Some("hw")] {
-        let mut c = cargo();
-        c.args(["clippy", "-p", "accept", "--target", FIRMWARE_TARGET]);
-        if let Some(f) = features {
-            c.args(["--features", f]);
+        // A real build (code generation and the TDCALL assembly), then clippy.
+        for tool in ["build", "clippy"] {
+            let mut c = cargo();
+            c.args([tool, "-p", "accept", "--target", FIRMWARE_TARGET]);
+            if let Some(f) = features {
+                c.args(["--features", f]);
+            }
+            if tool == "clippy" {
+                c.args(["--", "-D", "warnings"]);
+            }
+            run(
+                &format!(
+                    "cargo {tool} -p accept --target {FIRMWARE_TARGET} (features: {features:?})"
+                ),
+                c,
+            )?;
         }
-        c.args(["--", "-D", "warnings"]);
-        run(
-            &format!("accept for {FIRMWARE_TARGET} (features: {features:?})"),
-            c,
-        )?;
     }
+
+    // The bare-metal image is its own workspace: format and lint it too.
+    let mut c = cargo();
+    c.current_dir(e2e::root().join("e2e/guest"))
+        .args(["fmt", "--all", "--", "--check"]);
+    run("cargo fmt --check (e2e/guest)", c)?;
+    let mut c = cargo();
+    c.current_dir("e2e/guest")
+        .args([
+            "clippy",
+            "--release",
+            "--target",
+            FIRMWARE_TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_TARGET_DIR", "../../target/e2e-guest")
+        .env_remove("RUSTFLAGS");
+    run("cargo clippy (e2e/guest)", c)?;
 
     let mut c = cargo();
     c.args(["doc", "--workspace", "--no-deps"]);
     c.env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc", c)?;
 
-    test()?;
-    e2e::e2e(false)
+    let (passed, failed) = test_counts()?;
+    e2e::e2e(false)?;
+    // The test totals again, as the run's last line.
+    println!("tests: {passed} passed, {failed} failed");
+    Ok(())
 }
 
 fn main() -> Result<()> {
