@@ -5,6 +5,8 @@
 //!   builds of `accept`, then `test`, then `e2e`.
 //! - `cargo xtask e2e [--tdx]`: the bare-metal test image under QEMU against `tdhost` (or, with
 //!   `--tdx`, as a td-shim payload in a real TD); see `e2e.rs` and docs/e2e.md.
+//! - `cargo xtask bench`: the benchmark matrix with `tdsim`, written to `BENCHMARKS.md` and
+//!   `bench/` (see `bench.rs`; not part of `ci`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -12,6 +14,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod e2e;
 
 #[derive(Parser)]
@@ -33,6 +36,8 @@ enum Cmd {
         #[arg(long)]
         tdx: bool,
     },
+    /// Run the benchmark matrix with tdsim and write BENCHMARKS.md and bench/.
+    Bench(bench::BenchArgs),
 }
 
 /// The bare-metal target the guest engine must build for (firmware and kernels).
@@ -184,6 +189,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
         Cmd::E2e { tdx } => e2e::e2e(tdx),
+        Cmd::Bench(a) => bench::bench(&a),
     }
 }
 

@@ -74,6 +74,14 @@ struct RunArgs {
     /// Draw the TD's memory as SVG here.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Record the private mapping during the run as CSV here: one row every
+    /// `--timeline-every` scenario steps and one at the end (step, huge-mapped and optimal
+    /// private bytes, over the whole TD and over the bounce-buffer pool).
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    /// Scenario steps between two timeline rows.
+    #[arg(long, default_value_t = 8)]
+    timeline_every: u64,
 }
 
 impl Default for RunArgs {
@@ -92,6 +100,8 @@ impl Default for RunArgs {
             irq_per_mille: 20,
             json: None,
             svg: None,
+            timeline: None,
+            timeline_every: 8,
         }
     }
 }
@@ -163,7 +173,14 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
         }
     };
     let mut svg_out = None;
-    let report = hostvmm::sim::run_with(&cfg, &progress, |td| {
+    let samples = Mutex::new(Vec::new());
+    let sink = |s: hostvmm::sim::Sample| {
+        samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(s);
+    };
+    let inspect = |td: &hostvmm::sim::SimTd<'_>| {
         if a.svg.is_some() {
             svg_out = Some(svg::render(
                 td.host(),
@@ -179,7 +196,13 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
                 ),
             ));
         }
-    })
+    };
+    let report = match &a.timeline {
+        Some(_) => {
+            hostvmm::sim::run_sampled(&cfg, &progress, a.timeline_every.max(1), &sink, inspect)
+        }
+        None => hostvmm::sim::run_with(&cfg, &progress, inspect),
+    }
     .map_err(|e| e.to_string())?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -191,6 +214,26 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
     }
     if let (Some(path), Some(svg)) = (&a.svg, svg_out) {
         std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &a.timeline {
+        let mut csv = String::from(
+            "step,huge_private_bytes,optimal_huge_private_bytes,pool_huge_bytes,pool_optimal_bytes\n",
+        );
+        for s in samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            csv.push_str(&format!(
+                "{},{},{},{},{}\n",
+                s.step,
+                s.huge_private_bytes,
+                s.optimal_huge_private_bytes,
+                s.pool_huge_bytes,
+                s.pool_optimal_bytes
+            ));
+        }
+        std::fs::write(path, csv).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(report.passed())
 }

@@ -267,6 +267,7 @@ pub struct SimTd<'g> {
     guest: Guest<'g>,
     belief: Mutex<Belief>,
     violations: Mutex<ViolationLog>,
+    sampler: Option<Sampler<'g>>,
 }
 
 type Pairs = Vec<(u64, u64)>;
@@ -288,6 +289,29 @@ pub(crate) struct MappingTotals {
     pub(crate) huge: u64,
     /// Bytes in 2M ranges the guest holds entirely private and accepted.
     pub(crate) optimal: u64,
+}
+
+/// The private mapping at one point of a run (see [`run_sampled`]): whole-TD figures as in the
+/// [`Report`], and the same for the scenario's bounce-buffer pool (zero when it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Sample {
+    /// Scenario steps completed by all vCPUs together when the sample was taken.
+    pub step: u64,
+    /// Bytes in MAPPED leaves of 2M or larger.
+    pub huge_private_bytes: u64,
+    /// Bytes in 2M-aligned ranges the guest holds entirely private and accepted.
+    pub optimal_huge_private_bytes: u64,
+    /// `huge_private_bytes` inside the bounce-buffer pool.
+    pub pool_huge_bytes: u64,
+    /// `optimal_huge_private_bytes` inside the bounce-buffer pool.
+    pub pool_optimal_bytes: u64,
+}
+
+/// Where samples go, and how often (every `every` scenario steps).
+#[derive(Clone, Copy)]
+struct Sampler<'s> {
+    every: u64,
+    sink: &'s (dyn Fn(Sample) + Sync),
 }
 
 impl fmt::Debug for SimTd<'_> {
@@ -431,6 +455,35 @@ impl<'g> SimTd<'g> {
         }
     }
 
+    /// Takes a [`Sample`] after `step` scenario steps when sampling is on and due; `pool` is the
+    /// scenario's bounce-buffer pool (empty when it has none).
+    pub(crate) fn maybe_sample(&self, step: u64, pool: (u64, u64), last: bool) {
+        let Some(s) = self.sampler else {
+            return;
+        };
+        if !last && step % s.every.max(1) != 0 {
+            return;
+        }
+        let memory = self.config.memory;
+        let (pool_lo, pool_hi) = (pool.0.min(memory), pool.1.min(memory));
+        let (optimal, pool_optimal) = {
+            let b = lock(&self.belief);
+            (
+                optimal_in(&b.accepted, 0, memory),
+                optimal_in(&b.accepted, pool_lo, pool_hi),
+            )
+        };
+        let (_, huge) = mapping_totals_in(&self.host, 0, memory);
+        let (_, pool_huge) = mapping_totals_in(&self.host, pool_lo, pool_hi);
+        (s.sink)(Sample {
+            step,
+            huge_private_bytes: huge,
+            optimal_huge_private_bytes: optimal,
+            pool_huge_bytes: pool_huge,
+            pool_optimal_bytes: pool_optimal,
+        });
+    }
+
     /// Bytes the guest believes private-accepted.
     pub fn accepted_bytes(&self) -> u64 {
         lock(&self.belief).accepted.bytes()
@@ -548,14 +601,19 @@ impl<'g> SimTd<'g> {
 
 /// Private mapping totals over the whole TD: (MAPPED bytes, bytes in MAPPED leaves of 2M+).
 fn mapping_totals(host: &Host, memory: u64) -> (u64, u64) {
+    mapping_totals_in(host, 0, memory)
+}
+
+/// Private mapping totals over `[lo, hi)` (2 MiB aligned): as [`mapping_totals`].
+fn mapping_totals_in(host: &Host, lo: u64, hi: u64) -> (u64, u64) {
     let module = host.module();
     let (mut private, mut huge) = (0u64, 0u64);
-    let mut cur = 0u64;
-    while cur < memory {
+    let mut cur = lo;
+    while cur < hi {
         let leaf = module.leaf(Gpa::new_truncate(cur));
         let size = 1u64 << (12 + 9 * u32::from(leaf.level));
         if leaf.state == SeptState::Mapped {
-            let len = size.min(memory - cur);
+            let len = size.min(hi - cur);
             private += len;
             if leaf.level >= 1 {
                 huge += len;
@@ -564,6 +622,19 @@ fn mapping_totals(host: &Host, memory: u64) -> (u64, u64) {
         cur = (cur & !(size - 1)) + size;
     }
     (private, huge)
+}
+
+/// Bytes of `accepted` in 2M-aligned ranges held entirely, clipped to `[lo, hi)`.
+fn optimal_in(accepted: &ranges::RangeSet, lo: u64, hi: u64) -> u64 {
+    let m2 = PageLevel::Size2M.size();
+    accepted
+        .iter()
+        .map(|(s, e)| {
+            let s2 = s.max(lo).div_ceil(m2) * m2;
+            let e2 = e.min(hi) / m2 * m2;
+            e2.saturating_sub(s2)
+        })
+        .sum()
 }
 
 /// Runs one simulation.
@@ -585,6 +656,32 @@ pub fn run(config: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<R
 pub fn run_with(
     config: &SimConfig,
     progress: &(dyn Fn(u64, u64) + Sync),
+    inspect: impl FnOnce(&SimTd<'_>),
+) -> Result<Report, SimError> {
+    run_inner(config, progress, None, inspect)
+}
+
+/// As [`run_with`], and hands `sink` a [`Sample`] of the private mapping every `every` scenario
+/// steps (counted over all vCPUs, taken by the vCPU that completes the step, which holds the
+/// scheduler's baton) and once more at the end, after the host's final merge pass. Sampling
+/// reads state only: the counts are those of the same run without it.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_sampled(
+    config: &SimConfig,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    every: u64,
+    sink: &(dyn Fn(Sample) + Sync),
+    inspect: impl FnOnce(&SimTd<'_>),
+) -> Result<Report, SimError> {
+    run_inner(config, progress, Some(Sampler { every, sink }), inspect)
+}
+
+fn run_inner(
+    config: &SimConfig,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    sampler: Option<Sampler<'_>>,
     inspect: impl FnOnce(&SimTd<'_>),
 ) -> Result<Report, SimError> {
     let m2 = PageLevel::Size2M.size();
@@ -665,6 +762,7 @@ pub fn run_with(
         },
         belief: Mutex::new(Belief::default()),
         violations: Mutex::new(ViolationLog::default()),
+        sampler,
     };
     let boot_ranges = [
         GpaRange::new(0, eager_end).map_err(|e| SimError::Config(format!("eager range: {e}")))?
@@ -706,19 +804,10 @@ pub fn run_with(
             .collect()
     });
     td.host.merge_pass();
+    td.maybe_sample(plan.steps_done(), plan.pool(), true);
     td.check_all();
     let (private, huge) = mapping_totals(&td.host, config.memory);
-    let optimal = {
-        let b = lock(&td.belief);
-        b.accepted
-            .iter()
-            .map(|(s, e)| {
-                let s2 = s.div_ceil(m2) * m2;
-                let e2 = e / m2 * m2;
-                e2.saturating_sub(s2)
-            })
-            .sum::<u64>()
-    };
+    let optimal = optimal_in(&lock(&td.belief).accepted, 0, config.memory);
     inspect(&td);
     let log = std::mem::take(&mut *lock(&td.violations));
     let totals = MappingTotals {

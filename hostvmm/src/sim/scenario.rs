@@ -223,6 +223,20 @@ impl<'p, 'g> Plan<'p, 'g> {
     fn step(&self, progress: &(dyn Fn(u64, u64) + Sync)) {
         let done = self.steps_done.fetch_add(1, Ordering::Relaxed) + 1;
         progress(done, self.steps_total);
+        self.td.maybe_sample(done, self.pool(), false);
+    }
+
+    /// Scenario steps completed so far, by all vCPUs.
+    pub(crate) fn steps_done(&self) -> u64 {
+        self.steps_done.load(Ordering::Relaxed)
+    }
+
+    /// The bounce-buffer pool `[start, end)` (empty when the scenario accepts all memory
+    /// eagerly).
+    pub(crate) fn pool(&self) -> (u64, u64) {
+        let start = self.td.guest().eager_end;
+        let end = (start + pool_bytes(self.td)).min(self.td.config().memory);
+        (start, end)
     }
 
     /// Waits until every vCPU reaches phase barrier `phase`, handing the baton around.
