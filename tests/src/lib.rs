@@ -3,5 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod drive;
-pub mod soak;
 pub mod props;
+pub mod soak;
