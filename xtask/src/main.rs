@@ -62,7 +62,7 @@ fn test() -> Result<()> {
     test_counts().map(|_| ())
 }
 
-/// [`test`], returning the totals.
+/// The test run of [`test()`], returning the totals.
 fn test_counts() -> Result<(u64, u64)> {
     eprintln!("==> cargo test --workspace");
     let mut child = cargo()
