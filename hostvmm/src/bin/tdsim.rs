@@ -30,6 +30,35 @@ enum Cmd {
     Run(RunArgs),
     /// List the scenarios and policies.
     Scenarios,
+    /// Run the hostile-host catalogue (or one behaviour of it) and print the verdicts.
+    Hostile(HostileArgs),
+}
+
+#[derive(Args)]
+struct HostileArgs {
+    /// One behaviour's name; all of them when absent.
+    name: Option<String>,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn hostile_cmd(a: &HostileArgs) -> Result<bool, String> {
+    use hostvmm::sim::hostile;
+    let rows = match &a.name {
+        Some(name) => vec![hostile::run_one(name)
+            .ok_or_else(|| format!("unknown behaviour {name:?} (see `tdsim hostile`)"))?],
+        None => hostile::run_all(),
+    };
+    print!("{}", hostile::table(&rows));
+    for r in rows.iter().filter(|r| !r.passed || a.name.is_some()) {
+        println!("{}: {}", r.name, r.detail);
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(rows.iter().all(|r| r.passed))
 }
 
 #[derive(Args)]
@@ -243,6 +272,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         None => run_cmd(&RunArgs::default()),
         Some(Cmd::Run(a)) => run_cmd(&a),
+        Some(Cmd::Hostile(a)) => hostile_cmd(&a),
         Some(Cmd::Scenarios) => {
             println!("scenarios:");
             for (_, name, what) in Scenario::ALL {

@@ -16,6 +16,7 @@
 //! mapped again; no livelock (bounded exits per instruction).
 
 pub mod cost;
+pub mod hostile;
 pub mod ranges;
 pub mod report;
 pub mod sabotage;
