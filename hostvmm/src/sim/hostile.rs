@@ -851,6 +851,41 @@ impl<'g> Lab<'g> {
         lost
     }
 
+    /// The host half's own invariants after the behaviour: the Secure-EPT tree is well formed,
+    /// and no GPA the guest_memfd holds shared has a private leaf (no GPA is both).
+    fn host_consistent(&mut self) -> bool {
+        let mut ok = true;
+        if let Err(e) = self.host.module().check_tree() {
+            self.note(format!("{e}"));
+            ok = false;
+        }
+        let shared: Vec<GpaRange> = self
+            .host
+            .gmem()
+            .ranges()
+            .into_iter()
+            .filter(|(_, s)| *s == Shareability::Shared)
+            .map(|(r, _)| r)
+            .collect();
+        let module = self.host.module();
+        for r in shared {
+            let mut cur = r.start().as_u64();
+            while cur < r.end().as_u64() {
+                let leaf = module.leaf(g(cur));
+                if leaf.state.is_leaf() {
+                    self.notes.push(format!(
+                        "{cur:#x} is shared and has a {:?} private leaf",
+                        leaf.state
+                    ));
+                    ok = false;
+                    break;
+                }
+                cur += K4;
+            }
+        }
+        ok
+    }
+
     /// Runs a conversion through the engine and checks the TD agrees with its verdict.
     fn convert(&mut self, (start, end): (u64, u64), to: Visibility) -> Verdict {
         let (converter, acceptor) = (self.converter, self.acceptor);
@@ -2073,7 +2108,8 @@ pub struct Row {
     pub tdcalls: u64,
     /// The behaviour's bound on TDCALLs.
     pub bound: u64,
-    /// Observed == expected, nothing lost, within the bound.
+    /// Observed == expected, nothing lost, within the bound, and the host half's invariants
+    /// hold (well-formed Secure-EPT; no GPA both shared and mapped private).
     pub passed: bool,
     /// What happened, for a reader.
     pub detail: String,
@@ -2145,9 +2181,7 @@ pub fn run_behaviour(b: &Behaviour) -> Row {
         lab.note(format!("more than {} TDCALLs: stopped", b.bound));
     }
     let lost = lab.lost();
-    if let Err(e) = host.module().check_tree() {
-        lab.note(format!("{e}"));
-    }
+    let host_ok = lab.host_consistent();
     Row {
         name: b.name,
         expected: b.expected,
@@ -2155,7 +2189,7 @@ pub fn run_behaviour(b: &Behaviour) -> Row {
         private_data_lost: lost,
         tdcalls,
         bound: b.bound,
-        passed: observed == b.expected && lost == 0 && !exceeded,
+        passed: observed == b.expected && lost == 0 && !exceeded && host_ok,
         detail: lab.notes.join("; "),
     }
 }
@@ -2272,6 +2306,25 @@ mod tests {
         assert_eq!(row.observed, Verdict::Completes);
         assert_eq!(row.private_data_lost, 1, "{}", row.detail);
         assert!(!row.passed);
+    }
+
+    fn shared_but_mapped(lab: &mut Lab<'_>) -> Verdict {
+        let r = range(BYSTANDERS[0] & !0xFFF, (BYSTANDERS[0] & !0xFFF) + K4);
+        let _ = lab.host.gmem().convert(
+            r,
+            Shareability::Shared,
+            Default::default(),
+            &mut crate::gmem::NoopHook,
+        );
+        Verdict::Completes
+    }
+
+    #[test]
+    fn a_gpa_both_shared_and_private_fails_the_row() {
+        let row = run_behaviour(&behaviour(Verdict::Completes, 0, shared_but_mapped));
+        assert_eq!(row.observed, Verdict::Completes);
+        assert!(!row.passed);
+        assert!(row.detail.contains("private leaf"), "{}", row.detail);
     }
 
     #[test]
