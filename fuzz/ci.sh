@@ -20,7 +20,7 @@ fi
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
 
-cargo +nightly fuzz build --release $TARGETS
+cargo +nightly fuzz build --release
 for t in $TARGETS; do
     mkdir -p "$SCRATCH/$t"
     echo "==> fuzz $t for ${SECONDS_PER_TARGET}s"

@@ -77,11 +77,14 @@ proptest! {
     }
 }
 
+/// A property over fuzzer bytes.
+type Check = fn(&[u8]);
+
 /// The committed seed corpus runs here too.
 #[test]
 fn fuzz_corpus_seeds_pass() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [(&str, Check); 4] = [
         ("unaccepted_table", props::unaccepted_table),
         ("accept_planner", props::accept_planner),
         ("map_gpa_resume", props::map_gpa_resume),
