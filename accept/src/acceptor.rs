@@ -264,7 +264,8 @@ impl fmt::Debug for Acceptor {
 
 /// The outcome of one unit's ACCEPT once BUSY retries are done.
 enum UnitOutcome {
-    Done,
+    /// Accepted now (`true`), or found already accepted and tolerated (`false`).
+    Done(bool),
     /// Accept the unit one level down.
     Split,
 }
@@ -354,19 +355,35 @@ impl Acceptor {
         range: GpaRange,
         tolerate_already_accepted: bool,
     ) -> Result<(), AcceptError> {
+        self.accept_range_counted(tdcall, range, tolerate_already_accepted)
+            .map(|_| ())
+    }
+
+    /// As [`Acceptor::accept_range_with`], returning how many bytes were accepted by this call
+    /// (the rest were found already accepted and tolerated).
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error, `[range.start, error.gpa())` has been accepted.
+    pub fn accept_range_counted<T: Tdcall + ?Sized>(
+        &self,
+        tdcall: &mut T,
+        range: GpaRange,
+        tolerate_already_accepted: bool,
+    ) -> Result<u64, AcceptError> {
         self.check_private(range)
             .map_err(AcceptError::InvalidRange)?;
         let end = range.end().as_u64();
         let mut cur = range.start();
+        let mut fresh = 0;
         while cur.as_u64() < end {
             let level = self.chunk_level(cur, end - cur.as_u64());
-            self.accept_unit_with(tdcall, cur, level, tolerate_already_accepted)?;
+            fresh += self.accept_unit_with(tdcall, cur, level, tolerate_already_accepted)?;
             // Cannot overflow: cur + level.size() <= end <= 2^52.
             cur = cur
                 .checked_add(level.size())
                 .map_err(AcceptError::InvalidRange)?;
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// Accepts one naturally aligned page of `level` (and, if the host mapped smaller, its
@@ -381,36 +398,39 @@ impl Acceptor {
         level: PageLevel,
     ) -> Result<(), AcceptError> {
         self.accept_unit_with(tdcall, gpa, level, self.policy.tolerate_already_accepted)
+            .map(|_| ())
     }
 
+    /// Accepts one unit; returns the bytes accepted now (not found already accepted).
     fn accept_unit_with<T: Tdcall + ?Sized>(
         &self,
         tdcall: &mut T,
         gpa: Gpa,
         level: PageLevel,
         tolerate: bool,
-    ) -> Result<(), AcceptError> {
+    ) -> Result<u64, AcceptError> {
         if !gpa.is_aligned(level) {
             return Err(AcceptError::InvalidRange(AddrError::Misaligned(
                 gpa.as_u64(),
             )));
         }
         match self.accept_one(tdcall, gpa, level, tolerate)? {
-            UnitOutcome::Done => Ok(()),
+            UnitOutcome::Done(fresh) => Ok(if fresh { level.size() } else { 0 }),
             UnitOutcome::Split => {
                 // `Split` is only returned above 4K.
                 let Some(smaller) = level.smaller() else {
-                    return Ok(());
+                    return Ok(0);
                 };
                 let mut sub = gpa;
+                let mut fresh = 0;
                 for _ in 0..(level.size() / smaller.size()) {
                     // The level below may itself be mismatched (1G -> 2M -> 4K).
-                    self.accept_unit_with(tdcall, sub, smaller, tolerate)?;
+                    fresh += self.accept_unit_with(tdcall, sub, smaller, tolerate)?;
                     sub = sub
                         .checked_add(smaller.size())
                         .map_err(AcceptError::InvalidRange)?;
                 }
-                Ok(())
+                Ok(fresh)
             }
         }
     }
@@ -448,12 +468,12 @@ impl Acceptor {
                     bump(&stats.accepted);
                     self.bytes_accepted
                         .fetch_add(level.size(), Ordering::Relaxed);
-                    return Ok(UnitOutcome::Done);
+                    return Ok(UnitOutcome::Done(true));
                 }
                 StatusCode::PageAlreadyAccepted => {
                     bump(&stats.already_accepted);
                     if tolerate {
-                        return Ok(UnitOutcome::Done);
+                        return Ok(UnitOutcome::Done(false));
                     }
                     return Err(AcceptError::AlreadyAccepted {
                         gpa,

@@ -163,6 +163,9 @@ pub enum RangeState {
     /// The host has the target visibility but the guest side is not finished (pages not
     /// accepted, or page tables not switched): usable on neither side.
     HostConverted,
+    /// Back in the original visibility after a rollback, but the host had converted it: its
+    /// content is gone (the re-accept zeroed it).
+    Restored,
     /// Not known: the host was asked and did not answer conclusively.
     Unknown,
 }
@@ -499,13 +502,19 @@ impl Converter {
                 ));
             }
         }
+        // Whether the host had converted part of the rest after all (a page accepted fresh
+        // rather than found accepted): its content is gone too.
+        let mut rest_lost = false;
         if let Some(rest) = range.tail(err.at) {
-            if let Err(e) = acceptor.accept_range_with(tdcall, rest, true) {
-                return Err(failure(
-                    cause,
-                    Rollback::Failed(ConvertCause::Accept(e)),
-                    lost,
-                ));
+            match acceptor.accept_range_counted(tdcall, rest, true) {
+                Ok(fresh) => rest_lost = fresh > 0,
+                Err(e) => {
+                    return Err(failure(
+                        cause,
+                        Rollback::Failed(ConvertCause::Accept(e)),
+                        lost,
+                    ))
+                }
             }
         }
         if let Err(e) = hooks.set_visibility(range, Visibility::Private) {
@@ -516,10 +525,15 @@ impl Converter {
             ));
         }
         hooks.flush_tlb(range);
+        let rest = if rest_lost {
+            RangeState::Restored
+        } else {
+            RangeState::Original
+        };
         Err(failure(
             cause,
             Rollback::Complete,
-            RangeStates::whole(range, RangeState::Original),
+            RangeStates::split(range, err.at, RangeState::Restored, rest),
         ))
     }
 
@@ -1041,7 +1055,16 @@ mod tests {
             .convert(&mut t, &a, r, Visibility::Shared, &mut h)
             .unwrap_err();
         assert_eq!(f.rollback, Rollback::Complete);
-        assert_eq!(f.states, RangeStates::whole(r, RangeState::Original));
+        // The converted prefix is back but zeroed; the rest never left and kept its content.
+        assert_eq!(
+            f.states,
+            RangeStates::split(
+                r,
+                Gpa::new_truncate(M2),
+                RangeState::Restored,
+                RangeState::Original
+            )
+        );
         assert!(matches!(
             f.cause,
             ConvertCause::MapGpa(MapGpaError {
@@ -1062,6 +1085,31 @@ mod tests {
         );
         assert_eq!(c.stats().rollbacks, 1);
         assert_eq!(c.stats().failures, 1);
+    }
+
+    /// Regression: a host that converts the whole range and then answers an error at the
+    /// start. The rollback finds every page pending (accepted fresh, not already accepted), so
+    /// the whole range is reported restored with its content gone, not original.
+    #[test]
+    fn to_shared_rollback_reports_content_lost_where_the_host_converted_anyway() {
+        let c = conv();
+        let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+        let mut calls = 0;
+        let map: MapRule = Box::new(move |_, _| {
+            calls += 1;
+            if calls == 1 {
+                out(GhciStatus::GpaInUse, 0)
+            } else {
+                ok()
+            }
+        });
+        let (mut t, mut h, _) = setup(map, accept_all(), None);
+        let r = range(0, 2 * M2);
+        let f = c
+            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
+            .unwrap_err();
+        assert_eq!(f.rollback, Rollback::Complete);
+        assert_eq!(f.states, RangeStates::whole(r, RangeState::Restored));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use accept::abi::{
 use accept::acceptor::{AcceptError, AcceptPolicy, Acceptor};
 use accept::convert::{
     ConvertCause, ConvertFailure, ConvertHooks, ConvertPolicy, Converter, HookError, MapGpaError,
-    MapGpaErrorKind, RangeState, RangeStates, Rollback, Visibility,
+    MapGpaErrorKind, RangeState, Rollback, Visibility,
 };
 use accept::tdcall::Tdcall;
 use accept::tracker::{
@@ -916,8 +916,20 @@ impl<'g> Lab<'g> {
         match f.rollback {
             Rollback::NotNeeded | Rollback::Disabled => Verdict::Stops(cause),
             Rollback::Complete => {
-                if f.states != RangeStates::whole(r, RangeState::Original) {
-                    return Verdict::Stops(Stop::Inconsistent);
+                // Back on the original side everywhere; parts the host had converted come back
+                // zeroed and say so (Restored): the guest no longer expects their old content.
+                for (part, state) in f.states.iter() {
+                    match state {
+                        RangeState::Original => {}
+                        RangeState::Restored => {
+                            let (s, e) = (part.start().as_u64(), part.end().as_u64());
+                            let gone: Vec<u64> = self.shadow.range(s..e).map(|(&k, _)| k).collect();
+                            for k in gone {
+                                self.shadow.remove(&k);
+                            }
+                        }
+                        _ => return Verdict::Stops(Stop::Inconsistent),
+                    }
                 }
                 if let Err(e) = self.check_side(r, to.other()) {
                     self.note(format!("after the rollback: {e}"));
@@ -1354,7 +1366,7 @@ fn run_map_converts_all_then_fails(lab: &mut Lab<'_>) -> Verdict {
         .count();
     lab.note(format!(
         "{zeroed} of {} tokens written in the range before the conversion read differently after \
-         the rollback (the host converted those pages; the range is reported Original)",
+         the rollback (the host converted those pages; the engine reports them Restored: content gone)",
         given_up.len()
     ));
     v
