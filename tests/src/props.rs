@@ -169,7 +169,13 @@ impl Tdcall for ScriptedAccept<'_> {
             5 => StatusCode::OperandBusy.with_operand(operand::RCX),
             6 => StatusCode::PageAlreadyAccepted.with_operand(u32::from(level.index())),
             7 => StatusCode::OperandInvalid.with_operand(operand::RCX),
-            8 => TdxStatus::from_raw(self.script.u64()),
+            8 => match TdxStatus::from_raw(self.script.u64()) {
+                // Class SUCCESS with operand bits set is not a status any module returns, and
+                // policies read it differently (ours by class, Linux's as "non-zero = failed"):
+                // the page's fate would be undefined.
+                s if s.is(StatusCode::Success) => TdxStatus::SUCCESS,
+                s => s,
+            },
             _ => TdxStatus::SUCCESS,
         };
         // The engine decodes by class (bits 63:32): SUCCESS with an operand is a success.

@@ -21,8 +21,15 @@ use tdmem_tests::drive::{
     M2, SHARED,
 };
 
+thread_local! {
+    /// Convert in block-first mode (seed 002's option) on hosts built by this test's thread.
+    static BLOCK_FIRST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn host() -> Host {
-    Host::new(HostConfig::new(32 * M2, 1), Arc::new(YieldKicker)).expect("host")
+    let mut cfg = HostConfig::new(32 * M2, 1);
+    cfg.map_gpa.block_first = BLOCK_FIRST.with(|b| b.get());
+    Host::new(cfg, Arc::new(YieldKicker)).expect("host")
 }
 
 /// A GPA far from every flow's range, to show that the TD keeps running.
@@ -708,6 +715,46 @@ fn hard_failures_in_private_to_shared_but_bugs_b_c() {
             livelocks (hostvmm/src/kvm/mod.rs PrivateMmu::try_merge)"]
 fn hard_failures_in_shared_to_private_and_merge() {
     hard_sweep(&flows()[4], &[]);
+}
+
+/// Block-first conversions BLOCK before the point of no return: a failed BLOCK aborts the
+/// conversion (RETRY, nothing changed) instead of leaving an error page mapped (bug B).
+#[test]
+fn block_first_a_failed_block_answers_retry_and_changes_nothing() {
+    BLOCK_FIRST.with(|b| b.set(true));
+    let h = host();
+    let mut t = Tokens::new();
+    setup_2m_with_data(&h, &mut t);
+    let before = h.gmem().snapshot();
+    h.module().inject(FaultRule::once(
+        CallKind::RangeBlock,
+        FaultResult::Status(StatusCode::OperandInvalid.with_operand(operand::RCX)),
+    ));
+    assert_eq!(
+        map_gpa_once(&h, SHARED | (9 * K4), K4),
+        (GhciStatus::Retry, SHARED | (9 * K4))
+    );
+    assert_eq!(h.gmem().snapshot(), before);
+    assert_eq!(leaf(&h, 9 * K4), (1, SeptState::Mapped));
+    run_to_shared(&h, &mut t).expect("the retry succeeds");
+    assert_eq!(h.gmem().poisoned_pages(), 0);
+    check_td(&h, &t, "block first");
+}
+
+/// The BLOCK of `prepare` is covered above; the zap's own BLOCKs, TRACKs and DEMOTEs after
+/// the point of no return still meet bug C (the DEMOTE of the second edge), so they are left
+/// to the ignored sweep.
+#[test]
+fn block_first_hard_failures_in_private_to_shared_but_bug_c() {
+    BLOCK_FIRST.with(|b| b.set(true));
+    hard_sweep(
+        &flows()[3],
+        &[
+            CallKind::PageDemote,
+            CallKind::MemTrack,
+            CallKind::RangeBlock,
+        ],
+    );
 }
 
 #[test]
