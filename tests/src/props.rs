@@ -204,7 +204,7 @@ impl Tdcall for ScriptedAccept<'_> {
 /// When the acceptor leaves the range, re-accepts a page or does not terminate in bounds.
 pub fn accept_planner(data: &[u8]) {
     let mut b = Bytes::new(data);
-    // Start: any 4K page below 16 GiB, 1G or 2M aligned half of the time; up to 3 GiB long.
+    // Start: any 4K page below 16 GiB, 1G or 2M aligned half of the time; up to 1 GiB long.
     let mut start = (b.u64() & 0x3_FFFF_F000) % (16 << 30);
     match b.u8() % 4 {
         0 => start &= !((1 << 30) - 1),
@@ -214,7 +214,8 @@ pub fn accept_planner(data: &[u8]) {
     let len = match b.u8() % 4 {
         0 => (u64::from(b.u16()) + 1) * 4096,
         1 => (u64::from(b.u8() % 8) + 1) << 21,
-        2 => (u64::from(b.u8() % 3) + 1) << 30,
+        // 1 GiB: a 1G unit the host may split down to 4K (262 144 calls at worst).
+        2 => 1 << 30,
         _ => (b.u64() % (64 << 20)) & !0xFFF,
     };
     let Ok(range) = GpaRange::from_len(start, len.max(4096)) else {
