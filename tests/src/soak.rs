@@ -13,8 +13,6 @@
 //! holds its last token, unless it became an error page; no shared or poisoned page is MAPPED
 //! or PENDING; the guest_memfd's shareability matches what MapGPA answered.
 //!
-//! Hard errors with a known, reported consequence (see `tests/tests/host_faults.rs`, bugs A-D)
-//! are only injected with [`SoakConfig::all_faults`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,8 +36,6 @@ pub struct SoakConfig {
     pub memory: u64,
     /// Per mille of operations preceded by an armed fault.
     pub fault_per_mille: u32,
-    /// Also inject the hard errors whose consequences are known bugs.
-    pub all_faults: bool,
     /// Every this many operations, check every page (0: only at the end).
     pub full_check_every: u64,
     /// Operations per TD lifetime: then the TD is checked in full and a fresh one is built
@@ -54,7 +50,6 @@ impl Default for SoakConfig {
             seed: 0x7d6d_656d,
             memory: 64 << 20,
             fault_per_mille: 500,
-            all_faults: false,
             full_check_every: 4096,
             ops_per_td: 10_000,
         }
@@ -272,13 +267,10 @@ fn calls_of(op: Op) -> &'static [CallKind] {
 }
 
 /// Hard errors that every flow recovers from or turns into error pages as specified.
-fn hard_kinds(op: Op, all: bool) -> &'static [CallKind] {
-    match (op, all) {
-        (Op::Accept2M | Op::Accept4K, _) => &[CallKind::PageAug, CallKind::SeptAdd],
-        (Op::VeTouch, false) => &[CallKind::PageAug, CallKind::SeptAdd, CallKind::RangeBlock],
-        (Op::ToShared, false) => &[CallKind::PageRemove],
-        (Op::Merge, false) => &[CallKind::RangeBlock, CallKind::PagePromote],
-        (Op::VeTouch | Op::ToShared | Op::Merge | Op::Punch, true) => &[
+fn hard_kinds(op: Op) -> &'static [CallKind] {
+    match op {
+        Op::Accept2M | Op::Accept4K => &[CallKind::PageAug, CallKind::SeptAdd],
+        Op::VeTouch | Op::ToShared | Op::Merge | Op::Punch => &[
             CallKind::PageAug,
             CallKind::SeptAdd,
             CallKind::RangeBlock,
@@ -443,7 +435,7 @@ impl Soak {
                 });
             }
             6 | 7 => {
-                let kinds = hard_kinds(op, self.cfg.all_faults);
+                let kinds = hard_kinds(op);
                 if kinds.is_empty() {
                     return;
                 }

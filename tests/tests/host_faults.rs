@@ -629,8 +629,7 @@ fn hard_run(flow: &Flow, kind: CallKind, skip: u64, status: TdxStatus) -> (bool,
     (first.is_err(), poisoned)
 }
 
-/// Sweeps every hard failure of the flow but those of `skip_kinds` (known bugs, each with its
-/// own ignored test).
+/// Sweeps every hard failure of the flow but those of `skip_kinds`.
 fn hard_sweep(flow: &Flow, skip_kinds: &[CallKind]) {
     for (kind, n) in calls_in_run(flow) {
         if !HARD_KINDS.contains(&kind) || skip_kinds.contains(&kind) {
@@ -656,69 +655,34 @@ fn hard_failures_in_the_accept_fault_paths() {
     }
 }
 
-/// Bug A: the fault-path split (`PrivateMmu::demote` called from `fault_split`) returns an
-/// error after BLOCK when TRACK or DEMOTE fails, and leaves the 2M leaf PENDING_BLOCKED (the
-/// UNBLOCK it tries after a failed TRACK cannot succeed: nothing was tracked). Every later
-/// guest ACCEPT or access of that 2M range exits, the fault path sees a blocked leaf and
-/// answers "retry": the vCPU livelocks. Expected: the leaf is unblocked again (after a
-/// successful TRACK) or, since a PENDING leaf holds no data, removed, so that the guest's
-/// retry makes progress.
+/// Regression (fault-path split): a TRACK or DEMOTE that fails after the BLOCK used to leave
+/// the 2M leaf PENDING_BLOCKED, and the guest's retried ACCEPT exited forever. The MMU now
+/// tracks again and unblocks, so the retry makes progress.
 #[test]
-#[ignore = "bug A: a failed TRACK/DEMOTE in the fault-path split leaves the 2M leaf \
-            PENDING_BLOCKED and the guest livelocks (hostvmm/src/kvm/mod.rs PrivateMmu::demote)"]
 fn hard_failures_in_the_ve_split_path() {
     hard_sweep(&flows()[2], &[]);
 }
 
+/// Regressions (zap path): a BLOCK that failed used to leave its leaf MAPPED while its pages
+/// became error pages (the MMU now tries again and, failing that, stops the TD rather than
+/// leave an error page reachable); and a huge leaf spanning both edges of the range used to be
+/// handled once per edge, so a failed split at the first edge was undone by a successful one
+/// at the second, leaving 511 error pages mapped (each straddling leaf is now handled once and
+/// a failed split leaves it blocked).
 #[test]
-fn hard_failures_in_the_ve_split_path_but_bug_a() {
-    hard_sweep(&flows()[2], &[CallKind::PageDemote, CallKind::MemTrack]);
-}
-
-/// Bug B: in the zap path (`PrivateMmu::block_track_remove` and `demote`), a BLOCK that fails
-/// records the leaf as error pages but leaves it MAPPED: the guest keeps a private mapping of
-/// pages the guest_memfd now counts as shared and poisoned, and a later ACCEPT of them answers
-/// PAGE_ALREADY_ACCEPTED with stale, unzeroed content. Expected: an error page is never MAPPED
-/// or PENDING (e.g. BLOCK in `prepare`, before the point of no return, and abort on failure).
-///
-/// Bug C: `PrivateMmu::zap` pass 1 visits a huge leaf once per edge. When both edges of the
-/// range fall in the same 2M leaf and the first DEMOTE (or its TRACK) fails, the whole leaf is
-/// recorded as 512 error pages, then the second edge demotes the same leaf successfully: 511
-/// error pages end up MAPPED and the guest keeps using them. Expected: each straddling leaf is
-/// handled once (a failed DEMOTE leaves it BLOCKED).
-#[test]
-#[ignore = "bugs B and C: a failed BLOCK, or a failed TRACK/DEMOTE at the first edge, in the \
-            zap path leaves error pages MAPPED (hostvmm/src/kvm/mod.rs PrivateMmu::zap)"]
 fn hard_failures_in_private_to_shared_leave_no_error_page_mapped() {
     hard_sweep(&flows()[3], &[]);
 }
 
+/// Regression (merge): a TRACK that failed after the BLOCK of a split 2M range used to leave it
+/// NL_BLOCKED (2 MiB of guest data unreachable). The MMU now tracks again and unblocks.
 #[test]
-fn hard_failures_in_private_to_shared_but_bugs_b_c() {
-    hard_sweep(
-        &flows()[3],
-        &[
-            CallKind::RangeBlock,
-            CallKind::PageDemote,
-            CallKind::MemTrack,
-        ],
-    );
-}
-
-/// Bug D: `PrivateMmu::try_merge` BLOCKs the split 2M range (NL_BLOCKED), and when TRACK then
-/// fails it calls UNBLOCK, which cannot succeed without a completed TRACK: the range stays
-/// NL_BLOCKED. Every later guest access or ACCEPT in those 2 MiB exits and the fault path
-/// answers "retry" forever: 2 MiB of guest data is unreachable without being counted as error
-/// pages. Expected: TRACK again before UNBLOCK (the same applies to bug A's UNBLOCK).
-#[test]
-#[ignore = "bug D: a failed TRACK in the merge pass leaves the 2M range NL_BLOCKED and the guest \
-            livelocks (hostvmm/src/kvm/mod.rs PrivateMmu::try_merge)"]
 fn hard_failures_in_shared_to_private_and_merge() {
     hard_sweep(&flows()[4], &[]);
 }
 
 /// Block-first conversions BLOCK before the point of no return: a failed BLOCK aborts the
-/// conversion (RETRY, nothing changed) instead of leaving an error page mapped (bug B).
+/// conversion (RETRY, nothing changed) instead of reaching the point of no return.
 #[test]
 fn block_first_a_failed_block_answers_retry_and_changes_nothing() {
     BLOCK_FIRST.with(|b| b.set(true));
@@ -741,25 +705,11 @@ fn block_first_a_failed_block_answers_retry_and_changes_nothing() {
     check_td(&h, &t, "block first");
 }
 
-/// The BLOCK of `prepare` is covered above; the zap's own BLOCKs, TRACKs and DEMOTEs after
-/// the point of no return still meet bug C (the DEMOTE of the second edge), so they are left
-/// to the ignored sweep.
+/// Block-first mode under every hard failure of the private -> shared flow.
 #[test]
-fn block_first_hard_failures_in_private_to_shared_but_bug_c() {
+fn block_first_hard_failures_in_private_to_shared() {
     BLOCK_FIRST.with(|b| b.set(true));
-    hard_sweep(
-        &flows()[3],
-        &[
-            CallKind::PageDemote,
-            CallKind::MemTrack,
-            CallKind::RangeBlock,
-        ],
-    );
-}
-
-#[test]
-fn hard_failures_in_shared_to_private_and_merge_but_bug_d() {
-    hard_sweep(&flows()[4], &[CallKind::MemTrack]);
+    hard_sweep(&flows()[3], &[]);
 }
 
 #[test]
@@ -806,8 +756,6 @@ fn a_failed_remove_poisons_exactly_the_converted_page() {
 }
 
 #[test]
-#[ignore = "bug C: the second edge demotes the leaf the first edge poisoned \
-            (hostvmm/src/kvm/mod.rs PrivateMmu::zap)"]
 fn a_failed_zap_demote_poisons_the_leaf_and_the_td_keeps_running() {
     let h = host();
     let mut t = Tokens::new();
@@ -823,11 +771,9 @@ fn a_failed_zap_demote_poisons_the_leaf_and_the_td_keeps_running() {
     assert_eq!(n, 512);
 }
 
-/// Bug A, DEMOTE case: the guest's 4K ACCEPT after a failed fault-path DEMOTE must make
-/// progress (the leaf holds no data yet).
+/// Regression (fault-path split, DEMOTE case): the guest's 4K ACCEPT after a failed DEMOTE
+/// makes progress (the leaf holds no data yet).
 #[test]
-#[ignore = "bug A: a failed DEMOTE in the fault-path split leaves the 2M leaf PENDING_BLOCKED \
-            (hostvmm/src/kvm/mod.rs PrivateMmu::demote)"]
 fn a_failed_fault_path_demote_lets_the_guest_retry() {
     let h = host();
     assert!(matches!(
@@ -843,7 +789,8 @@ fn a_failed_fault_path_demote_lets_the_guest_retry() {
         accept(&h, 3 * K4, PageLevel::Size4K),
         Err(GuestError::Host(ExitAction::Fatal(_)))
     ));
-    assert_eq!(leaf(&h, 3 * K4), (1, SeptState::PendingBlocked));
+    // The split was undone: the leaf is PENDING again, not left blocked.
+    assert_eq!(leaf(&h, 3 * K4), (1, SeptState::Pending));
     // The VMM resumes the vCPU; the guest re-executes its ACCEPT.
     assert_eq!(
         accept(&h, 3 * K4, PageLevel::Size4K),

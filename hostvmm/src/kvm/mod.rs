@@ -43,7 +43,7 @@ use crate::module::{ExitType, ExtExitQual, SeamcallResult, SeptState, TdxModule}
 pub const SEAMCALL_RETRIES: u32 = 10_000;
 
 /// Bound on kicks while waiting for TLB tracking (every vCPU to leave the TD once).
-pub const TRACKING_KICKS: u32 = 1_000_000;
+pub const TRACKING_KICKS: u32 = 10_000;
 
 /// What the backing store says about a private GPA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +245,10 @@ pub enum FaultError {
     /// No page for an S-EPT page.
     #[error("no memory for an S-EPT page")]
     NoSeptPage,
+    /// An earlier SEAMCALL failure left a mapping the MMU could not make safe (a leaf it
+    /// could not BLOCK after the point of no return): like KVM_BUG_ON, the TD must stop.
+    #[error("the private MMU is bugged: {0}")]
+    Bugged(&'static str),
     /// A SEAMCALL failed in a way the MMU does not handle.
     #[error("{call} failed: {status}")]
     Seamcall {
@@ -395,6 +399,8 @@ pub struct PrivateMmu {
     inhibited: Mutex<BTreeSet<u64>>,
     /// 2M ranges (by base GPA) split at some point: candidates for PROMOTE.
     merge_candidates: Mutex<BTreeSet<u64>>,
+    /// Set when a failure left an unsafe mapping: every later fault fails.
+    bugged: Mutex<Option<&'static str>>,
     counters: Counters,
 }
 
@@ -413,6 +419,18 @@ fn busy_like(status: TdxStatus) -> bool {
 }
 
 const M2: u64 = 2 << 20;
+
+/// Name of TDH.MEM.RANGE.BLOCK in [`FaultError::Seamcall`].
+const BLOCK_CALL: &str = "TDH.MEM.RANGE.BLOCK";
+
+/// What a failed split leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFailure {
+    /// UNBLOCK again (fault path, merge): the range stays usable.
+    Restore,
+    /// Keep it blocked (zap path): its pages become error pages, out of the guest's reach.
+    KeepBlocked,
+}
 
 impl PrivateMmu {
     /// An MMU over `module`, backed by `backing`, with S-EPT pages from `pool`.
@@ -433,6 +451,7 @@ impl PrivateMmu {
             invalidate_seq: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
             merge_candidates: Mutex::new(BTreeSet::new()),
+            bugged: Mutex::new(None),
             counters: Counters::default(),
         }
     }
@@ -455,6 +474,17 @@ impl PrivateMmu {
     /// Counters so far.
     pub fn stats(&self) -> MmuStats {
         self.counters.snapshot()
+    }
+
+    /// Why the MMU stopped serving faults, if it did (see [`FaultError::Bugged`]).
+    pub fn bugged(&self) -> Option<&'static str> {
+        *self.bugged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bug(&self, why: &'static str) {
+        log::error!("private MMU bugged: {why}");
+        let mut b = self.bugged.lock().unwrap_or_else(PoisonError::into_inner);
+        b.get_or_insert(why);
     }
 
     /// Number of 2M ranges waiting to be merged.
@@ -532,6 +562,9 @@ impl PrivateMmu {
         ext: ExtExitQual,
     ) -> Result<FaultOutcome, FaultError> {
         inc(&self.counters.faults);
+        if let Some(why) = self.bugged() {
+            return Err(FaultError::Bugged(why));
+        }
         let gpaw = self.module.config().gpaw;
         let g = Gpa::try_new(gpa & !0xFFF).map_err(|_| FaultError::NotPrivate(gpa))?;
         if g.is_shared(gpaw) || g.exceeds(gpaw) {
@@ -689,7 +722,7 @@ impl PrivateMmu {
                 if !(e.state == SeptState::Pending && e.level == level.index()) {
                     return Ok(FaultOutcome::Retry);
                 }
-                self.demote(base, level)?;
+                self.demote(base, level, AfterFailure::Restore)?;
                 inc(&self.counters.fault_splits);
                 if self.policy.merge {
                     self.add_merge_candidate(base);
@@ -724,27 +757,38 @@ impl PrivateMmu {
         }
     }
 
-    /// BLOCK, TRACK, kick, DEMOTE one leaf. On failure the leaf is recorded as error pages.
-    fn demote(&self, base: Gpa, level: PageLevel) -> Result<(), FaultError> {
+    /// BLOCK, TRACK, kick, DEMOTE one leaf.
+    ///
+    /// On failure the leaf is left as `on_failure` says: the fault path restores it (a PENDING
+    /// leaf the guest will ask for again), the zap path keeps it blocked (its pages become
+    /// error pages, and a blocked leaf is out of the guest's reach).
+    fn demote(
+        &self,
+        base: Gpa,
+        level: PageLevel,
+        on_failure: AfterFailure,
+    ) -> Result<(), FaultError> {
         let page = self.pool.alloc().ok_or(FaultError::NoSeptPage)?;
         let b = self.block(base, level);
         if b.status.is_error() {
             self.pool.free(page);
             return Err(FaultError::Seamcall {
-                call: "TDH.MEM.RANGE.BLOCK",
+                call: BLOCK_CALL,
                 status: b.status,
             });
         }
-        if let Err(e) = self.track() {
-            self.unblock(base, level);
-            self.pool.free(page);
-            return Err(e);
-        }
-        let r = self.call("DEMOTE", || self.module.page_demote(base, level, page));
+        let r = match self.track() {
+            Ok(()) => self.call("DEMOTE", || self.module.page_demote(base, level, page)),
+            Err(FaultError::Seamcall { status, .. }) => SeamcallResult::status(status),
+            Err(_) => SeamcallResult::status(StatusCode::TlbTrackingNotDone.status()),
+        };
         if r.status.is_success() {
             return Ok(());
         }
         self.pool.free(page);
+        if on_failure == AfterFailure::Restore {
+            self.restore(base, level);
+        }
         Err(FaultError::Seamcall {
             call: "TDH.MEM.PAGE.DEMOTE",
             status: r.status,
@@ -758,14 +802,34 @@ impl PrivateMmu {
         }
     }
 
-    /// BLOCK every leaf, one TRACK, REMOVE every leaf. Failures become error pages.
+    /// UNBLOCKs a leaf (or non-leaf) blocked by a step that then failed, tracking first so
+    /// that the UNBLOCK can succeed even when the failed step was the TRACK itself. If it
+    /// still cannot be unblocked, the MMU is bugged: the range would stay unreachable.
+    fn restore(&self, base: Gpa, level: PageLevel) {
+        let ok = self.track().is_ok()
+            && !self
+                .call("UNBLOCK", || self.module.range_unblock(base, level))
+                .status
+                .is_error();
+        if !ok {
+            self.bug("a blocked range could not be unblocked after a failed split or merge");
+        }
+    }
+
+    /// BLOCK every leaf, one TRACK, REMOVE every leaf. Failures become error pages, always
+    /// on blocked leaves: a leaf that cannot even be BLOCKed (tried twice) would stay
+    /// reachable by the guest, so the MMU is then bugged and the TD stops.
     fn block_track_remove(&self, leaves: &[(Gpa, PageLevel)]) -> ZapReport {
         let mut report = ZapReport::default();
         let mut blocked = Vec::with_capacity(leaves.len());
         for &(gpa, level) in leaves {
-            let r = self.block(gpa, level);
+            let mut r = self.block(gpa, level);
+            if r.status.is_error() {
+                r = self.block(gpa, level);
+            }
             if r.status.is_error() {
                 self.poison(gpa, level, &mut report);
+                self.bug("a leaf could not be blocked after the point of no return");
             } else {
                 blocked.push((gpa, level));
             }
@@ -773,7 +837,7 @@ impl PrivateMmu {
         if blocked.is_empty() {
             return report;
         }
-        if self.track().is_err() {
+        if self.track().is_err() && self.track().is_err() {
             for &(gpa, level) in &blocked {
                 self.poison(gpa, level, &mut report);
             }
@@ -810,32 +874,46 @@ impl PrivateMmu {
         let mut report = ZapReport::default();
 
         // Pass 1: demote the huge leaves straddling either edge (at most one per edge and
-        // level: 1G then 2M).
+        // level: 1G then 2M). A leaf whose split fails is handled once, even when both edges
+        // fall inside it.
+        let mut failed: Vec<(Gpa, PageLevel)> = Vec::new();
         for edge in [range.start(), range.end()] {
             for level in [PageLevel::Size1G, PageLevel::Size2M] {
                 if edge.is_aligned(level) {
                     continue;
                 }
                 let e = self.module.leaf(edge);
-                if e.state.is_leaf() && e.level == level.index() {
-                    let base = edge.align_down(level);
-                    let ok = base.as_u64() < range.end().as_u64()
-                        && base.as_u64() + level.size() > range.start().as_u64();
-                    if !ok {
-                        continue;
+                if !(e.state.is_leaf() && e.level == level.index()) {
+                    continue;
+                }
+                let base = edge.align_down(level);
+                let straddles = base.as_u64() < range.end().as_u64()
+                    && base.as_u64() + level.size() > range.start().as_u64();
+                if !straddles || failed.contains(&(base, level)) {
+                    continue;
+                }
+                let mut result = self.demote(base, level, AfterFailure::KeepBlocked);
+                if matches!(result, Err(FaultError::Seamcall { call, .. }) if call == BLOCK_CALL) {
+                    // Not even blocked: the guest still reaches the leaf. Once more.
+                    result = self.demote(base, level, AfterFailure::KeepBlocked);
+                    if matches!(result, Err(FaultError::Seamcall { call, .. }) if call == BLOCK_CALL)
+                    {
+                        self.bug("a huge leaf could not be blocked after the point of no return");
                     }
-                    match self.demote(base, level) {
-                        Ok(()) => {
-                            inc(&self.counters.zap_demotes);
-                            report.demoted += 1;
-                            if self.policy.merge {
-                                self.add_merge_candidate(base.align_down(PageLevel::Size2M));
-                            }
+                }
+                match result {
+                    Ok(()) => {
+                        inc(&self.counters.zap_demotes);
+                        report.demoted += 1;
+                        if self.policy.merge {
+                            self.add_merge_candidate(base.align_down(PageLevel::Size2M));
                         }
-                        Err(_) => {
-                            // Seed 000: the split failed; the whole leaf becomes error pages.
-                            self.poison(base, level, &mut report);
-                        }
+                    }
+                    Err(_) => {
+                        // Seed 000: the split failed; the whole leaf, left blocked, becomes
+                        // error pages.
+                        failed.push((base, level));
+                        self.poison(base, level, &mut report);
                     }
                 }
             }
@@ -984,7 +1062,7 @@ impl PrivateMmu {
             return MergeOutcome::NotReady;
         }
         if self.track().is_err() {
-            self.unblock(base, PageLevel::Size2M);
+            self.restore(base, PageLevel::Size2M);
             return MergeOutcome::NotReady;
         }
         let r = self.call("PROMOTE", || {
@@ -996,7 +1074,7 @@ impl PrivateMmu {
             MergeOutcome::Promoted
         } else {
             inc(&self.counters.promote_refused);
-            self.unblock(base, PageLevel::Size2M);
+            self.restore(base, PageLevel::Size2M);
             MergeOutcome::NotReady
         }
     }

@@ -1,7 +1,7 @@
 //! `soak`: the randomized soak of the host half with injected faults.
 //!
 //! `cargo run --release -p tdmem-tests --bin soak -- --ops 1000000 [--seed N] [--fault-per-mille N]
-//! [--all-faults] [--json]`. Exits non-zero on any invariant violation or lost private data.
+//! [--json]`. Exits non-zero on any invariant violation or lost private data.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -9,9 +9,7 @@ use std::time::Instant;
 use tdmem_tests::soak::{run_with_progress, SoakConfig};
 
 fn usage() -> ExitCode {
-    eprintln!(
-        "usage: soak [--ops N] [--seed N] [--fault-per-mille N] [--memory-mib N] [--all-faults] [--json]"
-    );
+    eprintln!("usage: soak [--ops N] [--seed N] [--fault-per-mille N] [--memory-mib N] [--json]");
     ExitCode::from(2)
 }
 
@@ -46,10 +44,6 @@ fn main() -> ExitCode {
                 let ok = num(&mut f);
                 cfg.fault_per_mille = f.min(1000) as u32;
                 ok
-            }
-            "--all-faults" => {
-                cfg.all_faults = true;
-                true
             }
             "--json" => {
                 json = true;
