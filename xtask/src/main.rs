@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask test`: the project's test command (what the README and CI run).
 //! - `cargo xtask ci`: everything CI checks: toolchain setup, fmt, clippy, docs, the bare-metal
-//!   builds of `accept`, then `test`, then `e2e`.
+//!   builds of `accept`, then `test`, then `e2e`, then a short fuzzing pass.
 //! - `cargo xtask e2e [--tdx]`: the bare-metal test image under QEMU against `tdhost` (or, with
 //!   `--tdx`, as a td-shim payload in a real TD); see `e2e.rs` and docs/e2e.md.
 //! - `cargo xtask bench`: the benchmark matrix with `tdsim`, written to `BENCHMARKS.md` and
@@ -30,6 +30,8 @@ enum Cmd {
     Test,
     /// Run every CI check: setup, fmt, clippy, docs, bare-metal builds, tests.
     Ci,
+    /// A short bounded fuzzing pass over every fuzz target (needs a nightly toolchain).
+    Fuzz,
     /// Boot the bare-metal test image under QEMU TCG against tdhost (or, with --tdx, in a TD).
     E2e {
         /// Run the image as a td-shim payload in a real TD (skips when the host has no TDX).
@@ -179,15 +181,49 @@ fn ci() -> Result<()> {
 
     let (passed, failed) = test_counts()?;
     e2e::e2e(false)?;
+    fuzz_pass()?;
     // The test totals again, as the run's last line.
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// A short bounded fuzzing pass over every target (`fuzz/ci.sh`), when a nightly toolchain is
+/// there (cargo-fuzz needs one); cargo-fuzz is installed from crates.io when missing.
+fn fuzz_pass() -> Result<()> {
+    let nightly = Command::new("cargo")
+        .args(["+nightly", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !nightly {
+        eprintln!("==> fuzz pass skipped: no nightly toolchain for cargo-fuzz");
+        return Ok(());
+    }
+    let have_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_fuzz {
+        let mut c = Command::new("cargo");
+        c.args(["install", "cargo-fuzz", "--locked"]);
+        run("cargo install cargo-fuzz", c)?;
+    }
+    let mut c = Command::new("sh");
+    c.arg(e2e::root().join("fuzz/ci.sh"))
+        .env("FUZZ_SECONDS", "15")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run("fuzz pass (15 s per target)", c)
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
+        Cmd::Fuzz => fuzz_pass(),
         Cmd::E2e { tdx } => e2e::e2e(tdx),
         Cmd::Bench(a) => bench::bench(&a),
     }
