@@ -259,6 +259,18 @@ pub enum FaultError {
     },
 }
 
+impl FaultError {
+    /// True for failures that happen before a split blocks anything (no S-EPT page, BLOCK
+    /// refused): the leaf is still mapped as it was.
+    fn left_unblocked(&self) -> bool {
+        match self {
+            FaultError::NoSeptPage => true,
+            FaultError::Seamcall { call, .. } => *call == BLOCK_CALL,
+            _ => false,
+        }
+    }
+}
+
 /// What the fault path did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOutcome {
@@ -422,6 +434,9 @@ const M2: u64 = 2 << 20;
 
 /// Name of TDH.MEM.RANGE.BLOCK in [`FaultError::Seamcall`].
 const BLOCK_CALL: &str = "TDH.MEM.RANGE.BLOCK";
+
+/// Attempts at a zap-path split that could not start, before the leaf is given up.
+const ZAP_SPLIT_TRIES: u32 = 3;
 
 /// What a failed split leaves behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -883,7 +898,9 @@ impl PrivateMmu {
                     continue;
                 }
                 let e = self.module.leaf(edge);
-                if !(e.state.is_leaf() && e.level == level.index()) {
+                // A leaf still blocked here is one an earlier zap gave up on: its pages are
+                // error pages, and splitting it would make them reachable again.
+                if !(e.state.is_leaf() && !e.state.is_blocked() && e.level == level.index()) {
                     continue;
                 }
                 let base = edge.align_down(level);
@@ -892,14 +909,20 @@ impl PrivateMmu {
                 if !straddles || failed.contains(&(base, level)) {
                     continue;
                 }
+                // A split that could not even start (no S-EPT page, BLOCK refused) left the
+                // leaf reachable: try again a few times before giving up on it.
                 let mut result = self.demote(base, level, AfterFailure::KeepBlocked);
-                if matches!(result, Err(FaultError::Seamcall { call, .. }) if call == BLOCK_CALL) {
-                    // Not even blocked: the guest still reaches the leaf. Once more.
-                    result = self.demote(base, level, AfterFailure::KeepBlocked);
-                    if matches!(result, Err(FaultError::Seamcall { call, .. }) if call == BLOCK_CALL)
-                    {
-                        self.bug("a huge leaf could not be blocked after the point of no return");
+                for _ in 1..ZAP_SPLIT_TRIES {
+                    if !result.as_ref().is_err_and(FaultError::left_unblocked) {
+                        break;
                     }
+                    result = self.demote(base, level, AfterFailure::KeepBlocked);
+                }
+                if result.as_ref().is_err_and(FaultError::left_unblocked)
+                    && self.block(base, level).status.is_error()
+                {
+                    // Its pages become error pages but stay reachable: the TD must stop.
+                    self.bug("a huge leaf could not be blocked after the point of no return");
                 }
                 match result {
                     Ok(()) => {

@@ -368,3 +368,28 @@ fn shared_and_out_of_range_gpas_are_not_private_faults() {
         Err(FaultError::Backing(BackingError::Shared))
     );
 }
+
+/// Regression: a zap whose split failed leaves the huge leaf blocked and its pages error
+/// pages; a later zap with an edge inside that leaf must not split it (which would make the
+/// error pages reachable again).
+#[test]
+fn a_leaf_given_up_by_one_zap_is_not_revived_by_the_next() {
+    use crate::module::{FaultResult, FaultRule};
+    let t = td(MmuPolicy::OURS);
+    t.accept(0, PageLevel::Size2M, 1);
+    t.module.inject(FaultRule::once(
+        CallKind::PageDemote,
+        FaultResult::Status(StatusCode::OperandInvalid.with_operand(1)),
+    ));
+    let r = t.mmu.zap(GpaRange::new(K4, 2 * K4).unwrap());
+    assert_eq!(r.poisoned, [(g(0), PageLevel::Size2M)]);
+    assert_eq!(t.leaf(0), (1, SeptState::Blocked));
+    let r = t.mmu.zap(GpaRange::new(8 * K4, 9 * K4).unwrap());
+    assert_eq!(r.demoted, 0);
+    assert_eq!(
+        t.leaf(8 * K4),
+        (1, SeptState::Blocked),
+        "still out of the guest's reach"
+    );
+    assert_eq!(t.mmu.bugged(), None);
+}
