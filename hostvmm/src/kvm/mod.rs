@@ -411,6 +411,9 @@ pub struct PrivateMmu {
     inhibited: Mutex<BTreeSet<u64>>,
     /// 2M ranges (by base GPA) split at some point: candidates for PROMOTE.
     merge_candidates: Mutex<BTreeSet<u64>>,
+    /// Leaves (base GPA, level) whose removal or split failed: left blocked, their pages are
+    /// error pages. Never split or unblocked again.
+    given_up: Mutex<BTreeSet<(u64, u8)>>,
     /// Set when a failure left an unsafe mapping: every later fault fails.
     bugged: Mutex<Option<&'static str>>,
     counters: Counters,
@@ -466,6 +469,7 @@ impl PrivateMmu {
             invalidate_seq: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
             merge_candidates: Mutex::new(BTreeSet::new()),
+            given_up: Mutex::new(BTreeSet::new()),
             bugged: Mutex::new(None),
             counters: Counters::default(),
         }
@@ -873,6 +877,17 @@ impl PrivateMmu {
     fn poison(&self, gpa: Gpa, level: PageLevel, report: &mut ZapReport) {
         inc(&self.counters.poisoned_leaves);
         report.poisoned.push((gpa, level));
+        self.given_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((gpa.as_u64(), level.index()));
+    }
+
+    fn is_given_up(&self, gpa: Gpa, level: PageLevel) -> bool {
+        self.given_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(gpa.as_u64(), level.index()))
     }
 
     // ---- zap path --------------------------------------------------------------------------
@@ -898,12 +913,15 @@ impl PrivateMmu {
                     continue;
                 }
                 let e = self.module.leaf(edge);
-                // A leaf still blocked here is one an earlier zap gave up on: its pages are
-                // error pages, and splitting it would make them reachable again.
-                if !(e.state.is_leaf() && !e.state.is_blocked() && e.level == level.index()) {
+                if !(e.state.is_leaf() && e.level == level.index()) {
                     continue;
                 }
                 let base = edge.align_down(level);
+                // A leaf an earlier zap gave up on holds error pages: splitting it would make
+                // them reachable again.
+                if self.is_given_up(base, level) {
+                    continue;
+                }
                 let straddles = base.as_u64() < range.end().as_u64()
                     && base.as_u64() + level.size() > range.start().as_u64();
                 if !straddles || failed.contains(&(base, level)) {
