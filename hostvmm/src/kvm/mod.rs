@@ -610,10 +610,18 @@ impl PrivateMmu {
         let leaf = self.module.leaf(g);
         if leaf.state.is_leaf() {
             let leaf_level = PageLevel::from_index(leaf.level as u64).unwrap_or(PageLevel::Size4K);
+            let base = g.align_down(leaf_level);
             return match requested {
                 Some(req) if req < leaf_level && leaf.state == SeptState::Pending => {
                     drop(guard);
                     self.fault_split(g, leaf_level)
+                }
+                // A leaf an earlier zap gave up on, while the backing has a usable page here
+                // again (the error pages' folio was punched out and replaced): retire it.
+                _ if leaf.state.is_blocked() && self.is_given_up(base, leaf_level) => {
+                    drop(guard);
+                    self.retire_given_up(base, leaf_level);
+                    Ok(FaultOutcome::Retry)
                 }
                 // Blocked (a zap or merge in flight) or mapped by another vCPU meanwhile.
                 _ => Ok(FaultOutcome::Retry),
@@ -883,6 +891,26 @@ impl PrivateMmu {
             .insert((gpa.as_u64(), level.index()));
     }
 
+    fn forget_given_up(&self, gpa: Gpa, level: PageLevel) {
+        self.given_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(gpa.as_u64(), level.index()));
+    }
+
+    /// Tries again to REMOVE a leaf an earlier zap gave up on (its pages stay error pages in
+    /// the backing; only the Secure-EPT entry is reclaimed).
+    fn retire_given_up(&self, base: Gpa, level: PageLevel) {
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        if self.block_track_remove(&[(base, level)]).removed > 0 {
+            self.forget_given_up(base, level);
+        }
+    }
+
     fn is_given_up(&self, gpa: Gpa, level: PageLevel) -> bool {
         self.given_up
             .lock()
@@ -918,8 +946,13 @@ impl PrivateMmu {
                 }
                 let base = edge.align_down(level);
                 // A leaf an earlier zap gave up on holds error pages: splitting it would make
-                // them reachable again.
+                // them reachable again. Try to remove it whole instead.
                 if self.is_given_up(base, level) {
+                    let r = self.block_track_remove(&[(base, level)]);
+                    report.removed += r.removed;
+                    if r.removed > 0 {
+                        self.forget_given_up(base, level);
+                    }
                     continue;
                 }
                 let straddles = base.as_u64() < range.end().as_u64()

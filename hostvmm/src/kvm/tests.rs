@@ -369,27 +369,47 @@ fn shared_and_out_of_range_gpas_are_not_private_faults() {
     );
 }
 
-/// Regression: a zap whose split failed leaves the huge leaf blocked and its pages error
-/// pages; a later zap with an edge inside that leaf must not split it (which would make the
-/// error pages reachable again).
+/// Regression: a zap whose split failed gives the huge leaf up (its pages become error
+/// pages); nothing may split it later, which would make the error pages reachable again. It is
+/// removed whole instead, now or by a later zap or fault, so that it does not block its GPAs
+/// forever (the soak found a guest looping on such a leaf after its folio was replaced).
 #[test]
-fn a_leaf_given_up_by_one_zap_is_not_revived_by_the_next() {
+fn a_leaf_given_up_by_a_zap_is_removed_whole_never_split() {
     use crate::module::{FaultResult, FaultRule};
     let t = td(MmuPolicy::OURS);
     t.accept(0, PageLevel::Size2M, 1);
+    // Both edges of [4K, 8K) fall in the 2M leaf: the first split fails, the second edge
+    // must not split it.
     t.module.inject(FaultRule::once(
         CallKind::PageDemote,
         FaultResult::Status(StatusCode::OperandInvalid.with_operand(1)),
     ));
     let r = t.mmu.zap(GpaRange::new(K4, 2 * K4).unwrap());
-    assert_eq!(r.poisoned, [(g(0), PageLevel::Size2M)]);
-    assert_eq!(t.leaf(0), (1, SeptState::Blocked));
-    let r = t.mmu.zap(GpaRange::new(8 * K4, 9 * K4).unwrap());
     assert_eq!(r.demoted, 0);
-    assert_eq!(
-        t.leaf(8 * K4),
-        (1, SeptState::Blocked),
-        "still out of the guest's reach"
-    );
+    assert_eq!(r.poisoned, [(g(0), PageLevel::Size2M)]);
+    assert_eq!(r.removed, 1, "removed whole at the second edge");
+    assert_eq!(t.leaf(0).1, SeptState::Free);
+
+    // Same, with the REMOVE failing too: the leaf stays blocked, and the next zap touching it
+    // removes it without splitting it.
+    t.accept(2 * M2, PageLevel::Size2M, 1);
+    t.module.inject(FaultRule::once(
+        CallKind::PageDemote,
+        FaultResult::Status(StatusCode::OperandInvalid.with_operand(1)),
+    ));
+    t.module.inject(FaultRule::once(
+        CallKind::PageRemove,
+        FaultResult::Status(StatusCode::OperandInvalid.with_operand(1)),
+    ));
+    let r = t
+        .mmu
+        .zap(GpaRange::new(2 * M2 + K4, 2 * M2 + 2 * K4).unwrap());
+    assert_eq!((r.demoted, r.removed), (0, 0));
+    assert_eq!(t.leaf(2 * M2), (1, SeptState::Blocked));
+    let r = t
+        .mmu
+        .zap(GpaRange::new(2 * M2 + 8 * K4, 2 * M2 + 9 * K4).unwrap());
+    assert_eq!((r.demoted, r.removed), (0, 1));
+    assert_eq!(t.leaf(2 * M2).1, SeptState::Free);
     assert_eq!(t.mmu.bugged(), None);
 }
