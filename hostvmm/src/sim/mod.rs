@@ -346,10 +346,6 @@ impl<'g> SimTd<'g> {
         &self.guest
     }
 
-    pub(crate) fn tracker(&self) -> Option<&LazyTracker<'g>> {
-        Some(self.guest.tracker)
-    }
-
     pub(crate) fn host_cost(
         &self,
         m0: &MmuStats,

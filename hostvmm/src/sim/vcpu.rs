@@ -223,10 +223,7 @@ impl<'a> SimVcpu<'a> {
                     self.leave();
                     self.stats.ves += 1;
                     self.charge(self.td.cost.ve);
-                    let Some(tracker) = self.td.tracker() else {
-                        self.die("#VE with no lazy-accept tracker".into());
-                        continue;
-                    };
+                    let tracker = self.td.guest().tracker;
                     let mut state = self.ve_state;
                     let mut hooks = self.hooks();
                     let verdict = handle_ve(self.id, &mut state, self, &mut hooks, tracker);
@@ -418,14 +415,12 @@ pub(crate) fn host_cost(
 ) -> u64 {
     let d = |a: u64, b: u64| b.saturating_sub(a);
     let exits = d(v0.ept_violations, v1.ept_violations);
-    let huge_maps = d(m0.maps[1], m1.maps[1]) + d(m0.maps[2], m1.maps[2]);
     let demotes = d(m0.fault_splits, m1.fault_splits) + d(m0.zap_demotes, m1.zap_demotes);
     let promotes = d(m0.promotes, m1.promotes);
     let removes: u64 = (0..3).map(|i| d(m0.removes[i], m1.removes[i])).sum();
     let small = d(m0.sept_adds, m1.sept_adds) + d(m0.tracks, m1.tracks) + removes;
     let chunks = d(v0.map_gpa_chunks, v1.map_gpa_chunks);
-    // One EPT exit includes one AUG; huge AUGs cost the same SEAMCALL (AUG does not zero).
-    let _ = huge_maps;
+    // One EPT exit includes its AUG, whatever the level (AUG does not zero the page).
     exits * cost.ept_exit
         + demotes * (cost.demote + 2 * cost.seamcall)
         + promotes * (cost.promote + 2 * cost.seamcall)
