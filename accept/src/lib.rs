@@ -13,7 +13,7 @@
 //!
 //! The engine never panics on what the host returns: every outcome is a value.
 #![no_std]
-#![cfg_attr(not(feature = "hw"), forbid(unsafe_code))]
+#![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
