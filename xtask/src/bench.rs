@@ -346,6 +346,20 @@ fn run_timeline(tdsim: &Path, host: &str, csv: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The checked-out commit, when the tree is a git work tree.
+fn commit(root: &Path) -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn nproc() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -665,8 +679,9 @@ fn report(c: &Ctx<'_>) -> String {
     );
     let _ = writeln!(
         o,
-        "This run: {} cells ({} simulated), `--sizes {}`, `--vcpus {}`, `--jobs {}`; machine: \
-         {} logical CPUs (nproc), {}; total {:.0} s including the build.\n",
+        "This run: commit {}, {} cells ({} simulated), `--sizes {}`, `--vcpus {}`, `--jobs {}`; \
+         machine: {} logical CPUs (nproc), {}; total {:.0} s including the build.\n",
+        commit(c.root),
         c.cells.len(),
         simulated,
         c.sizes
