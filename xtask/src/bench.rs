@@ -825,11 +825,11 @@ fn report(c: &Ctx<'_>) -> String {
         "\n![huge-mapping ratio during swiotlb](bench/swiotlb_huge_ratio.svg)\n\n\
          The plot samples the bounce pool every {TIMELINE_EVERY} scenario steps \
          (`tdsim run --timeline FILE`, the CSVs are in `bench/`), last point after the host's \
-         final merge pass. Our host merges in a background pass, which this scenario runs \
-         on vCPU 0 every 16 of its own bounces: the pool recovers at each pass while bounces \
-         keep splitting it, and once vCPU 0 has finished its bounces nothing merges until the \
-         host's final pass, which restores the optimum. The huge-page series never merges, so \
-         every bounced 2M range stays split; mainline KVM never maps 2M.\n"
+         final merge pass. Our host merges in a background pass, which this scenario runs on \
+         every vCPU after every 16 of its bounces: the pool recovers at each pass while \
+         bounces keep splitting it (a bounced range can only merge once the guest has accepted \
+         it back), and the host's final pass restores the optimum. The huge-page series never \
+         merges, so every bounced 2M range stays split; mainline KVM never maps 2M.\n"
     );
     for (host, rows) in c.timelines {
         let (mut lo, mut last) = (f64::MAX, 0.0);
