@@ -18,7 +18,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use accept::abi::{operand, GhciStatus, Gpa, GpaRange, PageLevel, StatusCode};
-use hostvmm::gmem::{HookError, InvalidateCtx, InvalidateHook, InvalidateReason, Shareability};
+use hostvmm::gmem::Shareability;
 use hostvmm::kvm::{BackingError, FaultError, YieldKicker};
 use hostvmm::module::{Access, CallKind, FaultResult, FaultRule, SeptState};
 use hostvmm::vmm::{ExitAction, Host, HostConfig};
@@ -198,42 +198,6 @@ impl Rng {
             0
         } else {
             self.next() % n
-        }
-    }
-}
-
-/// The invalidation hook the VMM uses (the host's own is private to `Host`): S-EPT pages for
-/// the edge DEMOTEs checked before the point of no return, zap at it.
-struct ZapHook<'a>(&'a Host);
-
-impl InvalidateHook for ZapHook<'_> {
-    fn prepare(&mut self, _range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
-        if ctx.reason == InvalidateReason::ToPrivate {
-            return Ok(());
-        }
-        let pool = self.0.mmu().sept_pool();
-        let got: Vec<u64> = (0..4).map_while(|_| pool.alloc()).collect();
-        let enough = got.len() == 4;
-        for p in got {
-            pool.free(p);
-        }
-        if enough {
-            Ok(())
-        } else {
-            Err(HookError::NoMemory)
-        }
-    }
-
-    fn abort(&mut self, _range: GpaRange, _ctx: InvalidateCtx) {}
-
-    fn invalidate(&mut self, range: GpaRange, ctx: InvalidateCtx, poison: &mut dyn FnMut(Gpa)) {
-        if ctx.reason == InvalidateReason::ToPrivate {
-            return;
-        }
-        for (gpa, level) in self.0.mmu().zap(range).poisoned {
-            for i in 0..level.pages_4k() {
-                poison(Gpa::new_truncate(gpa.as_u64() + i * K4));
-            }
         }
     }
 }
@@ -705,8 +669,7 @@ impl Soak {
         };
         self.touched.push((s, e));
         let range = GpaRange::new(s * K4, e * K4).expect("range");
-        let h = &self.h;
-        let r = h.gmem().punch_hole(range, &mut ZapHook(h));
+        let r = self.h.punch_hole(range);
         if let Err(err) = r {
             if !matches!(err, hostvmm::gmem::ConvertError::HookFailed { .. }) {
                 self.violation(format!("punch {range}: {err}"));

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use accept::abi::{operand, GhciStatus, Gpa, GpaRange, PageLevel, StatusCode, TdxStatus};
-use hostvmm::gmem::{GmemSnapshot, HookError, InvalidateCtx, InvalidateHook, InvalidateReason};
+use hostvmm::gmem::GmemSnapshot;
 use hostvmm::kvm::{BackingError, FaultError, YieldKicker};
 use hostvmm::module::{CallKind, FaultResult, FaultRule, SeptState};
 use hostvmm::vmm::{ExitAction, Host, HostConfig};
@@ -177,46 +177,9 @@ fn run_to_private_merge(h: &Host, t: &mut Tokens) -> Result<(), String> {
     Ok(())
 }
 
-/// A hook that does what the VMM's own MMU hook does: check the S-EPT page pool before the
-/// point of no return, zap at it and report what could not be zapped.
-struct ZapHook<'a>(&'a Host);
-
-impl InvalidateHook for ZapHook<'_> {
-    fn prepare(&mut self, _range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
-        if ctx.reason == InvalidateReason::ToPrivate {
-            return Ok(());
-        }
-        let pool = self.0.mmu().sept_pool();
-        let got: Vec<u64> = (0..4).map_while(|_| pool.alloc()).collect();
-        let enough = got.len() == 4;
-        for p in got {
-            pool.free(p);
-        }
-        if enough {
-            Ok(())
-        } else {
-            Err(HookError::NoMemory)
-        }
-    }
-
-    fn abort(&mut self, _range: GpaRange, _ctx: InvalidateCtx) {}
-
-    fn invalidate(&mut self, range: GpaRange, ctx: InvalidateCtx, poison: &mut dyn FnMut(Gpa)) {
-        if ctx.reason == InvalidateReason::ToPrivate {
-            return;
-        }
-        for (gpa, level) in self.0.mmu().zap(range).poisoned {
-            for i in 0..level.pages_4k() {
-                poison(Gpa::new_truncate(gpa.as_u64() + i * K4));
-            }
-        }
-    }
-}
-
 fn punch(h: &Host, s: u64, e: u64) -> Result<(), String> {
     let range = GpaRange::new(s, e).expect("range");
-    let mut g = h.gmem();
-    g.punch_hole(range, &mut ZapHook(h))
+    h.punch_hole(range)
         .map(|_| ())
         .map_err(|e| format!("punch {range}: {e}"))
 }

@@ -27,7 +27,7 @@ use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
 
 use crate::gmem::{
     ConvertError, ConvertMode, ConvertReport, FolioPool, GmemConfig, GmemError, GuestMemfd,
-    HookError, InvalidateCtx, InvalidateHook, InvalidateReason, Shareability,
+    HookError, InvalidateCtx, InvalidateHook, InvalidateReason, PunchReport, Shareability,
 };
 use crate::kvm::{
     BackingError, FaultError, FaultOutcome, Kicker, MmuPolicy, Pfn, PrivateBacking, PrivateMmu,
@@ -487,6 +487,17 @@ impl Host {
             self.mmu.note_private(range);
         }
         Ok(report)
+    }
+
+    /// Punches `range` out of the guest_memfd (fallocate PUNCH_HOLE): its private mappings
+    /// are zapped first, through the same hook as conversions.
+    ///
+    /// # Errors
+    /// The guest_memfd's [`ConvertError`]; nothing changed.
+    pub fn punch_hole(&self, range: GpaRange) -> Result<PunchReport, ConvertError> {
+        let mut g = lock(&self.gmem);
+        let mut hook = MmuHook::new(&self.mmu);
+        g.punch_hole(range, &mut hook)
     }
 
     /// Runs the MMU's merge pass (PROMOTE split ranges that became uniform again).
