@@ -131,6 +131,37 @@ impl TdxModule {
         }
     }
 
+    /// The preamble of a SEAMCALL on one S-EPT entry: decode the page-info operand (levels
+    /// `min..=max`), take the tree lock exclusively, walk to the entry.
+    fn walk_exclusive(
+        &self,
+        page_info: u64,
+        min: u8,
+        max: u8,
+    ) -> Result<(RwLockWriteGuard<'_, Tree>, WalkEnd, u64, u8), SeamcallResult> {
+        let (gpa, level) = self
+            .decode(page_info, min, max)
+            .map_err(SeamcallResult::status)?;
+        let tree = self.tree_exclusive().map_err(SeamcallResult::status)?;
+        let end = tree.walk(gpa, level, true);
+        Ok((tree, end, gpa, level))
+    }
+
+    /// As [`TdxModule::walk_exclusive`], with the tree lock shared.
+    fn walk_shared(
+        &self,
+        page_info: u64,
+        min: u8,
+        max: u8,
+    ) -> Result<(RwLockReadGuard<'_, Tree>, WalkEnd, u64, u8), SeamcallResult> {
+        let (gpa, level) = self
+            .decode(page_info, min, max)
+            .map_err(SeamcallResult::status)?;
+        let tree = self.tree_shared().map_err(SeamcallResult::status)?;
+        let end = tree.walk(gpa, level, true);
+        Ok((tree, end, gpa, level))
+    }
+
     fn tree_exclusive(&self) -> Result<RwLockWriteGuard<'_, Tree>, TdxStatus> {
         match self.tree.try_write() {
             Ok(g) => Ok(g),
@@ -331,15 +362,10 @@ impl TdxModule {
     /// [`TdxModule::range_block`] with a raw page-info operand.
     pub fn range_block_raw(&self, page_info: u64) -> SeamcallResult {
         self.seamcall(CallKind::RangeBlock, Some(page_info), || {
-            let (gpa, level) = match self.decode(page_info, 0, 2) {
+            let (mut tree, end, _, _) = match self.walk_exclusive(page_info, 0, 2) {
                 Ok(v) => v,
-                Err(s) => return SeamcallResult::status(s),
+                Err(r) => return r,
             };
-            let mut tree = match self.tree_exclusive() {
-                Ok(t) => t,
-                Err(s) => return SeamcallResult::status(s),
-            };
-            let end = tree.walk(gpa, level, true);
             if !end.reached {
                 return at_entry(rcx_status(StatusCode::EptWalkFailed), &tree, &end);
             }
@@ -386,15 +412,10 @@ impl TdxModule {
     /// [`TdxModule::range_unblock`] with a raw page-info operand.
     pub fn range_unblock_raw(&self, page_info: u64) -> SeamcallResult {
         self.seamcall(CallKind::RangeUnblock, Some(page_info), || {
-            let (gpa, level) = match self.decode(page_info, 0, 2) {
+            let (mut tree, end, _, _) = match self.walk_exclusive(page_info, 0, 2) {
                 Ok(v) => v,
-                Err(s) => return SeamcallResult::status(s),
+                Err(r) => return r,
             };
-            let mut tree = match self.tree_exclusive() {
-                Ok(t) => t,
-                Err(s) => return SeamcallResult::status(s),
-            };
-            let end = tree.walk(gpa, level, true);
             if !end.reached {
                 return at_entry(rcx_status(StatusCode::EptWalkFailed), &tree, &end);
             }
@@ -425,15 +446,10 @@ impl TdxModule {
     /// [`TdxModule::page_remove`] with a raw page-info operand.
     pub fn page_remove_raw(&self, page_info: u64) -> SeamcallResult {
         self.seamcall(CallKind::PageRemove, Some(page_info), || {
-            let (gpa, level) = match self.decode(page_info, 0, 2) {
+            let (tree, end, _, _) = match self.walk_shared(page_info, 0, 2) {
                 Ok(v) => v,
-                Err(s) => return SeamcallResult::status(s),
+                Err(r) => return r,
             };
-            let tree = match self.tree_shared() {
-                Ok(t) => t,
-                Err(s) => return SeamcallResult::status(s),
-            };
-            let end = tree.walk(gpa, level, true);
             let Some(slot) = tree.slot(end.node, end.idx).filter(|_| end.reached) else {
                 return at_entry(rcx_status(StatusCode::EptWalkFailed), &tree, &end);
             };
@@ -554,15 +570,10 @@ impl TdxModule {
     /// [`TdxModule::page_promote`] with a raw page-info operand.
     pub fn page_promote_raw(&self, page_info: u64) -> SeamcallResult {
         self.seamcall(CallKind::PagePromote, Some(page_info), || {
-            let (gpa, level) = match self.decode(page_info, 1, 2) {
+            let (mut tree, end, _, level) = match self.walk_exclusive(page_info, 1, 2) {
                 Ok(v) => v,
-                Err(s) => return SeamcallResult::status(s),
+                Err(r) => return r,
             };
-            let mut tree = match self.tree_exclusive() {
-                Ok(t) => t,
-                Err(s) => return SeamcallResult::status(s),
-            };
-            let end = tree.walk(gpa, level, true);
             if !end.reached {
                 return at_entry(rcx_status(StatusCode::EptWalkFailed), &tree, &end);
             }
@@ -614,15 +625,10 @@ impl TdxModule {
     pub fn sept_remove_raw(&self, page_info: u64) -> SeamcallResult {
         self.seamcall(CallKind::SeptRemove, Some(page_info), || {
             let top = self.config.gpaw.sept_levels() - 1;
-            let (gpa, level) = match self.decode(page_info, 1, top) {
+            let (mut tree, end, _, _) = match self.walk_exclusive(page_info, 1, top) {
                 Ok(v) => v,
-                Err(s) => return SeamcallResult::status(s),
+                Err(r) => return r,
             };
-            let mut tree = match self.tree_exclusive() {
-                Ok(t) => t,
-                Err(s) => return SeamcallResult::status(s),
-            };
-            let end = tree.walk(gpa, level, true);
             if !end.reached {
                 return at_entry(rcx_status(StatusCode::EptWalkFailed), &tree, &end);
             }
