@@ -9,16 +9,16 @@
 //! - `tracker`: `LazyTracker::accept_range` over a 4 GiB span of 2M units by 1, 2 and 4 threads
 //!   racing for the same units (setup of a fresh tracker included in each iteration).
 //!
-//! Run with `cargo bench -p accept --bench engine`.
+//! Run with `cargo bench -p tdmem-accept --bench engine`.
 
 use std::sync::atomic::AtomicU64;
 
-use accept::abi::{operand, GhciStatus, MapGpaOutcome, VeInfo, VpInfo};
-use accept::acceptor::{AcceptPolicy, Acceptor};
-use accept::tracker::{words_needed, LazyTracker, NoInterrupts, TrackerConfig};
-use accept::unaccepted::{build_table, UnacceptedTable};
-use accept::{Gpa, GpaRange, Gpaw, PageLevel, StatusCode, Tdcall, TdxStatus};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tdmem_accept::abi::{operand, GhciStatus, MapGpaOutcome, VeInfo, VpInfo};
+use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+use tdmem_accept::tracker::{words_needed, LazyTracker, NoInterrupts, TrackerConfig};
+use tdmem_accept::unaccepted::{build_table, UnacceptedTable};
+use tdmem_accept::{Gpa, GpaRange, Gpaw, PageLevel, StatusCode, Tdcall, TdxStatus};
 
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;

@@ -9,8 +9,8 @@
 
 use core::fmt;
 
-use x86_64::structures::paging::{PageSize, Size1GiB, Size2MiB, Size4KiB};
-use x86_64::PhysAddr;
+#[cfg(feature = "x86_64")]
+mod x86_64_interop;
 
 /// TDCALL leaf numbers (`RAX[15:0]`), `include/tdx_api_defs.h`.
 pub mod leaf {
@@ -359,9 +359,9 @@ impl PageLevel {
     /// Size in bytes.
     pub const fn size(self) -> u64 {
         match self {
-            PageLevel::Size4K => Size4KiB::SIZE,
-            PageLevel::Size2M => Size2MiB::SIZE,
-            PageLevel::Size1G => Size1GiB::SIZE,
+            PageLevel::Size4K => 1 << 12,
+            PageLevel::Size2M => 1 << 21,
+            PageLevel::Size1G => 1 << 30,
         }
     }
 
@@ -372,7 +372,7 @@ impl PageLevel {
 
     /// Number of 4K pages in a page of this level.
     pub const fn pages_4k(self) -> u64 {
-        self.size() / Size4KiB::SIZE
+        self.size() >> 12
     }
 
     /// The next smaller level, `None` at 4K.
@@ -587,22 +587,11 @@ impl Gpa {
     pub const fn pfn(self) -> u64 {
         self.0 >> 12
     }
-
-    /// As an `x86_64` physical address (always valid: GPAs are below 2^52).
-    pub fn as_phys_addr(self) -> PhysAddr {
-        PhysAddr::new_truncate(self.0)
-    }
 }
 
 impl From<Gpa> for u64 {
     fn from(g: Gpa) -> u64 {
         g.0
-    }
-}
-
-impl From<PhysAddr> for Gpa {
-    fn from(p: PhysAddr) -> Gpa {
-        Gpa(p.as_u64())
     }
 }
 

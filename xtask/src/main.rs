@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod e2e;
+mod publish;
 
 #[derive(Parser)]
 #[command(about = "tdmem build and test tasks")]
@@ -44,6 +45,12 @@ enum Cmd {
 
 /// The bare-metal target the guest engine must build for (firmware and kernels).
 const FIRMWARE_TARGET: &str = "x86_64-unknown-none";
+
+/// The guest engine's package (directory `accept/`).
+const GUEST_ENGINE: &str = "tdmem-accept";
+
+/// The firmware glue's package (directory `td-shim-ext/`).
+const FIRMWARE_GLUE: &str = "tdmem-firmware";
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -134,11 +141,11 @@ fn ci() -> Result<()> {
     ]);
     run("cargo clippy", c)?;
 
-    for features in [None, Some("hw")] {
+    for features in [None, Some("hw"), Some("hw,x86_64")] {
         // A real build (code generation and the TDCALL assembly), then clippy.
         for tool in ["build", "clippy"] {
             let mut c = cargo();
-            c.args([tool, "-p", "accept", "--target", FIRMWARE_TARGET]);
+            c.args([tool, "-p", GUEST_ENGINE, "--target", FIRMWARE_TARGET]);
             if let Some(f) = features {
                 c.args(["--features", f]);
             }
@@ -147,7 +154,7 @@ fn ci() -> Result<()> {
             }
             run(
                 &format!(
-                    "cargo {tool} -p accept --target {FIRMWARE_TARGET} (features: {features:?})"
+                    "cargo {tool} -p {GUEST_ENGINE} --target {FIRMWARE_TARGET} (features: {features:?})"
                 ),
                 c,
             )?;
@@ -178,6 +185,8 @@ fn ci() -> Result<()> {
     c.args(["doc", "--workspace", "--no-deps"]);
     c.env("RUSTDOCFLAGS", "-D warnings");
     run("cargo doc", c)?;
+
+    publish::check()?;
 
     let (passed, failed) = test_counts()?;
     e2e::e2e(false)?;
