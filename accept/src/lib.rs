@@ -1,4 +1,6 @@
-//! `accept`: the guest half of Intel TDX private memory management, `no_std`.
+#![doc = include_str!("../README.md")]
+//!
+//! ## Modules
 //!
 //! - [`abi`]: leaf numbers, statuses, levels, GPAs and the shared bit: the ABI both halves share.
 //! - [`tdcall`]: the one trait through which the engine calls the TDX module.
@@ -10,16 +12,18 @@
 //! - [`ve`]: the #VE handler for EPT violations on pending private pages.
 //! - [`parallel`]: boot-time acceptance shared by many vCPUs through one atomic cursor.
 //! - `hw` (feature `hw`, x86_64 only): the real TDCALL backend.
+//! - `testing` (feature `testing`): a scripted TDX-module fake for tests and examples.
 //!
 //! The engine never panics on what the host returns: every outcome is a value.
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-#[cfg(feature = "alloc")]
+#[cfg(feature = "testing")]
 extern crate alloc;
 #[cfg(test)]
 extern crate std;
@@ -27,10 +31,13 @@ extern crate std;
 pub mod abi;
 pub mod acceptor;
 pub mod convert;
+mod error;
 #[cfg(all(feature = "hw", target_arch = "x86_64"))]
 pub mod hw;
 pub mod parallel;
 pub mod tdcall;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tracker;
 pub mod unaccepted;
 pub mod ve;
