@@ -6,9 +6,6 @@
 //!   firmware accepts eagerly (handed to [`accept::parallel::BootJob`], which shares it across
 //!   vCPUs largest pages first), what the Linux-compatible unaccepted table records for the
 //!   kernel, and where that table goes in accepted memory.
-//! - [`selftest`]: the engine's boot self-test suite, run by the bare-metal test image and by
-//!   `tdhost --in-process`, with [`selftest::WireTdcall`], the TDCALL transport of the image.
-//! - [`wire`]: the framed request/answer protocol between the test image and `tdhost`.
 //!
 //! Use from a payload:
 //!
@@ -34,8 +31,6 @@ extern crate std;
 
 pub mod hob;
 pub mod plan;
-pub mod selftest;
-pub mod wire;
 
 pub use hob::{HobError, Resource, ResourceKind};
 pub use plan::{BootPlan, PlanConfig, PlanError, RangeList, TablePlacement};

@@ -25,7 +25,7 @@ use crate::{cargo, run, FIRMWARE_TARGET};
 const QEMU_PASS: i32 = 33;
 /// Whole-run bound for QEMU and `tdhost` each.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-/// Guest memory, as `td_shim_ext::selftest::MEMORY`.
+/// Guest memory, as `e2e_proto::selftest::MEMORY`.
 const GUEST_MEMORY: &str = "512M";
 /// Where `kvm_intel` says whether TDX is enabled.
 const TDX_PARAM: &str = "/sys/module/kvm_intel/parameters/tdx";

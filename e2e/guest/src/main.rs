@@ -4,7 +4,7 @@
 //!
 //! - **QEMU TCG** (default build): `qemu-system-x86_64 -kernel image` boots it through the PVH
 //!   note (boot.rs). TCG has no TDX, so every TDCALL and every memory touch of the self-test
-//!   is a request to `tdhost` over COM2 (`td_shim_ext::wire`), which runs the TDX-module
+//!   is a request to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module
 //!   emulator and the host half. When `tdhost` answers "inject #VE", the image executes
 //!   `int 20`: a real exception delivered through IDT gate 20 to the #VE handler (a software
 //!   interrupt, not a hardware-raised #VE; the log says so), which reads VE info and accepts
@@ -26,7 +26,7 @@ mod tdx;
 use core::panic::PanicInfo;
 
 use accept::ve::VeVerdict;
-use td_shim_ext::selftest::VeHandler;
+use e2e_proto::selftest::VeHandler;
 
 use arch::{Frame, Global, EXIT_FAIL, EXIT_PASS};
 
@@ -117,8 +117,8 @@ fn ve_entry(frame: &mut Frame) {
 mod qemu {
     //! The QEMU TCG run: the serial transport to `tdhost` and the bare-metal platform.
 
-    use td_shim_ext::selftest::{self, Channel, Platform, Scenario, VeHandler, WireMachine};
-    use td_shim_ext::wire::{self, Answer, Decoder, Request, MAX_FRAME};
+    use e2e_proto::selftest::{self, Channel, Platform, Scenario, VeHandler, WireMachine};
+    use e2e_proto::wire::{self, Answer, Decoder, Request, MAX_FRAME};
 
     use crate::arch::{self, COM2, EXIT_FAIL, EXIT_PASS};
     use crate::println;

@@ -10,9 +10,9 @@
 
 use accept::abi::GpaRange;
 use accept::hw::HwTdcall;
+use e2e_proto::selftest::{self, Machine, Scenario, TouchError, VeHandler};
 use td_shim_ext::hob::{self, ResourceKind};
 use td_shim_ext::plan::{RangeList, MAX_RANGES};
-use td_shim_ext::selftest::{self, Machine, Scenario, TouchError, VeHandler};
 
 use crate::arch::{self, EXIT_FAIL, EXIT_PASS};
 use crate::println;

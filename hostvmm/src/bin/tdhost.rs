@@ -1,13 +1,13 @@
 //! `tdhost`: the host half for the bare-metal test image, which runs under QEMU TCG (no TDX).
 //!
-//! The image's TDCALLs and memory touches arrive as frames of `td_shim_ext::wire` on a Unix
+//! The image's TDCALLs and memory touches arrive as frames of `e2e_proto::wire` on a Unix
 //! socket (QEMU connects its second serial port to it). Each request runs against
 //! [`hostvmm::vmm::Host`] (the TDX-module emulator, guest_memfd and private MMU) exactly as a
 //! vCPU's instruction would: the vCPU enters the TD, the module answers, and a TD exit goes to
 //! the host's exit handlers, after which the image is told to re-execute the instruction. A #VE
 //! the module injects becomes an "inject #VE" answer, which the image raises through its IDT.
 //!
-//! `tdhost --in-process` runs the same self-test (`td_shim_ext::selftest`) inside this process
+//! `tdhost --in-process` runs the same self-test (`e2e_proto::selftest`) inside this process
 //! against the same host code, with no QEMU: the requests and so every count are the same, which
 //! `cargo xtask e2e` checks.
 //!
@@ -29,18 +29,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use accept::abi::{vmcall, Gpa, PageLevel, StatusCode};
+use e2e_proto::selftest::{
+    self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine, IMAGE_END, MEMORY,
+};
+use e2e_proto::wire::{self, Answer, Decoder, Regs, Request};
 use hostvmm::kvm::YieldKicker;
 use hostvmm::module::{
     Access, AccessKind, AccessOutcome, CallKind, CallOutcome, SeptState, TdExit, TdcallOutcome,
     VmcallRegs,
 };
 use hostvmm::vmm::{ExitAction, Host, HostConfig};
-use td_shim_ext::selftest::{
-    self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine, IMAGE_END, MEMORY,
-};
-use td_shim_ext::wire::{self, Answer, Decoder, Regs, Request};
 
-/// Number of tests in `td_shim_ext::selftest::run`.
+/// Number of tests in `e2e_proto::selftest::run`.
 const TESTS: u64 = 7;
 
 /// The host side: the host half plus counters of what crossed the link.

@@ -29,8 +29,8 @@ use accept::unaccepted::UnacceptedTable;
 use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 use accept::Tdcall;
 
-use crate::plan::{BootPlan, PlanConfig};
 use crate::wire::{Answer, Regs, Request, MAX_ARGS};
+use td_shim_ext::plan::{BootPlan, PlanConfig};
 
 /// Guest memory of the QEMU scenario: `[0, MEMORY)` (QEMU `-m 512M`, the host's guest_memfd
 /// size).
@@ -499,7 +499,7 @@ pub fn run<M: Machine + ?Sized>(platform: &mut M, sc: &Scenario<'_>) -> Summary 
 
     // 3. Eager acceptance, largest pages first, through the parallel job (one worker here).
     let acceptor = Acceptor::new(gpaw, AcceptPolicy::default());
-    let mut ranges = [WHOLE; crate::plan::MAX_RANGES];
+    let mut ranges = [WHOLE; td_shim_ext::plan::MAX_RANGES];
     let n = plan.eager().copy_to(&mut ranges);
     let progress = [WorkerProgress::new()];
     let job = BootJob::new(&ranges[..n], &progress);

@@ -1,0 +1,20 @@
+//! Test support for the bare-metal image (`e2e/guest`) and `tdhost`: not firmware code.
+//!
+//! - [`wire`]: the framed request/answer protocol between the test image and `tdhost`.
+//! - [`selftest`]: the engine's boot self-test suite, run by the bare-metal test image and by
+//!   `tdhost --in-process`, with [`selftest::WireTdcall`], the TDCALL transport of the image.
+//!
+//! The firmware glue itself (HOB walk, boot plan, unaccepted table) is `tdmem-firmware`
+//! (`td-shim-ext/`).
+#![no_std]
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod selftest;
+pub mod wire;
