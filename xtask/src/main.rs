@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod e2e;
 mod publish;
+mod recipes;
 
 #[derive(Parser)]
 #[command(about = "tdmem build and test tasks")]
@@ -187,6 +188,7 @@ fn ci() -> Result<()> {
     run("cargo doc", c)?;
 
     publish::check()?;
+    recipes::check()?;
 
     let (passed, failed) = test_counts()?;
     e2e::e2e(false)?;
