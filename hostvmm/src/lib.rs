@@ -11,6 +11,9 @@
 //!   MapGPA included.
 //! - [`sim`]: the simulated TD: vCPU threads running the guest engine against the host half,
 //!   scenarios, invariants and reports (the `tdsim` binary).
+//!
+//! `docs/life-of-a-mapgpa.md` follows one conversion through these modules, from the guest's
+//! TDCALL to the Secure-EPT change, naming each file on the way.
 #![forbid(unsafe_code)]
 
 pub mod gmem;
