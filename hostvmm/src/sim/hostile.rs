@@ -2219,49 +2219,87 @@ pub fn run_all() -> Vec<Row> {
     catalogue().iter().map(run_behaviour).collect()
 }
 
-/// The rows as a table: behaviour, expected, observed, data lost, TDCALLs / bound, result.
-pub fn table(rows: &[Row]) -> String {
-    let head = [
-        "behaviour",
-        "expected verdict",
-        "observed verdict",
-        "data lost",
-        "tdcalls",
-        "result",
-    ];
-    let cells: Vec<[String; 6]> = rows
-        .iter()
-        .map(|r| {
-            [
-                r.name.to_string(),
-                r.expected.to_string(),
-                r.observed.to_string(),
-                r.private_data_lost.to_string(),
-                format!("{}/{}", r.tdcalls, r.bound),
-                if r.passed { "pass" } else { "FAIL" }.to_string(),
-            ]
-        })
-        .collect();
-    let mut width = head.map(str::len);
-    for row in &cells {
-        for (w, c) in width.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cols: &[String]| {
-        let mut s = String::new();
-        for (i, (c, w)) in cols.iter().zip(width).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
+/// Width of the table [`table`] prints (an 100-column terminal).
+pub const TABLE_WIDTH: usize = 100;
+
+/// Splits `text` into lines of at most `width` characters, at spaces where it can.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let width = width.max(8);
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for word in text.split(' ') {
+        let mut word = word.to_string();
+        while word.chars().count() > width {
+            if !cur.is_empty() {
+                lines.push(std::mem::take(&mut cur));
             }
-            s.push_str(&format!("{c:<w$}"));
+            let head: String = word.chars().take(width).collect();
+            word = word.chars().skip(width).collect();
+            lines.push(head);
         }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(&head.map(String::from));
-    out.push_str(&line(&width.map(|w| "-".repeat(w))));
-    for row in &cells {
-        out.push_str(&line(row));
+        let extra = usize::from(!cur.is_empty());
+        if cur.chars().count() + extra + word.chars().count() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(&word);
+    }
+    if !cur.is_empty() || lines.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
+/// The rows as a table no wider than [`TABLE_WIDTH`]: behaviour, result, private data lost,
+/// TDCALLs / bound, and the verdict (once when observed as expected; both, labelled, when not),
+/// wrapped under its own column.
+pub fn table(rows: &[Row]) -> String {
+    let name_w = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain(["behaviour".len()])
+        .max()
+        .unwrap_or(9);
+    let calls_w = rows
+        .iter()
+        .map(|r| format!("{}/{}", r.tdcalls, r.bound).len())
+        .chain(["tdcalls".len()])
+        .max()
+        .unwrap_or(7);
+    let prefix = format!("{:<name_w$}  {:<6}  {:>4}  {:>calls_w$}  ", "", "", "", "").len();
+    let verdict_w = TABLE_WIDTH.saturating_sub(prefix);
+    let mut out = format!(
+        "{:<name_w$}  {:<6}  {:>4}  {:>calls_w$}  verdict\n",
+        "behaviour", "result", "lost", "tdcalls"
+    );
+    out.push_str(&format!(
+        "{}  {}  {}  {}  {}\n",
+        "-".repeat(name_w),
+        "-".repeat(6),
+        "-".repeat(4),
+        "-".repeat(calls_w),
+        "-".repeat(verdict_w.min(40))
+    ));
+    for r in rows {
+        let verdict = if r.observed == r.expected {
+            r.observed.to_string()
+        } else {
+            format!("expected {}; observed {}", r.expected, r.observed)
+        };
+        let lines = wrap(&verdict, verdict_w);
+        out.push_str(&format!(
+            "{:<name_w$}  {:<6}  {:>4}  {:>calls_w$}  {}\n",
+            r.name,
+            if r.passed { "pass" } else { "FAIL" },
+            r.private_data_lost,
+            format!("{}/{}", r.tdcalls, r.bound),
+            lines.first().map_or("", String::as_str)
+        ));
+        for l in lines.iter().skip(1) {
+            out.push_str(&format!("{:prefix$}{l}\n", ""));
+        }
     }
     let passed = rows.iter().filter(|r| r.passed).count();
     let lost: u64 = rows.iter().map(|r| r.private_data_lost).sum();
@@ -2376,11 +2414,35 @@ mod tests {
     }
 
     #[test]
-    fn the_table_has_one_line_per_row_and_a_summary() {
+    fn the_table_has_a_line_per_row_and_a_summary() {
         let rows = vec![run_one("ve-shared-gpa").expect("in the catalogue")];
         let t = table(&rows);
-        assert_eq!(t.lines().count(), 4);
-        assert!(t.lines().nth(2).is_some_and(|l| l.ends_with("pass")));
+        let row = t.lines().nth(2).expect("the row");
+        assert!(row.starts_with("ve-shared-gpa") && row.contains(" pass "), "{row}");
         assert!(t.ends_with("1/1 behaviours pass; private data lost: 0\n"));
+    }
+
+    #[test]
+    fn the_table_fits_an_100_column_terminal() {
+        let rows = run_all();
+        let t = table(&rows);
+        for line in t.lines() {
+            assert!(
+                line.chars().count() <= TABLE_WIDTH,
+                "{} columns: {line}",
+                line.len()
+            );
+        }
+        assert_eq!(
+            t.lines().filter(|l| l.contains(" pass ")).count(),
+            rows.iter().filter(|r| r.passed).count()
+        );
+    }
+
+    #[test]
+    fn wrap_breaks_at_spaces_and_splits_long_words() {
+        assert_eq!(wrap("aaaa bbb cc", 8), ["aaaa bbb", "cc"]);
+        assert_eq!(wrap("abcdefghijkl", 8), ["abcdefgh", "ijkl"]);
+        assert_eq!(wrap("", 8), [""]);
     }
 }
