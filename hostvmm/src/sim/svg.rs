@@ -111,8 +111,10 @@ pub fn render(host: &Host, memory: u64, title: &str) -> String {
     let cols = 128u64.min(cells).max(1);
     let rows = cells.div_ceil(cols);
     let (cw, ch) = (6u64, 6u64);
-    let (left, top) = (10u64, 40u64);
-    let width = left * 2 + cols * cw + 260;
+    // The grid starts right of a column of row labels: the GPA each labelled row starts at.
+    let (margin, top) = (10u64, 40u64);
+    let left = margin + LABEL_WIDTH;
+    let width = left + margin + cols * cw + 260;
     let height = (top + rows * ch + 20).max(top + 8 * 22 + 20);
     let mut out = String::new();
     let _ = writeln!(
@@ -121,12 +123,12 @@ pub fn render(host: &Host, memory: u64, title: &str) -> String {
     );
     let _ = writeln!(
         out,
-        r#"<text x="{left}" y="20" font-size="14">{}</text>"#,
+        r#"<text x="{margin}" y="20" font-size="14">{}</text>"#,
         escape(title)
     );
     let _ = writeln!(
         out,
-        r##"<text x="{left}" y="34" fill="#555">one cell = {} MiB, rows of {} cells, GPA increasing left to right, top to bottom</text>"##,
+        r##"<text x="{margin}" y="34" fill="#555">one cell = {} MiB, rows of {} cells, GPA increasing left to right, top to bottom</text>"##,
         per * 2,
         cols
     );
@@ -153,7 +155,17 @@ pub fn render(host: &Host, memory: u64, title: &str) -> String {
             class.colour()
         );
     }
-    let lx = left * 2 + cols * cw;
+    let row_bytes = cols * per * M2;
+    for r in (0..rows).step_by(LABEL_EVERY_ROWS as usize) {
+        let _ = writeln!(
+            out,
+            r##"<text x="{}" y="{}" font-size="10" text-anchor="end" fill="#333">{}</text>"##,
+            left - 4,
+            top + r * ch + ch,
+            gpa_label(r * row_bytes)
+        );
+    }
+    let lx = left + margin + cols * cw;
     for (i, (class, colour, label)) in Class::ALL.iter().enumerate() {
         let y = top + i as u64 * 22;
         debug_assert!(Class::ALL[i].0 == *class);
@@ -168,8 +180,51 @@ pub fn render(host: &Host, memory: u64, title: &str) -> String {
     out
 }
 
+/// Width of the row-label column.
+const LABEL_WIDTH: u64 = 110;
+/// A row label every this many rows (labels are taller than a row).
+const LABEL_EVERY_ROWS: u64 = 4;
+
+/// A GPA as a row label: hexadecimal, with its size in GiB where it is a whole number of them.
+fn gpa_label(gpa: u64) -> String {
+    const G: u64 = 1 << 30;
+    if gpa % G == 0 {
+        format!("{gpa:#x} ({} GiB)", gpa / G)
+    } else {
+        format!("{gpa:#x}")
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kvm::YieldKicker;
+    use crate::vmm::HostConfig;
+
+    #[test]
+    fn rows_are_labelled_with_the_gpa_they_start_at() {
+        let memory = 64 << 30;
+        let host = Host::new(HostConfig::new(memory, 1), Arc::new(YieldKicker)).expect("host");
+        let svg = render(&host, memory, "t");
+        // 32768 blocks of 2M in cells of 2 blocks, rows of 128 cells: 512 MiB a row, a label
+        // every 4 rows, so every 2 GiB.
+        assert!(svg.contains(">0x0 (0 GiB)</text>"), "{svg}");
+        assert!(svg.contains(">0x80000000 (2 GiB)</text>"));
+        assert!(svg.contains(">0xf80000000 (62 GiB)</text>"));
+        assert!(!svg.contains("(64 GiB)"));
+    }
+
+    #[test]
+    fn labels_say_gib_only_for_whole_gib() {
+        assert_eq!(gpa_label(3 << 30), "0xc0000000 (3 GiB)");
+        assert_eq!(gpa_label(3 << 20), "0x300000");
+    }
 }
