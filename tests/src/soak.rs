@@ -346,12 +346,13 @@ impl Soak {
     }
 
     fn finish_counts(&mut self) {
-        let g = self.h.gmem();
+        let g = self.h.model();
         let injected = self.h.module().stats().injected
-            + g.pool().injector().failures()
-            + g.node_injector().failures();
-        let poisoned = g.poisoned_pages();
+            + g.as_ref().map_or(0, |g| {
+                g.pool().injector().failures() + g.node_injector().failures()
+            });
         drop(g);
+        let poisoned = self.h.gmem().poisoned_pages();
         self.report.faults_injected = self.past_injected + injected;
         self.report.poisoned_pages = self.past_poisoned + poisoned;
     }
@@ -422,7 +423,9 @@ impl Soak {
                 self.h.mmu().sept_pool().fail_next(1);
             }
             _ => {
-                let mut g = self.h.gmem();
+                let Some(mut g) = self.h.model() else {
+                    return;
+                };
                 if self.rng.below(2) == 0 {
                     g.pool_mut().injector_mut().fail_nth(skip);
                 } else {
@@ -435,9 +438,10 @@ impl Soak {
     fn disarm(&mut self) {
         self.h.module().clear_faults();
         self.h.mmu().sept_pool().fail_next(0);
-        let mut g = self.h.gmem();
-        g.pool_mut().injector_mut().clear();
-        g.node_injector_mut().clear();
+        if let Some(mut g) = self.h.model() {
+            g.pool_mut().injector_mut().clear();
+            g.node_injector_mut().clear();
+        }
     }
 
     fn step(&mut self, op: Op) {

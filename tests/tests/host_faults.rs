@@ -188,7 +188,7 @@ fn setup_punch(h: &Host, t: &mut Tokens) {
     setup_hole(h, t);
     map(h, SHARED | M2, M2).expect("second 2M shared");
     for p in [9 * K4, M2, M2 + K4] {
-        let mut g = h.gmem();
+        let mut g = h.model().expect("the guest_memfd model");
         g.host_map(Gpa::new_truncate(p)).expect("host map");
         g.host_unmap(Gpa::new_truncate(p)).expect("host unmap");
     }
@@ -257,7 +257,7 @@ fn observe(h: &Host, watch: &[u64], t: &Tokens) -> Observed {
     let mut pages: Vec<u64> = watch.iter().copied().chain(t.keys().copied()).collect();
     pages.sort_unstable();
     pages.dedup();
-    let gmem = h.gmem().snapshot();
+    let gmem = h.model().expect("the guest_memfd model").snapshot();
     let poisoned = h.gmem().poisoned_pages();
     Observed {
         leaves: pages
@@ -389,13 +389,13 @@ fn sept_pool_failure_in_a_conversion_answers_retry_and_changes_nothing() {
     let h = host();
     let mut t = Tokens::new();
     setup_2m_with_data(&h, &mut t);
-    let before = h.gmem().snapshot();
+    let before = h.model().expect("the guest_memfd model").snapshot();
     h.mmu().sept_pool().fail_next(1);
     assert_eq!(
         map_gpa_once(&h, SHARED | (9 * K4), K4),
         (GhciStatus::Retry, SHARED | (9 * K4))
     );
-    assert_eq!(h.gmem().snapshot(), before);
+    assert_eq!(h.model().expect("the guest_memfd model").snapshot(), before);
     assert_eq!(leaf(&h, 9 * K4), (1, SeptState::Mapped));
     run_to_shared(&h, &mut t).expect("the retry succeeds");
     assert_eq!(observe(&h, WATCH_2M, &t), want);
@@ -438,11 +438,15 @@ fn folio_pool_failure_in_the_fault_path_maps_nothing_and_the_retry_succeeds() {
         let h = host();
         let mut t = Tokens::new();
         (flow.setup)(&h, &mut t);
-        let before = h.gmem().snapshot();
-        h.gmem().pool_mut().injector_mut().fail_nth(0);
+        let before = h.model().expect("the guest_memfd model").snapshot();
+        h.model()
+            .expect("the guest_memfd model")
+            .pool_mut()
+            .injector_mut()
+            .fail_nth(0);
         let e = (flow.run)(&h, &mut t).expect_err(flow.name);
         assert!(e.contains("NoMemory"), "{}: {e}", flow.name);
-        let mut after = h.gmem().snapshot();
+        let mut after = h.model().expect("the guest_memfd model").snapshot();
         // The failed allocation is counted, not kept.
         after.pool = before.pool.clone();
         assert_eq!(after, before, "{}", flow.name);
@@ -463,9 +467,17 @@ fn node_allocation_failure_in_map_gpa_answers_retry_and_changes_nothing() {
             let h = host();
             let mut t = Tokens::new();
             (flow.setup)(&h, &mut t);
-            let a = h.gmem().node_injector().attempts();
+            let a = h
+                .model()
+                .expect("the guest_memfd model")
+                .node_injector()
+                .attempts();
             (flow.run)(&h, &mut t).expect("run");
-            let b = h.gmem().node_injector().attempts();
+            let b = h
+                .model()
+                .expect("the guest_memfd model")
+                .node_injector()
+                .attempts();
             b - a
         };
         assert!(attempts > 0, "{}: the conversion allocates", flow.name);
@@ -473,8 +485,11 @@ fn node_allocation_failure_in_map_gpa_answers_retry_and_changes_nothing() {
             let h = host();
             let mut t = Tokens::new();
             (flow.setup)(&h, &mut t);
-            let before = h.gmem().snapshot();
-            h.gmem().node_injector_mut().fail_nth(n);
+            let before = h.model().expect("the guest_memfd model").snapshot();
+            h.model()
+                .expect("the guest_memfd model")
+                .node_injector_mut()
+                .fail_nth(n);
             let (start, len) = if i == 3 {
                 (SHARED | (9 * K4), K4)
             } else {
@@ -486,7 +501,12 @@ fn node_allocation_failure_in_map_gpa_answers_retry_and_changes_nothing() {
                 "{}: node #{n}",
                 flow.name
             );
-            assert_eq!(h.gmem().snapshot(), before, "{}: node #{n}", flow.name);
+            assert_eq!(
+                h.model().expect("the guest_memfd model").snapshot(),
+                before,
+                "{}: node #{n}",
+                flow.name
+            );
             (flow.run)(&h, &mut t).unwrap_or_else(|e| panic!("{}: retry: {e}", flow.name));
             assert_eq!(observe(&h, flow.watch, &t), want, "{}", flow.name);
         }
@@ -515,22 +535,33 @@ fn node_allocation_failure_to_private_answers_retry_and_changes_nothing() {
     let attempts = {
         let h = host();
         setup(&h);
-        let a = h.gmem().node_injector().attempts();
+        let a = h
+            .model()
+            .expect("the guest_memfd model")
+            .node_injector()
+            .attempts();
         run(&h).expect("run");
-        let b = h.gmem().node_injector().attempts();
+        let b = h
+            .model()
+            .expect("the guest_memfd model")
+            .node_injector()
+            .attempts();
         b - a
     };
     assert!(attempts > 0);
     for n in 0..attempts {
         let h = host();
         setup(&h);
-        let before = h.gmem().snapshot();
-        h.gmem().node_injector_mut().fail_nth(n);
+        let before = h.model().expect("the guest_memfd model").snapshot();
+        h.model()
+            .expect("the guest_memfd model")
+            .node_injector_mut()
+            .fail_nth(n);
         assert_eq!(
             map_gpa_once(&h, M2 + 8 * K4, 2 * K4),
             (GhciStatus::Retry, M2 + 8 * K4)
         );
-        assert_eq!(h.gmem().snapshot(), before);
+        assert_eq!(h.model().expect("the guest_memfd model").snapshot(), before);
         run(&h).expect("retry");
         let got = observe(
             &h,
@@ -546,10 +577,10 @@ fn sept_pool_failure_in_a_hole_punch_changes_nothing() {
     let h = host();
     let mut t = Tokens::new();
     setup_punch(&h, &mut t);
-    let before = h.gmem().snapshot();
+    let before = h.model().expect("the guest_memfd model").snapshot();
     h.mmu().sept_pool().fail_next(1);
     assert!(punch(&h, 9 * K4, 10 * K4).is_err());
-    assert_eq!(h.gmem().snapshot(), before);
+    assert_eq!(h.model().expect("the guest_memfd model").snapshot(), before);
     run_punch(&h, &mut t).expect("retry");
     check_td(&h, &t, "punch");
 }
@@ -652,7 +683,7 @@ fn block_first_a_failed_block_answers_retry_and_changes_nothing() {
     let h = host();
     let mut t = Tokens::new();
     setup_2m_with_data(&h, &mut t);
-    let before = h.gmem().snapshot();
+    let before = h.model().expect("the guest_memfd model").snapshot();
     h.module().inject(FaultRule::once(
         CallKind::RangeBlock,
         FaultResult::Status(StatusCode::OperandInvalid.with_operand(operand::RCX)),
@@ -661,7 +692,7 @@ fn block_first_a_failed_block_answers_retry_and_changes_nothing() {
         map_gpa_once(&h, SHARED | (9 * K4), K4),
         (GhciStatus::Retry, SHARED | (9 * K4))
     );
-    assert_eq!(h.gmem().snapshot(), before);
+    assert_eq!(h.model().expect("the guest_memfd model").snapshot(), before);
     assert_eq!(leaf(&h, 9 * K4), (1, SeptState::Mapped));
     run_to_shared(&h, &mut t).expect("the retry succeeds");
     assert_eq!(h.gmem().poisoned_pages(), 0);

@@ -20,6 +20,7 @@
 //! implemented by the private MMU. It holds no page contents and is not thread-safe by itself
 //! (`&mut self` throughout; wrap it in a lock to share it).
 
+mod backend;
 mod error;
 mod folio;
 mod hook;
@@ -28,6 +29,7 @@ mod pool;
 mod ranges;
 mod stats;
 
+pub use backend::{BackendCall, ConversionBackend, RecordingBackend};
 pub use error::{ConvertError, ConvertPhase, GmemError};
 pub use hook::{
     HookCall, HookError, InvalidateCtx, InvalidateHook, InvalidateReason, NoopHook, RecordingHook,

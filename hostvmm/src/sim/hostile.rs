@@ -55,7 +55,7 @@ use crate::module::{
     Access, AccessOutcome, EntryLockGuard, ExtExitQual, SeptState, TdExit, TdcallOutcome,
     VmcallRegs,
 };
-use crate::vmm::{ExitAction, Host, HostConfig};
+use crate::vmm::{ExitAction, Host, HostConfig, SharedBackend};
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
@@ -2129,6 +2129,15 @@ pub struct Row {
 
 /// Runs one behaviour in a fresh lab.
 pub fn run_behaviour(b: &Behaviour) -> Row {
+    run_behaviour_on(b, None)
+}
+
+/// Makes the conversion backend of a behaviour's host (see [`run_all_on`]).
+pub type BackendFactory<'f> = &'f dyn Fn(&HostConfig) -> Result<SharedBackend, String>;
+
+/// Runs behaviour `b` on a host whose conversion backend `backend` makes (`None`: the
+/// guest_memfd model).
+pub fn run_behaviour_on(b: &Behaviour, backend: Option<BackendFactory<'_>>) -> Row {
     let fail = |detail: String| Row {
         name: b.name,
         expected: b.expected,
@@ -2139,7 +2148,14 @@ pub fn run_behaviour(b: &Behaviour) -> Row {
         passed: false,
         detail,
     };
-    let host = match Host::new(HostConfig::new(LAB_MEMORY, 1), Arc::new(YieldKicker)) {
+    let config = HostConfig::new(LAB_MEMORY, 1);
+    let host = match backend {
+        None => Host::new(config, Arc::new(YieldKicker)).map_err(|e| e.to_string()),
+        Some(make) => make(&config).and_then(|b| {
+            Host::with_backend(config, Arc::new(YieldKicker), b).map_err(|e| e.to_string())
+        }),
+    };
+    let host = match host {
         Ok(h) => h,
         Err(e) => return fail(format!("host: {e}")),
     };
@@ -2217,6 +2233,14 @@ pub fn run_one(name: &str) -> Option<Row> {
 /// Runs the whole catalogue.
 pub fn run_all() -> Vec<Row> {
     catalogue().iter().map(run_behaviour).collect()
+}
+
+/// Runs the whole catalogue with each host's conversion backend made by `backend`.
+pub fn run_all_on(backend: BackendFactory<'_>) -> Vec<Row> {
+    catalogue()
+        .iter()
+        .map(|b| run_behaviour_on(b, Some(backend)))
+        .collect()
 }
 
 /// Width of the table [`table`] prints (an 100-column terminal).
@@ -2418,7 +2442,10 @@ mod tests {
         let rows = vec![run_one("ve-shared-gpa").expect("in the catalogue")];
         let t = table(&rows);
         let row = t.lines().nth(2).expect("the row");
-        assert!(row.starts_with("ve-shared-gpa") && row.contains(" pass "), "{row}");
+        assert!(
+            row.starts_with("ve-shared-gpa") && row.contains(" pass "),
+            "{row}"
+        );
         assert!(t.ends_with("1/1 behaviours pass; private data lost: 0\n"));
     }
 

@@ -26,8 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
 
 use crate::gmem::{
-    ConvertError, ConvertMode, ConvertReport, FolioPool, GmemConfig, GmemError, GuestMemfd,
-    HookError, InvalidateCtx, InvalidateHook, InvalidateReason, PunchReport, Shareability,
+    ConversionBackend, ConvertError, ConvertMode, ConvertReport, FolioPool, GmemConfig, GmemError,
+    GuestMemfd, HookError, InvalidateCtx, InvalidateHook, InvalidateReason, PunchReport,
+    Shareability,
 };
 use crate::kvm::{
     BackingError, FaultError, FaultOutcome, Kicker, MmuPolicy, Pfn, PrivateBacking, PrivateMmu,
@@ -112,12 +113,15 @@ pub enum HostError {
     Pool(String),
 }
 
-/// The MMU's view of the guest_memfd.
+/// The backend behind a [`Host`], shared with the MMU's fault path.
+pub type SharedBackend = Arc<Mutex<dyn ConversionBackend>>;
+
+/// The MMU's view of the conversion backend.
 struct GmemBacking {
-    gmem: Arc<Mutex<GuestMemfd>>,
+    gmem: SharedBackend,
 }
 
-fn lock(m: &Mutex<GuestMemfd>) -> MutexGuard<'_, GuestMemfd> {
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -280,7 +284,9 @@ pub enum ExitAction {
 pub struct Host {
     config: HostConfig,
     module: Arc<TdxModule>,
-    gmem: Arc<Mutex<GuestMemfd>>,
+    gmem: SharedBackend,
+    /// The same allocation as `gmem` when the backend is the guest_memfd model.
+    model: Option<Arc<Mutex<GuestMemfd>>>,
     mmu: Arc<PrivateMmu>,
     counters: Counters,
 }
@@ -301,17 +307,34 @@ impl Host {
     /// # Errors
     /// [`HostError`] for an unusable configuration.
     pub fn new(config: HostConfig, kicker: Arc<dyn Kicker>) -> Result<Host, HostError> {
+        let pool = FolioPool::new(GUEST_HPA_BASE, config.memory)
+            .map_err(|e| HostError::Pool(e.to_string()))?;
+        let model = Arc::new(Mutex::new(GuestMemfd::new(
+            GmemConfig::new(config.memory, config.folio_level),
+            pool,
+        )?));
+        let mut host = Host::with_backend(config, kicker, model.clone())?;
+        host.model = Some(model);
+        Ok(host)
+    }
+
+    /// Builds the module and the MMU over another conversion backend (a real guest_memfd, a
+    /// KVM_SET_MEMORY_ATTRIBUTES-style handler, a recording wrapper). The backend must cover
+    /// `config.memory` bytes, all private.
+    ///
+    /// # Errors
+    /// [`HostError`] for an unusable configuration.
+    pub fn with_backend(
+        config: HostConfig,
+        kicker: Arc<dyn Kicker>,
+        backend: SharedBackend,
+    ) -> Result<Host, HostError> {
         let module = Arc::new(TdxModule::new(config.module)?);
         let finalize = module.finalize();
         if !finalize.status.is_success() {
             log::warn!("finalize: {:?}", finalize.status);
         }
-        let pool = FolioPool::new(GUEST_HPA_BASE, config.memory)
-            .map_err(|e| HostError::Pool(e.to_string()))?;
-        let gmem = Arc::new(Mutex::new(GuestMemfd::new(
-            GmemConfig::new(config.memory, config.folio_level),
-            pool,
-        )?));
+        let gmem = backend;
         let backing = Arc::new(GmemBacking { gmem: gmem.clone() });
         let mmu = Arc::new(PrivateMmu::new(
             module.clone(),
@@ -324,6 +347,7 @@ impl Host {
             config,
             module,
             gmem,
+            model: None,
             mmu,
             counters: Counters::default(),
         })
@@ -344,9 +368,15 @@ impl Host {
         &self.mmu
     }
 
-    /// The guest_memfd, locked. Do not hold it across a call into the host.
-    pub fn gmem(&self) -> MutexGuard<'_, GuestMemfd> {
+    /// The conversion backend, locked. Do not hold it across a call into the host.
+    pub fn gmem(&self) -> MutexGuard<'_, dyn ConversionBackend + 'static> {
         lock(&self.gmem)
+    }
+
+    /// The guest_memfd model, locked, when it is the backend ([`Host::new`]); `None` for a
+    /// host built [`Host::with_backend`]. Do not hold it across a call into the host.
+    pub fn model(&self) -> Option<MutexGuard<'_, GuestMemfd>> {
+        self.model.as_deref().map(lock)
     }
 
     /// Counters so far.

@@ -103,7 +103,13 @@ fn map_gpa_validates_like_the_ghci() {
         GhciStatus::InvalidOperand
     );
     assert_eq!(h.stats().map_gpa_errors, 7);
-    assert_eq!(h.gmem().stats().conversions_to_shared, 0);
+    assert_eq!(
+        h.model()
+            .expect("the guest_memfd model")
+            .stats()
+            .conversions_to_shared,
+        0
+    );
 }
 
 #[test]
@@ -135,7 +141,7 @@ fn shared_hole_in_a_huge_page_and_back_restores_the_2m_mapping() {
     for i in 0..512 {
         access(&h, i * K4, Access::Write(i + 1));
     }
-    let folios = h.gmem().folio_count();
+    let folios = h.model().expect("the guest_memfd model").folio_count();
 
     // Private -> shared for one 4K page (a bounce buffer): DEMOTE once, REMOVE one page.
     assert_eq!(
@@ -147,7 +153,7 @@ fn shared_hole_in_a_huge_page_and_back_restores_the_2m_mapping() {
     assert_eq!(ok(&h, CallKind::PageDemote), 1);
     assert_eq!(ok(&h, CallKind::PageRemove), 1);
     assert_eq!(
-        h.gmem().folio_count(),
+        h.model().expect("the guest_memfd model").folio_count(),
         folios,
         "the folio is not split (seed 001)"
     );
@@ -164,14 +170,20 @@ fn shared_hole_in_a_huge_page_and_back_restores_the_2m_mapping() {
     assert_eq!(ok(&h, CallKind::PageAug), 2);
     assert_eq!(access(&h, 10 * K4, Access::Read), AccessOutcome::Ok(11));
     assert_eq!(access(&h, 9 * K4, Access::Read), AccessOutcome::Ok(0));
-    assert_eq!(h.gmem().folio_count(), folios);
+    assert_eq!(
+        h.model().expect("the guest_memfd model").folio_count(),
+        folios
+    );
 }
 
 #[test]
 fn shared_to_private_with_a_host_mapping_retries_at_that_page() {
     let h = host();
     assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
-    h.gmem().host_map(g(5 * K4)).unwrap();
+    h.model()
+        .expect("the guest_memfd model")
+        .host_map(g(5 * K4))
+        .unwrap();
     let (s, r) = map_gpa(&h, 0, M2, &never);
     assert_eq!((s, r), (GhciStatus::Retry, 5 * K4));
     assert_eq!(h.stats().map_gpa_eagain, 1);
@@ -179,7 +191,10 @@ fn shared_to_private_with_a_host_mapping_retries_at_that_page() {
     assert!(h
         .gmem()
         .is_uniform(GpaRange::new(0, M2).unwrap(), Shareability::Shared));
-    h.gmem().host_unmap(g(5 * K4)).unwrap();
+    h.model()
+        .expect("the guest_memfd model")
+        .host_unmap(g(5 * K4))
+        .unwrap();
     assert_eq!(map_gpa(&h, 0, M2, &never).0, GhciStatus::Success);
 }
 
@@ -187,7 +202,11 @@ fn shared_to_private_with_a_host_mapping_retries_at_that_page() {
 fn shared_to_private_with_a_transient_reference_completes_when_it_drops() {
     let h = host();
     assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
-    let token = h.gmem().get_ref(g(3 * K4)).unwrap();
+    let token = h
+        .model()
+        .expect("the guest_memfd model")
+        .get_ref(g(3 * K4))
+        .unwrap();
     assert_eq!(map_gpa(&h, 0, M2, &never).0, GhciStatus::Success);
     // Until the reference drops, the guest's accept of that page only gets "retry".
     let m = h.module();
@@ -201,7 +220,10 @@ fn shared_to_private_with_a_transient_reference_completes_when_it_drops() {
     let mut regs = VmcallRegs::default();
     assert_eq!(h.handle_exit(exit, &mut regs, &never), ExitAction::Resume);
     assert_eq!(leaf(&h, 3 * K4).1, SeptState::Free);
-    h.gmem().put_ref(token).unwrap();
+    h.model()
+        .expect("the guest_memfd model")
+        .put_ref(token)
+        .unwrap();
     let (s, _) = accept(&h, 3 * K4, PageLevel::Size4K);
     assert!(s.is_success());
 }
@@ -264,7 +286,7 @@ fn block_first_conversion_aborts_cleanly_when_a_later_block_fails() {
         map_gpa(&h, SHARED | (100 * K4), K4, &never).0,
         GhciStatus::Success
     );
-    let before = h.gmem().snapshot();
+    let before = h.model().expect("the guest_memfd model").snapshot();
     // Every BLOCK of the first run succeeds, the first BLOCK of the second run fails.
     h.module().inject(FaultRule {
         skip: 100,
@@ -280,7 +302,7 @@ fn block_first_conversion_aborts_cleanly_when_a_later_block_fails() {
         (GhciStatus::Retry, SHARED),
         "aborted before the point of no return"
     );
-    assert_eq!(h.gmem().snapshot(), before);
+    assert_eq!(h.model().expect("the guest_memfd model").snapshot(), before);
     // The first run was unblocked again: the guest still reads its data.
     assert_eq!(ok(&h, CallKind::RangeUnblock) - unblocks, 100);
     assert_eq!(leaf(&h, 5 * K4), (0, SeptState::Mapped));
