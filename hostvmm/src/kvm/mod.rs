@@ -692,6 +692,13 @@ impl PrivateMmu {
             // Another vCPU mapped it first.
             return Ok(FaultOutcome::Retry);
         }
+        if r.status.is(StatusCode::EptWalkFailed)
+            && r.rdx_state() == SeptState::NlBlocked.public_state()
+        {
+            // The module's walk stops at a blocked page table (`sept_manager.c`
+            // secure_ept_walk): a merge holds it blocked until PROMOTE or UNBLOCK.
+            return Ok(FaultOutcome::Retry);
+        }
         Err(FaultError::Seamcall {
             call: "TDH.MEM.PAGE.AUG",
             status: r.status,

@@ -736,12 +736,13 @@ impl TdxModule {
     /// logical processor inside a shared-mode SEAMCALL on that entry would (a test and
     /// simulation hook for the locking rules). Also holds the S-EPT tree lock shared, so the
     /// calls that take it exclusively (BLOCK, UNBLOCK, SEPT.REMOVE, PAGE.ADD) are refused with
-    /// BUSY meanwhile. `None` when the module's walk does not reach `level`, the entry is
-    /// already locked or the tree lock is held exclusively.
+    /// BUSY meanwhile. The walk goes through blocked page tables, as a call that walked
+    /// before the BLOCK may still hold the entry. `None` when the walk does not reach `level`,
+    /// the entry is already locked or the tree lock is held exclusively.
     pub fn hold_entry_lock(&self, gpa: Gpa, level: u8) -> Option<EntryLockGuard<'_>> {
         let shared = self.sept_lock.try_lock(LockMode::Shared)?;
         let tree = self.read_tree();
-        let end = tree.walk(gpa.as_u64(), level, false);
+        let end = tree.walk(gpa.as_u64(), level, true);
         if !end.reached {
             return None;
         }
