@@ -11,8 +11,8 @@ use accept::abi::{
 };
 use hostvmm::module::{
     Access, AccessOutcome, ModuleConfig, SeamcallResult, SeptState as S, TdExit,
-    TdcallOutcome as T, TdcallRegs, TdxModule, ATTR_SEPT_VE_DISABLE, HOST_PRIORITY_BUSY_TIMEOUT,
-    TDR_PA,
+    TdcallOutcome as T, TdcallRegs, TdxModule, VmcallRegs, ATTR_SEPT_VE_DISABLE,
+    HOST_PRIORITY_BUSY_TIMEOUT, TDR_PA,
 };
 use module_support::{gpa, size, st, Td, K4, M2};
 
@@ -582,4 +582,24 @@ fn veinfo_get_with_nothing_valid_returns_zeroed_outputs() {
 fn module_is_send_and_sync() {
     fn check<X: Send + Sync>() {}
     check::<TdxModule>();
+}
+
+/// `tdg_vp_vmcall.c` tdg_vp_vmcall refuses RCX with RAX, RCX or RSP selected or bits 63:32 set
+/// (OPERAND_INVALID|RCX); bits 31:16 select XMM registers and are accepted.
+#[test]
+fn vmcall_accepts_the_xmm_select_bits() {
+    let td = Td::runnable();
+    let regs = VmcallRegs {
+        mask: 0x00FF_FFCC,
+        gpr: [0; 16],
+    };
+    let out = td.m.tdg_vp_vmcall(0, regs).expect("inside");
+    assert!(matches!(out, T::Exit(TdExit::Vmcall(_))), "{out:?}");
+    td.m.vcpu_enter(0).expect("enter");
+    let bad = VmcallRegs {
+        mask: 1 << 32 | 0xFFCC,
+        gpr: [0; 16],
+    };
+    let out = td.m.tdg_vp_vmcall(0, bad).expect("inside");
+    assert_eq!(out, T::Completed(st(C::OperandInvalid, operand::RCX)));
 }

@@ -331,9 +331,10 @@ impl TdxModule {
 
     // ---- TDG.VP.VMCALL ---------------------------------------------------------------------
 
-    /// TDG.VP.VMCALL: exits to the host with the registers RCX exposes. A mask exposing RAX,
-    /// RCX or RSP, or with bits 63:16 set, fails with OPERAND_INVALID|RCX (model of the
-    /// module's mask check).
+    /// TDG.VP.VMCALL (`tdg_vp_vmcall.c` tdg_vp_vmcall): exits to the host with the registers
+    /// RCX bits 15:0 expose. A mask exposing RAX, RCX or RSP, or with bits 63:32 set, fails with
+    /// OPERAND_INVALID|RCX; bits 31:16 select XMM registers, which are allowed (and not
+    /// modelled).
     ///
     /// # Errors
     /// [`VcpuError`] when `vcpu` does not exist or is not inside the TD.
@@ -352,7 +353,7 @@ impl TdxModule {
                 })
             }
             None => {
-                const FORBIDDEN: u64 = !0xFFFF | 1 << 0 | 1 << 1 | 1 << 4;
+                const FORBIDDEN: u64 = !0xFFFF_FFFF | 1 << 0 | 1 << 1 | 1 << 4;
                 if regs.mask & FORBIDDEN != 0 {
                     TdcallOutcome::Completed(StatusCode::OperandInvalid.with_operand(operand::RCX))
                 } else {
