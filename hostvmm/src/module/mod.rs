@@ -1,27 +1,46 @@
-//! An emulator of the TDX module's Secure-EPT and of the memory SEAMCALLs and TDCALLs, as
-//! specified in `spec/tdx-module-memory.md` sections 1-7 (module 1.5.01 behaviour).
+//! An emulator of the TDX module's Secure-EPT and of the memory SEAMCALLs and TDCALLs, following
+//! the TDX module 1.5 source (intel/tdx-module, branch `tdx_1.5`, tag TDX_1.5.01) handler by
+//! handler. The audit of every handler against that source (what is modelled, what is not and
+//! why) is [`audit`] (`docs/module-audit.md`).
 //!
-//! [`TdxModule`] holds one TD: its Secure-EPT tree (nodes allocated on demand, per-entry locks),
-//! its op-state (build vs runnable), TLB epoch tracking with vCPU entry/exit accounting, the
-//! per-vCPU #VE information, and a sparse model of page contents (a `u64` token per 4K host
-//! page). Host calls are methods returning [`SeamcallResult`] (RAX, RCX, RDX as the module sets
-//! them); guest calls take a vCPU index and return what the guest or the host would see next
-//! ([`TdcallOutcome`], [`AccessOutcome`]). Every status is a value: no input panics.
+//! [`TdxModule`] holds one TD: its Secure-EPT tree (nodes allocated on demand), its op-state
+//! (build vs runnable), TLB epoch tracking with vCPU entry/exit accounting, the per-vCPU #VE
+//! information, and a sparse model of page contents (a `u64` token per 4K host page). Host
+//! calls are methods returning [`SeamcallResult`] (RAX, RCX, RDX as the module sets them);
+//! guest calls take a vCPU index and return what the guest or the host would see next
+//! ([`TdcallOutcome`], [`AccessOutcome`]); the calls that return data also have a raw-register
+//! form ([`TdcallRegs`]). Every status is a value: no input panics.
+//!
+//! Order of checks, as in every memory SEAMCALL handler of the source: op-state from the
+//! module's lookup table (`op_state_lookup.c`), page info and GPA (`helpers.c`
+//! verify_page_info_input, check_gpa_validity), the S-EPT tree lock, the walk (which stops at
+//! any entry without permissions, a blocked page table included: `sept_manager.c`
+//! secure_ept_walk), the entry lock, the entry state from the module's state table
+//! (`sept_state_lookup.c`), blocked-and-tracked, and only then the host physical address
+//! operands. Failures about an entry report it in the architectural encoding
+//! (`sept_manager.c` set_arch_septe_details_in_vmm_regs).
+//!
+//! Locking, as the source pins it down: the S-EPT tree lock is taken with try semantics,
+//! **shared** by PAGE.AUG, PAGE.REMOVE, PAGE.DEMOTE, PAGE.PROMOTE and SEPT.ADD, **exclusive** by
+//! RANGE.BLOCK, RANGE.UNBLOCK and SEPT.REMOVE (PAGE.ADD locks it implicitly through the TDR); a
+//! conflict is OPERAND_BUSY|SEPT_TREE. Every call on an entry then takes the entry lock, also
+//! with try semantics; guest ACCEPT takes only the entry lock, before it looks at the state. A
+//! host call that loses the entry lock marks the entry with host priority (`tdx_locks.h`
+//! sept_lock_acquire_host): guest calls on it get OPERAND_BUSY until a host call takes the lock,
+//! and a vCPU refused for longer than the timeout exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT
+//! ([`TdExit::HostPriorityBusyTimeout`], `tdx_td_dispatcher.c`). The tree's memory is guarded
+//! by a separate `RwLock`, held exclusively by calls that allocate or free S-EPT pages; this
+//! only serialises them with guest calls, which the module also allows.
 //!
 //! What it does not model: the PAMT (HPAs are not checked for ownership or double use), TDR /
-//! TDCS pages, measurement beyond a running digest of PAGE.ADD, L2 VMs, migration, and
-//! TDG.MEM.PAGE.ATTR.WR. Capabilities that differ between module versions are data
-//! ([`ModuleConfig`]) so that callers can be tested against each.
-//!
-//! Locking (spec §4): host calls take a tree lock with try semantics (shared for PAGE.ADD,
-//! PAGE.AUG and PAGE.REMOVE; exclusive for SEPT.ADD, RANGE.BLOCK, RANGE.UNBLOCK, DEMOTE,
-//! PROMOTE and SEPT.REMOVE, as the public source does for BLOCK; the split for the others is a
-//! model) and a per-entry lock bit taken with compare-and-swap under the shared lock. A host
-//! call that finds either taken returns `TDX_OPERAND_BUSY` (|SEPT_TREE or |RCX) instead of
-//! waiting; callers retry. Guest ACCEPT takes only the entry lock in the module; here it waits
-//! for an exclusive host call to finish, then takes the entry lock with try semantics
-//! (BUSY|RCX when a host call holds that entry). Model consequence: an exclusive host call can
-//! see BUSY|SEPT_TREE while a guest call is in flight on any entry.
+//! TDCS pages and their locks, measurement beyond a running digest of PAGE.ADD, L2 VMs,
+//! migration, and TDG.MEM.PAGE.ATTR.WR. Capabilities that differ between module versions are
+//! data ([`ModuleConfig`]) so that callers can be tested against each.
+
+/// The audit of every handler against the module source (`docs/module-audit.md`).
+pub mod audit {
+    #![doc = include_str!("../../../docs/module-audit.md")]
+}
 
 mod content;
 mod fault;
