@@ -190,7 +190,7 @@ impl TdxModule {
     /// The host-priority bookkeeping of `tdx_td_dispatcher.c` around every TDCALL: a refusal
     /// because of host priority returns OPERAND_BUSY to the guest, and once refusals have gone
     /// on for the timeout the vCPU exits to the host with TDX_HOST_PRIORITY_BUSY_TIMEOUT
-    /// instead (the TDCALL still completes with OPERAND_BUSY); any other outcome resets the
+    /// instead (the TDCALL still completes with OPERAND_BUSY); any other completion resets the
     /// count.
     fn host_priority(
         &self,
@@ -198,6 +198,8 @@ impl TdxModule {
         result: Result<TdcallOutcome, TdxStatus>,
     ) -> TdcallOutcome {
         match result {
+            // A TD exit leaves the dispatcher without its bookkeeping, so the count survives it.
+            Ok(outcome @ TdcallOutcome::Exit(_)) => outcome,
             Ok(outcome) => {
                 v.hp_refusals = 0;
                 outcome
@@ -340,7 +342,6 @@ impl TdxModule {
     /// [`VcpuError`] when `vcpu` does not exist or is not inside the TD.
     pub fn tdg_vp_vmcall(&self, vcpu: usize, regs: VmcallRegs) -> Result<TdcallOutcome, VcpuError> {
         let mut v = self.running_vcpu(vcpu)?;
-        v.hp_refusals = 0;
         let outcome = match self.faults.check(CallKind::VpVmcall, None) {
             Some(f) => {
                 self.counters.injected();
@@ -370,8 +371,9 @@ impl TdxModule {
                 }
             }
         };
-        if let TdcallOutcome::Exit(_) = outcome {
-            self.leave(&mut v);
+        match outcome {
+            TdcallOutcome::Exit(_) => self.leave(&mut v),
+            _ => v.hp_refusals = 0,
         }
         self.count(CallKind::VpVmcall, None, &outcome);
         Ok(outcome)
