@@ -94,12 +94,13 @@ rules! {
 
     // ---- §4 TDH.MR.FINALIZE and op-states ---------------------------------------------
     s4_finalize_moves_initialized_to_runnable_once:
-        "§4: TDH.MR.FINALIZE: INITIALIZED -> RUNNABLE; again -> OP_STATE_INCORRECT" => |rule| {
+        "§4: TDH.MR.FINALIZE: INITIALIZED -> RUNNABLE; again -> OP_STATE_INCORRECT, no operand \
+         (helpers.c check_any_td_state_map_tdcs_and_lock)" => |rule| {
         let td = Td::building(ModuleConfig::default());
         assert_eq!(td.m.op_state(), OpState::Initialized, "{rule}");
         assert!(td.m.finalize().status.is_success(), "{rule}");
         assert_eq!(td.m.op_state(), OpState::Runnable, "{rule}");
-        assert_eq!(td.m.finalize().status, st(C::OpStateIncorrect, operand::OP_STATE), "{rule}");
+        assert_eq!(td.m.finalize().status, C::OpStateIncorrect.status(), "{rule}");
     };
 
     // ---- §4 PAGE.ADD --------------------------------------------------------------------
@@ -117,11 +118,12 @@ rules! {
         assert_ne!(td.m.mrtd(), before, "{rule}: measured");
     };
     s4_page_add_only_before_finalize:
-        "§4 PAGE.ADD: only in op-state INITIALIZED" => |rule| {
+        "§4 PAGE.ADD: only in op-state INITIALIZED (op_state_lookup.c seamcall_state_lookup), \
+         else OP_STATE_INCORRECT with no operand" => |rule| {
         let td = Td::runnable();
         td.path(0, 0);
         let r = td.m.page_add(gpa(0), HPA_4K, 0);
-        assert_eq!(r.status, st(C::OpStateIncorrect, operand::OP_STATE), "{rule}");
+        assert_eq!(r.status, C::OpStateIncorrect.status(), "{rule}");
     };
     s4_page_add_not_free_is_state_incorrect_with_entry:
         "§4 PAGE.ADD: not FREE -> EPT_ENTRY_STATE_INCORRECT|RCX, RCX/RDX = entry" => |rule| {
@@ -178,11 +180,13 @@ rules! {
         assert_eq!(r.status, st(C::EptWalkFailed, operand::RCX), "{rule}: 4K inside a 2M leaf");
         assert_eq!((r.rdx_level(), r.rdx_state()), (1, S::Pending.public_state()), "{rule}");
     };
-    s4_page_aug_needs_runnable:
-        "§4 PAGE.AUG: runtime only (op-state RUNNABLE)" => |rule| {
+    s4_page_aug_is_allowed_before_finalize:
+        "§4 PAGE.AUG: allowed while INITIALIZED as well as RUNNABLE (op_state_lookup.c \
+         seamcall_state_lookup, row TDH.MEM.PAGE.AUG)" => |rule| {
         let td = Td::building(ModuleConfig::default());
         td.path(0, 0);
-        assert_eq!(td.m.page_aug(gpa(0), K4, HPA_4K).status, st(C::OpStateIncorrect, operand::OP_STATE), "{rule}");
+        assert!(td.m.page_aug(gpa(0), K4, HPA_4K).status.is_success(), "{rule}");
+        assert_eq!(td.m.leaf(gpa(0)).state, S::Pending, "{rule}");
     };
     s4_page_aug_level_is_a_capability:
         "§4 PAGE.AUG: 1G only with max_aug_level 1G" => |rule| {
@@ -603,7 +607,7 @@ rules! {
         assert!(td.m.page_aug(gpa(0x20_0000), M2, HPA_2M + size(1)).status.is_success(), "{rule}: other entries proceed");
         assert_eq!(td.m.range_block(gpa(0), M2).status.raw(), 0x8000_0200_0000_0092, "{rule}: exclusive calls see the tree busy");
         drop(guard);
-        assert!(td.m.range_block(gpa(0), M2).status.is_success(), "{rule}: after release");
+        let r = td.m.range_block(gpa(0), M2); assert!(r.status.is_success(), "{rule}: after release {r:x?}");
     };
 
     // ---- §5 ACCEPT walk cases -----------------------------------------------------------

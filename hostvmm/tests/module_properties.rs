@@ -491,6 +491,84 @@ fn concurrent_aug_and_accept_converge() {
     assert_eq!(m.check_tree(), Ok(()));
 }
 
+/// Retries a SEAMCALL while it is BUSY (tree lock, entry lock or host priority), kicking the
+/// vCPUs while TLB tracking is not done, as a host VMM does.
+fn retry(m: &TdxModule, call: impl Fn() -> hostvmm::module::SeamcallResult) -> TdxStatus {
+    for _ in 0..1_000_000 {
+        let r = call().status;
+        if r.is(StatusCode::OperandBusy)
+            || r.is(StatusCode::TlbTrackingNotDone)
+            || r.is(StatusCode::PreviousTlbEpochBusy)
+        {
+            m.kick_all();
+            std::thread::yield_now();
+            continue;
+        }
+        return r;
+    }
+    panic!("a SEAMCALL stayed busy");
+}
+
+/// A host thread maps, blocks, tracks, removes and re-maps 2M pages while two vCPU threads
+/// ACCEPT them, with a short host-priority timeout: shared and exclusive tree-lock holders,
+/// entry locks and host priority (`tdx_locks.h`) interleave on real threads without deadlock,
+/// every call ends in a status, no lock is left held and the tree stays well formed.
+#[test]
+fn host_and_guests_on_many_threads_never_deadlock() {
+    let td = Td::with(ModuleConfig {
+        vcpus: 2,
+        ..ModuleConfig::default()
+    });
+    td.m.set_hp_lock_timeout(2);
+    for r in 0..4u64 {
+        td.path(r * size(1), 1);
+    }
+    let m = &td.m;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for round in 0..60u64 {
+                for r in 0..4u64 {
+                    let g = gpa(r * size(1));
+                    let hpa = base(0) + ((round * 4 + r) % 16) * size(1);
+                    match m.walk(g, 1).state {
+                        SeptState::Free => {
+                            retry(m, || m.page_aug(g, M2, hpa));
+                        }
+                        SeptState::Mapped | SeptState::Pending => {
+                            retry(m, || m.range_block(g, M2));
+                            retry(m, || m.mem_track());
+                            let st = retry(m, || m.page_remove(g, M2));
+                            assert!(st.is_success(), "REMOVE: {st:?}");
+                        }
+                        other => panic!("unexpected state {other:?}"),
+                    }
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        for vcpu in 0..2usize {
+            let done = &done;
+            s.spawn(move || {
+                let mut r = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if !m.vcpu_in_td(vcpu) {
+                        m.vcpu_enter(vcpu).expect("enter");
+                    }
+                    let info = page_info(gpa((r % 4) * size(1)), M2);
+                    let _ = m.tdg_mem_page_accept(vcpu, info).expect("inside");
+                    if m.vcpu_in_td(vcpu) {
+                        m.vcpu_exit(vcpu).expect("exit");
+                    }
+                    r += 1;
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    assert_eq!(m.check_tree(), Ok(()));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

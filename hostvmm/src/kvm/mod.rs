@@ -319,6 +319,8 @@ pub struct MmuStats {
     pub poisoned_leaves: u64,
     /// Faults that found a zap in flight and asked the guest to retry.
     pub invalidation_retries: u64,
+    /// TD exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT (the vCPU is re-entered).
+    pub hp_timeouts: u64,
 }
 
 #[derive(Default)]
@@ -338,6 +340,7 @@ struct Counters {
     busy_retries: AtomicU64,
     poisoned_leaves: AtomicU64,
     invalidation_retries: AtomicU64,
+    hp_timeouts: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -370,6 +373,7 @@ impl Counters {
             busy_retries: get(&self.busy_retries),
             poisoned_leaves: get(&self.poisoned_leaves),
             invalidation_retries: get(&self.invalidation_retries),
+            hp_timeouts: get(&self.hp_timeouts),
         }
     }
 }
@@ -568,6 +572,18 @@ impl PrivateMmu {
         self.call("BLOCK", || self.module.range_block(gpa, level))
     }
 
+    // ---- host-priority timeout -------------------------------------------------------------
+
+    /// Handles a TD exit with TDX_HOST_PRIORITY_BUSY_TIMEOUT: the guest's TDCALL was refused
+    /// for too long because a host SEAMCALL has priority on an S-EPT entry. The module leaves
+    /// the vCPU ready to be re-entered with the TDCALL completed (`td_exit.c`
+    /// async_tdexit_internal: VCPU_READY, LAST_EXIT_ASYNC_TRAP), so nothing needs mapping:
+    /// the host yields to let its SEAMCALL through and re-enters the guest.
+    pub fn handle_host_priority_timeout(&self) {
+        inc(&self.counters.hp_timeouts);
+        std::thread::yield_now();
+    }
+
     // ---- fault path ------------------------------------------------------------------------
 
     /// Handles an EPT-violation TD exit on `gpa` with extended qualification `ext`.
@@ -674,6 +690,13 @@ impl PrivateMmu {
         }
         if r.status.is(StatusCode::EptEntryStateIncorrect) {
             // Another vCPU mapped it first.
+            return Ok(FaultOutcome::Retry);
+        }
+        if r.status.is(StatusCode::EptWalkFailed)
+            && r.rdx_state() == SeptState::NlBlocked.public_state()
+        {
+            // The module's walk stops at a blocked page table (`sept_manager.c`
+            // secure_ept_walk): a merge holds it blocked until PROMOTE or UNBLOCK.
             return Ok(FaultOutcome::Retry);
         }
         Err(FaultError::Seamcall {

@@ -413,3 +413,32 @@ fn a_leaf_given_up_by_a_zap_is_removed_whole_never_split() {
     assert_eq!(t.leaf(2 * M2).1, SeptState::Free);
     assert_eq!(t.mmu.bugged(), None);
 }
+
+/// AUG below a blocked page table fails with EPT_WALK_FAILED at the NL_BLOCKED entry
+/// (`sept_manager.c` secure_ept_walk); the fault path retries instead of failing the TD.
+#[test]
+fn a_fault_below_a_blocked_page_table_retries() {
+    let t = td(MmuPolicy::OURS);
+    let (s, _) = t.accept(0, PageLevel::Size4K, 1);
+    assert!(s.is_success());
+    assert_eq!(
+        t.leaf(0),
+        (0, SeptState::Mapped),
+        "a 4K page under a 2M page table"
+    );
+    assert!(t
+        .module
+        .range_block(g(0), PageLevel::Size2M)
+        .status
+        .is_success());
+    let ext = ExtExitQual::accept(0, 1, SeptState::NlBlocked, false);
+    assert_eq!(
+        t.mmu.handle_ept_violation(K4, ext).expect("no error"),
+        FaultOutcome::Retry
+    );
+    assert_eq!(
+        t.module.walk(g(K4), 0).state,
+        SeptState::Free,
+        "nothing mapped"
+    );
+}

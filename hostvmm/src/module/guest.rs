@@ -13,12 +13,12 @@ use accept::abi::{
 };
 
 use super::fault::FaultResult;
-use super::host::{lock_entry, unlock_store};
+use super::host::{lock_entry, release, unlock_store};
 use super::sept::{level_size, Word};
 use super::stats::{AccessKind, CallKind, CallOutcome};
 use super::{
-    Access, AccessOutcome, ExtExitQual, SeptState, TdExit, TdcallOutcome, TdxModule, VcpuError,
-    VcpuState, VmcallRegs, ATTR_SEPT_VE_DISABLE,
+    Access, AccessOutcome, ExtExitQual, SeptState, TdExit, TdcallOutcome, TdcallRegs, TdxModule,
+    VcpuError, VcpuState, VmcallRegs,
 };
 
 /// VMX exit qualification bits used for EPT violations.
@@ -26,6 +26,10 @@ const QUAL_READ: u64 = 1 << 0;
 const QUAL_WRITE: u64 = 1 << 1;
 const QUAL_GLA_VALID: u64 = 1 << 7;
 const QUAL_GLA_TRANSLATED: u64 = 1 << 8;
+/// Bits 12:7 of an EPT-violation exit qualification (GLA valid, translation, user, writable,
+/// execute-disable, NMI unblocking), which the module clears before a TD exit to the host but
+/// which a #VE carries (`td_other_exits.c` tdx_ept_violation_exit_to_vmm).
+const QUAL_CLEARED_ON_EXIT: u64 = 0x3F << 7;
 
 /// Chunks of a 2M (or, modelled, 1G) ACCEPT.
 const ACCEPT_CHUNKS: u64 = 512;
@@ -72,7 +76,10 @@ impl TdxModule {
                     FaultResult::Status(s) => TdcallOutcome::Completed(s),
                 }
             }
-            None => self.accept_body(vcpu, page_info),
+            None => {
+                let result = self.accept_body(vcpu, page_info);
+                self.host_priority(&mut v, result)
+            }
         };
         if let TdcallOutcome::Exit(_) = outcome {
             self.leave(&mut v);
@@ -81,97 +88,132 @@ impl TdxModule {
         Ok(outcome)
     }
 
-    fn accept_body(&self, vcpu: usize, page_info: u64) -> TdcallOutcome {
+    /// `tdg_mem_page_accept.c` tdg_mem_page_accept and check_tdaccept_failure, in the
+    /// module's order: page info (levels 0..=max) and GPA; the walk without any tree lock; a
+    /// walk that stops above the level gives PAGE_ALREADY_ACCEPTED at a MAPPED leaf, else an
+    /// ACCEPT-type EPT-violation exit (no lock taken); otherwise the guest side of the entry
+    /// lock is taken before any state check (`tdx_locks.h` sept_lock_acquire_guest: BUSY|RCX
+    /// when locked, BUSY|RCX when the host-priority bit is set), the entry is read again under
+    /// the lock, and: non-leaf -> PAGE_SIZE_MISMATCH, MAPPED -> PAGE_ALREADY_ACCEPTED, not
+    /// PENDING -> the exit, PENDING -> zeroing and MAPPED. `Err` is a host-priority refusal
+    /// (counted towards the timeout by the caller).
+    fn accept_body(&self, vcpu: usize, page_info: u64) -> Result<TdcallOutcome, TdxStatus> {
         let max = self.config.max_accept_level.index();
         let (gpa, level) = match self.decode(page_info, 0, max) {
             Ok(v) => v,
-            Err(s) => return TdcallOutcome::Completed(s),
+            Err(s) => return Ok(TdcallOutcome::Completed(s)),
         };
-        // The module's guest side takes no tree lock, only the entry lock. Here the walk waits
-        // for a host call holding the tree exclusively to finish: that is one of the orders
-        // the module allows, and it never gives a spurious BUSY for an unrelated entry.
         let tree = self.read_tree();
         let end = tree.walk(gpa, level, false);
-        let state = end.word.state();
-        let exit = |is_leaf: bool| {
+        // `td_other_exits.c` async_tdexit_ept_violation: a write, with the R/W/X bits of the
+        // entry where the walk stopped (always 0 here: MAPPED entries do not exit).
+        let exit = |word: Word, walk_level: u8| {
             TdcallOutcome::Exit(TdExit::EptViolation {
                 gpa,
                 exit_qualification: QUAL_WRITE,
-                ext: ExtExitQual::accept(level, end.level, state, is_leaf),
+                ext: ExtExitQual::accept(level, walk_level, word.state(), word.state().is_leaf()),
             })
         };
         if !end.reached {
-            // The walk stopped above the requested level.
-            return match state {
+            return Ok(match end.word.state() {
                 SeptState::Mapped => TdcallOutcome::Completed(
                     StatusCode::PageAlreadyAccepted.with_operand(u32::from(end.level)),
                 ),
-                s if s.is_leaf() => exit(true),
-                _ => exit(false),
-            };
+                _ => exit(end.word, end.level),
+            });
         }
-        match state {
-            // Any non-free non-leaf at the requested level (NL_BLOCKED too) is a size mismatch.
-            SeptState::NlMapped | SeptState::NlBlocked => TdcallOutcome::Completed(
-                StatusCode::PageSizeMismatch.with_operand(u32::from(level)),
-            ),
-            SeptState::Mapped => TdcallOutcome::Completed(
-                StatusCode::PageAlreadyAccepted.with_operand(u32::from(level)),
-            ),
-            SeptState::Free => exit(false),
-            SeptState::Blocked | SeptState::PendingBlocked => exit(true),
-            SeptState::Pending => {
-                let Some(slot) = tree.slot(end.node, end.idx) else {
-                    return exit(false);
-                };
-                let word = match lock_entry(slot) {
-                    Ok(w) => w,
-                    Err(_) => {
-                        return TdcallOutcome::Completed(
-                            StatusCode::OperandBusy.with_operand(operand::RCX),
-                        )
-                    }
-                };
-                // Re-check under the entry lock: a racing call may have changed it.
-                if word.state() != SeptState::Pending {
-                    unlock_store(slot, word);
-                    return TdcallOutcome::Completed(
-                        StatusCode::OperandBusy.with_operand(operand::RCX),
-                    );
+        let Some(slot) = tree.slot(end.node, end.idx) else {
+            return Ok(exit(end.word, end.level));
+        };
+        let busy = StatusCode::OperandBusy.with_operand(operand::RCX);
+        let word = match lock_entry(slot) {
+            Ok(w) if w.host_priority() => {
+                release(slot);
+                return Err(busy);
+            }
+            Ok(w) => w,
+            Err(_) => return Ok(TdcallOutcome::Completed(busy)),
+        };
+        let done = |status: TdxStatus| {
+            release(slot);
+            Ok(TdcallOutcome::Completed(status))
+        };
+        match word.state() {
+            SeptState::NlMapped | SeptState::NlBlocked => {
+                return done(StatusCode::PageSizeMismatch.with_operand(u32::from(level)))
+            }
+            SeptState::Mapped => {
+                return done(StatusCode::PageAlreadyAccepted.with_operand(u32::from(level)))
+            }
+            SeptState::Pending => {}
+            _ => {
+                release(slot);
+                return Ok(exit(word, level));
+            }
+        }
+        let hpa = word.hpa();
+        if level == 0 {
+            self.contents.zero(hpa, 1);
+            self.counters.zeroed(1);
+            unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
+            return Ok(TdcallOutcome::Completed(TdxStatus::SUCCESS));
+        }
+        let chunk_pages = level_size(level - 1) / 4096;
+        let chunk_bytes = chunk_pages * 4096;
+        let slice = u64::from(self.config.accept_slice_chunks);
+        let start = word.progress().min(ACCEPT_CHUNKS);
+        // The module looks for a pending interrupt after each slice. Emulated zeroing takes no
+        // time, so an interrupt not pending at the first slice boundary is taken as arriving
+        // after the ACCEPT: the run is one slice (interrupted) or all the rest, and costs O(1)
+        // either way.
+        let mut done_chunks = start + slice.min(ACCEPT_CHUNKS - start);
+        let interrupted = done_chunks < ACCEPT_CHUNKS
+            && self
+                .interrupts
+                .get(vcpu)
+                .is_some_and(|f| f.load(Ordering::Acquire) && f.swap(false, Ordering::AcqRel));
+        if !interrupted {
+            done_chunks = ACCEPT_CHUNKS;
+        }
+        let pages = (done_chunks - start) * chunk_pages;
+        self.contents
+            .zero(hpa.saturating_add(start * chunk_bytes), pages);
+        self.counters.zeroed(pages);
+        if interrupted {
+            unlock_store(slot, word.with_progress(done_chunks));
+            return Ok(TdcallOutcome::Interrupted);
+        }
+        unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
+        Ok(TdcallOutcome::Completed(TdxStatus::SUCCESS))
+    }
+
+    /// The host-priority bookkeeping of `tdx_td_dispatcher.c` around every TDCALL: a refusal
+    /// because of host priority returns OPERAND_BUSY to the guest, and once refusals have gone
+    /// on for the timeout the vCPU exits to the host with TDX_HOST_PRIORITY_BUSY_TIMEOUT
+    /// instead (the TDCALL still completes with OPERAND_BUSY); any other completion resets the
+    /// count.
+    fn host_priority(
+        &self,
+        v: &mut VcpuState,
+        result: Result<TdcallOutcome, TdxStatus>,
+    ) -> TdcallOutcome {
+        match result {
+            // A TD exit leaves the dispatcher without its bookkeeping, so the count survives it.
+            Ok(outcome @ TdcallOutcome::Exit(_)) => outcome,
+            Ok(outcome) => {
+                v.hp_refusals = 0;
+                outcome
+            }
+            Err(busy) => {
+                let timeout = self.hp_lock_timeout.load(Ordering::Acquire).max(1);
+                v.hp_refusals = v.hp_refusals.saturating_add(1);
+                if v.hp_refusals > timeout {
+                    v.hp_refusals = 0;
+                    self.counters.hp_timeout();
+                    TdcallOutcome::Exit(TdExit::HostPriorityBusyTimeout { guest_status: busy })
+                } else {
+                    TdcallOutcome::Completed(busy)
                 }
-                let hpa = word.hpa();
-                if level == 0 {
-                    self.contents.zero(hpa, 1);
-                    self.counters.zeroed(1);
-                    unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
-                    return TdcallOutcome::Completed(TdxStatus::SUCCESS);
-                }
-                let chunk_pages = level_size(level - 1) / 4096;
-                let chunk_bytes = chunk_pages * 4096;
-                let slice = u64::from(self.config.accept_slice_chunks);
-                let start = word.progress().min(ACCEPT_CHUNKS);
-                // The module looks for a pending interrupt after each slice. Emulated zeroing
-                // takes no time, so an interrupt not pending at the first slice boundary is
-                // taken as arriving after the ACCEPT: the run is one slice (interrupted) or
-                // all the rest, and costs O(1) either way.
-                let mut done = start + slice.min(ACCEPT_CHUNKS - start);
-                let interrupted = done < ACCEPT_CHUNKS
-                    && self.interrupts.get(vcpu).is_some_and(|f| {
-                        f.load(Ordering::Acquire) && f.swap(false, Ordering::AcqRel)
-                    });
-                if !interrupted {
-                    done = ACCEPT_CHUNKS;
-                }
-                let pages = (done - start) * chunk_pages;
-                self.contents
-                    .zero(hpa.saturating_add(start * chunk_bytes), pages);
-                self.counters.zeroed(pages);
-                if interrupted {
-                    unlock_store(slot, word.with_progress(done));
-                    return TdcallOutcome::Interrupted;
-                }
-                unlock_store(slot, Word::leaf(SeptState::Mapped, hpa));
-                TdcallOutcome::Completed(TdxStatus::SUCCESS)
             }
         }
     }
@@ -185,6 +227,7 @@ impl TdxModule {
     /// Outer: [`VcpuError`]. Inner: the module's status.
     pub fn tdg_vp_veinfo_get(&self, vcpu: usize) -> Result<Result<VeInfo, TdxStatus>, VcpuError> {
         let mut v = self.running_vcpu(vcpu)?;
+        v.hp_refusals = 0;
         let r = match self.faults.check(CallKind::VeInfoGet, None) {
             Some(f) => {
                 self.counters.injected();
@@ -203,15 +246,43 @@ impl TdxModule {
         Ok(r)
     }
 
+    /// [`TdxModule::tdg_vp_veinfo_get`] as the guest's registers see it
+    /// (`tdg_vp_veinfo_get.c` tdg_vp_veinfo_get): RCX exit reason, RDX exit qualification, R8
+    /// GLA, R9 GPA, R10 instruction length | information << 32. The outputs are zeroed before
+    /// anything is checked, so with nothing valid (NO_VALID_VE_INFO) they are all 0.
+    ///
+    /// # Errors
+    /// [`VcpuError`] when `vcpu` does not exist or is not inside the TD.
+    pub fn tdg_vp_veinfo_get_raw(&self, vcpu: usize) -> Result<TdcallRegs, VcpuError> {
+        Ok(match self.tdg_vp_veinfo_get(vcpu)? {
+            Ok(ve) => TdcallRegs {
+                rax: TdxStatus::SUCCESS.raw(),
+                rcx: u64::from(ve.exit_reason),
+                rdx: ve.exit_qualification,
+                r8: ve.gla,
+                r9: ve.gpa,
+                r10: u64::from(ve.instruction_length) | (u64::from(ve.instruction_info) << 32),
+                r11: 0,
+            },
+            Err(status) => TdcallRegs {
+                rax: status.raw(),
+                ..TdcallRegs::default()
+            },
+        })
+    }
+
     // ---- TDG.VP.INFO -----------------------------------------------------------------------
 
-    /// TDG.VP.INFO: GPA width, attributes (SEPT_VE_DISABLE when #VE on pending is off), vCPU
-    /// counts and this vCPU's index.
+    /// TDG.VP.INFO (`tdg_vp_info.c` tdg_vp_info): GPA width, the TD's attributes as set at
+    /// creation (SEPT_VE_DISABLE when the TD was created with #VE on pending pages off; a later
+    /// change of the PENDING_VE_DISABLE control by [`TdxModule::set_pending_ve`] does not show
+    /// here), vCPU counts and this vCPU's index.
     ///
     /// # Errors
     /// Outer: [`VcpuError`]. Inner: an injected status.
     pub fn tdg_vp_info(&self, vcpu: usize) -> Result<Result<VpInfo, TdxStatus>, VcpuError> {
-        let _v = self.running_vcpu(vcpu)?;
+        let mut v = self.running_vcpu(vcpu)?;
+        v.hp_refusals = 0;
         let r = match self.faults.check(CallKind::VpInfo, None) {
             Some(f) => {
                 self.counters.injected();
@@ -225,11 +296,7 @@ impl TdxModule {
             }
             None => Ok(VpInfo {
                 gpaw: self.config.gpaw,
-                attributes: if self.pending_ve() {
-                    0
-                } else {
-                    ATTR_SEPT_VE_DISABLE
-                },
+                attributes: self.attributes,
                 num_vcpus: self.config.vcpus,
                 max_vcpus: self.config.vcpus,
                 vcpu_index: u32::try_from(vcpu).unwrap_or(u32::MAX),
@@ -240,11 +307,36 @@ impl TdxModule {
         Ok(r)
     }
 
+    /// [`TdxModule::tdg_vp_info`] as the guest's registers see it: RCX the GPA width (48 or
+    /// 52), RDX the TD attributes, R8 number of vCPUs | maximum << 32, R9 this vCPU's index,
+    /// R10 the TDCALLs available (bit 0, TDG.SYS.RD), R11 0.
+    ///
+    /// # Errors
+    /// [`VcpuError`] when `vcpu` does not exist or is not inside the TD.
+    pub fn tdg_vp_info_raw(&self, vcpu: usize) -> Result<TdcallRegs, VcpuError> {
+        Ok(match self.tdg_vp_info(vcpu)? {
+            Ok(info) => TdcallRegs {
+                rax: TdxStatus::SUCCESS.raw(),
+                rcx: u64::from(info.gpaw.width()),
+                rdx: info.attributes,
+                r8: u64::from(info.num_vcpus) | (u64::from(info.max_vcpus) << 32),
+                r9: u64::from(info.vcpu_index),
+                r10: 1,
+                r11: 0,
+            },
+            Err(status) => TdcallRegs {
+                rax: status.raw(),
+                ..TdcallRegs::default()
+            },
+        })
+    }
+
     // ---- TDG.VP.VMCALL ---------------------------------------------------------------------
 
-    /// TDG.VP.VMCALL: exits to the host with the registers RCX exposes. A mask exposing RAX,
-    /// RCX or RSP, or with bits 63:16 set, fails with OPERAND_INVALID|RCX (model of the
-    /// module's mask check).
+    /// TDG.VP.VMCALL (`tdg_vp_vmcall.c` tdg_vp_vmcall): exits to the host with the registers
+    /// RCX bits 15:0 expose. A mask exposing RAX, RCX or RSP, or with bits 63:32 set, fails with
+    /// OPERAND_INVALID|RCX; bits 31:16 select XMM registers, which are allowed (and not
+    /// modelled).
     ///
     /// # Errors
     /// [`VcpuError`] when `vcpu` does not exist or is not inside the TD.
@@ -262,7 +354,7 @@ impl TdxModule {
                 })
             }
             None => {
-                const FORBIDDEN: u64 = !0xFFFF | 1 << 0 | 1 << 1 | 1 << 4;
+                const FORBIDDEN: u64 = !0xFFFF_FFFF | 1 << 0 | 1 << 1 | 1 << 4;
                 if regs.mask & FORBIDDEN != 0 {
                     TdcallOutcome::Completed(StatusCode::OperandInvalid.with_operand(operand::RCX))
                 } else {
@@ -279,8 +371,9 @@ impl TdxModule {
                 }
             }
         };
-        if let TdcallOutcome::Exit(_) = outcome {
-            self.leave(&mut v);
+        match outcome {
+            TdcallOutcome::Exit(_) => self.leave(&mut v),
+            _ => v.hp_refusals = 0,
         }
         self.count(CallKind::VpVmcall, None, &outcome);
         Ok(outcome)
@@ -353,7 +446,7 @@ impl TdxModule {
                 AccessKind::PendingExit,
                 AccessOutcome::Exit(TdExit::EptViolation {
                     gpa: page,
-                    exit_qualification: qual,
+                    exit_qualification: qual & !QUAL_CLEARED_ON_EXIT,
                     ext: ExtExitQual::PENDING,
                 }),
             ),
@@ -361,7 +454,7 @@ impl TdxModule {
                 AccessKind::EptExit,
                 AccessOutcome::Exit(TdExit::EptViolation {
                     gpa: page,
-                    exit_qualification: qual,
+                    exit_qualification: qual & !QUAL_CLEARED_ON_EXIT,
                     ext: ExtExitQual::NONE,
                 }),
             ),

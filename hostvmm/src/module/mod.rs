@@ -1,27 +1,46 @@
-//! An emulator of the TDX module's Secure-EPT and of the memory SEAMCALLs and TDCALLs, as
-//! specified in `spec/tdx-module-memory.md` sections 1-7 (module 1.5.01 behaviour).
+//! An emulator of the TDX module's Secure-EPT and of the memory SEAMCALLs and TDCALLs, following
+//! the TDX module 1.5 source (intel/tdx-module, branch `tdx_1.5`, tag TDX_1.5.01) handler by
+//! handler. The audit of every handler against that source (what is modelled, what is not and
+//! why) is [`audit`] (`docs/module-audit.md`).
 //!
-//! [`TdxModule`] holds one TD: its Secure-EPT tree (nodes allocated on demand, per-entry locks),
-//! its op-state (build vs runnable), TLB epoch tracking with vCPU entry/exit accounting, the
-//! per-vCPU #VE information, and a sparse model of page contents (a `u64` token per 4K host
-//! page). Host calls are methods returning [`SeamcallResult`] (RAX, RCX, RDX as the module sets
-//! them); guest calls take a vCPU index and return what the guest or the host would see next
-//! ([`TdcallOutcome`], [`AccessOutcome`]). Every status is a value: no input panics.
+//! [`TdxModule`] holds one TD: its Secure-EPT tree (nodes allocated on demand), its op-state
+//! (build vs runnable), TLB epoch tracking with vCPU entry/exit accounting, the per-vCPU #VE
+//! information, and a sparse model of page contents (a `u64` token per 4K host page). Host
+//! calls are methods returning [`SeamcallResult`] (RAX, RCX, RDX as the module sets them);
+//! guest calls take a vCPU index and return what the guest or the host would see next
+//! ([`TdcallOutcome`], [`AccessOutcome`]); the calls that return data also have a raw-register
+//! form ([`TdcallRegs`]). Every status is a value: no input panics.
+//!
+//! Order of checks, as in every memory SEAMCALL handler of the source: op-state from the
+//! module's lookup table (`op_state_lookup.c`), page info and GPA (`helpers.c`
+//! verify_page_info_input, check_gpa_validity), the S-EPT tree lock, the walk (which stops at
+//! any entry without permissions, a blocked page table included: `sept_manager.c`
+//! secure_ept_walk), the entry lock, the entry state from the module's state table
+//! (`sept_state_lookup.c`), blocked-and-tracked, and only then the host physical address
+//! operands. Failures about an entry report it in the architectural encoding
+//! (`sept_manager.c` set_arch_septe_details_in_vmm_regs).
+//!
+//! Locking, as the source pins it down: the S-EPT tree lock is taken with try semantics,
+//! **shared** by PAGE.AUG, PAGE.REMOVE, PAGE.DEMOTE, PAGE.PROMOTE and SEPT.ADD, **exclusive** by
+//! RANGE.BLOCK, RANGE.UNBLOCK and SEPT.REMOVE (PAGE.ADD locks it implicitly through the TDR); a
+//! conflict is OPERAND_BUSY|SEPT_TREE. Every call on an entry then takes the entry lock, also
+//! with try semantics; guest ACCEPT takes only the entry lock, before it looks at the state. A
+//! host call that loses the entry lock marks the entry with host priority (`tdx_locks.h`
+//! sept_lock_acquire_host): guest calls on it get OPERAND_BUSY until a host call takes the lock,
+//! and a vCPU refused for longer than the timeout exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT
+//! ([`TdExit::HostPriorityBusyTimeout`], `tdx_td_dispatcher.c`). The tree's memory is guarded
+//! by a separate `RwLock`, held exclusively by calls that allocate or free S-EPT pages; this
+//! only serialises them with guest calls, which the module also allows.
 //!
 //! What it does not model: the PAMT (HPAs are not checked for ownership or double use), TDR /
-//! TDCS pages, measurement beyond a running digest of PAGE.ADD, L2 VMs, migration, and
-//! TDG.MEM.PAGE.ATTR.WR. Capabilities that differ between module versions are data
-//! ([`ModuleConfig`]) so that callers can be tested against each.
-//!
-//! Locking (spec §4): host calls take a tree lock with try semantics (shared for PAGE.ADD,
-//! PAGE.AUG and PAGE.REMOVE; exclusive for SEPT.ADD, RANGE.BLOCK, RANGE.UNBLOCK, DEMOTE,
-//! PROMOTE and SEPT.REMOVE, as the public source does for BLOCK; the split for the others is a
-//! model) and a per-entry lock bit taken with compare-and-swap under the shared lock. A host
-//! call that finds either taken returns `TDX_OPERAND_BUSY` (|SEPT_TREE or |RCX) instead of
-//! waiting; callers retry. Guest ACCEPT takes only the entry lock in the module; here it waits
-//! for an exclusive host call to finish, then takes the entry lock with try semantics
-//! (BUSY|RCX when a host call holds that entry). Model consequence: an exclusive host call can
-//! see BUSY|SEPT_TREE while a guest call is in flight on any entry.
+//! TDCS pages and their locks, measurement beyond a running digest of PAGE.ADD, L2 VMs,
+//! migration, and TDG.MEM.PAGE.ATTR.WR. Capabilities that differ between module versions are
+//! data ([`ModuleConfig`]) so that callers can be tested against each.
+
+/// The audit of every handler against the module source (`docs/module-audit.md`).
+pub mod audit {
+    #![doc = include_str!("../../../docs/module-audit.md")]
+}
 
 mod content;
 mod fault;
@@ -31,7 +50,7 @@ mod sept;
 mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use accept::abi::{Gpa, Gpaw, PageLevel, TdxStatus, VeInfo};
 
@@ -41,6 +60,7 @@ pub use stats::{AccessKind, CallKind, CallOutcome, Stats};
 
 use content::Contents;
 use fault::Injector;
+use host::{LockMode, SeptTreeLock, TreeLockGuard};
 use sept::{level_size, Tree, Word};
 use stats::Counters;
 
@@ -49,6 +69,21 @@ pub const ATTR_SEPT_VE_DISABLE: u64 = 1 << 28;
 
 /// Operand id of R9 (TDH.MEM.PAGE.ADD's source page), `tdx_error_codes_defs.h`.
 pub const OPERAND_R9: u32 = 9;
+
+/// The physical address taken for the TD's root page (TDR): the RDX input of the memory
+/// SEAMCALLs, which DEMOTE and PROMOTE give back in RDX with INTERRUPTED_RESTARTABLE
+/// (`tdh_mem_page_demote.c`, `tdh_mem_page_promote.c`: original RCX and RDX restored). The
+/// emulator holds one TD and no TDR page, so the value is fixed.
+pub const TDR_PA: u64 = 0x00FF_FFFF_F000;
+
+/// TDX_HOST_PRIORITY_BUSY_TIMEOUT (`tdx_error_codes_defs.h`): the status of TDH.VP.ENTER when a
+/// vCPU exits because its guest calls were refused by host priority for too long.
+pub const HOST_PRIORITY_BUSY_TIMEOUT: TdxStatus = TdxStatus::from_raw(0x9000_0205_0000_0000);
+
+/// Default number of consecutive host-priority refusals of one vCPU's TDCALLs before the
+/// module exits to the host (the module counts TSC ticks against the TD's HP_LOCK_TIMEOUT; the
+/// emulator counts refusals, see [`TdxModule::set_hp_lock_timeout`]).
+pub const DEFAULT_HP_LOCK_TIMEOUT: u32 = 64;
 
 /// Module capabilities and TD configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,10 +162,12 @@ pub enum OpState {
 pub struct SeamcallResult {
     /// RAX.
     pub status: TdxStatus,
-    /// RCX: on S-EPT failures the entry found (model encoding, see [`EntryInfo::raw`]); the
-    /// removed page's HPA for PAGE.REMOVE; the freed S-EPT page for PROMOTE and SEPT.REMOVE.
+    /// RCX: on S-EPT failures the entry found in the architectural encoding (see
+    /// [`EntryInfo::raw`]); the removed page's HPA for PAGE.REMOVE; the freed S-EPT page for
+    /// PROMOTE and SEPT.REMOVE; the page-info input after INTERRUPTED_RESTARTABLE.
     pub rcx: u64,
-    /// RDX: on S-EPT failures, level (bits 2:0) | public state (bits 15:8).
+    /// RDX: on S-EPT failures, level (bits 2:0) | public state (bits 15:8); [`TDR_PA`] after
+    /// INTERRUPTED_RESTARTABLE.
     pub rdx: u64,
 }
 
@@ -261,6 +298,27 @@ pub enum TdExit {
     /// TDG.VP.VMCALL: the exposed registers (unexposed ones read as 0). The host answers by
     /// writing R10/R11 (and others) before resuming the guest.
     Vmcall(VmcallRegs),
+    /// TDH.VP.ENTER returned [`HOST_PRIORITY_BUSY_TIMEOUT`]: the vCPU's TDCALL was refused
+    /// because a host SEAMCALL has priority on the S-EPT entry, for longer than the timeout
+    /// (`tdx_td_dispatcher.c` tdx_td_dispatcher, `td_exit.c` async_tdexit_internal). The TDCALL
+    /// has completed with `guest_status` (OPERAND_BUSY) in the guest's RAX; the host re-enters
+    /// the vCPU, which resumes after the TDCALL.
+    HostPriorityBusyTimeout {
+        /// The status the guest's TDCALL returns.
+        guest_status: TdxStatus,
+    },
+}
+
+impl TdExit {
+    /// For an exit that completed the guest's TDCALL, the status the guest sees when it is
+    /// re-entered; `None` when the guest re-executes the instruction or reads the host's
+    /// answer (EPT violation, VMCALL).
+    pub const fn completed_status(&self) -> Option<TdxStatus> {
+        match self {
+            TdExit::HostPriorityBusyTimeout { guest_status } => Some(*guest_status),
+            _ => None,
+        }
+    }
 }
 
 /// What a TDCALL that can exit or be interrupted led to.
@@ -274,6 +332,26 @@ pub enum TdcallOutcome {
     /// A 2M/1G ACCEPT saved its progress because an interrupt was pending; the guest takes the
     /// interrupt and re-executes the same TDCALL, no status is returned.
     Interrupted,
+}
+
+/// A TDCALL's output registers as the guest sees them (the raw-register form of the calls that
+/// return data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TdcallRegs {
+    /// RAX: the completion status.
+    pub rax: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
 }
 
 /// A guest memory access.
@@ -321,20 +399,15 @@ pub struct EntryInfo {
 }
 
 impl EntryInfo {
-    /// The model encoding of the entry returned in RCX on failures: HPA bits 51:12, RWX
-    /// (bits 2:0) = 7 when MAPPED or NL_MAPPED, bit 7 for a leaf above 4K, public state in
-    /// bits 63:56. FREE encodes as 0.
+    /// The architectural encoding of the entry that the module returns in RCX on failures
+    /// (`sept_manager.c` set_arch_septe_details_in_vmm_regs): FREE is SVE (bit 63) alone; a
+    /// non-leaf is RWX only (7 NL_MAPPED, 0 NL_BLOCKED); a leaf is HPA | RWX (7 when MAPPED) |
+    /// memory type WB (bits 5:3) | IPAT (bit 6) | PS (bit 7, 4K leaves included) | SVE, and a
+    /// partly accepted 2M PENDING leaf also shows its ACCEPT counter in bits 20:12.
     pub const fn raw(&self) -> u64 {
-        let rwx = match self.state {
-            SeptState::Mapped | SeptState::NlMapped => 7,
-            _ => 0,
-        };
-        let big = if self.state.is_leaf() && self.level > 0 {
-            1 << 7
-        } else {
-            0
-        };
-        (self.hpa & 0x000F_FFFF_FFFF_F000) | rwx | big | ((self.state.public_state() as u64) << 56)
+        Word::leaf(self.state, self.hpa)
+            .with_progress(self.accept_progress)
+            .arch(self.level)
     }
 
     /// RDX on failures: level | public state << 8.
@@ -358,6 +431,8 @@ struct VcpuState {
     inside: bool,
     epoch: u64,
     ve: Option<VeInfo>,
+    /// Consecutive TDCALLs refused by host priority (`tdvps` hp_lock_busy and its start time).
+    hp_refusals: u32,
 }
 
 #[derive(Debug)]
@@ -384,13 +459,19 @@ const OP_RUNNABLE: u8 = 1;
 #[derive(Debug)]
 pub struct TdxModule {
     config: ModuleConfig,
+    /// The arena's memory lock (see `sept.rs`), not the module's tree lock.
     tree: RwLock<Tree>,
+    /// The module's S-EPT tree lock, with try semantics (see `host.rs`).
+    sept_lock: SeptTreeLock,
+    hp_lock_timeout: std::sync::atomic::AtomicU32,
     op_state: AtomicU8,
     epoch: Mutex<Epoch>,
     vcpus: Vec<Mutex<VcpuState>>,
     interrupts: Vec<AtomicBool>,
     host_interrupt: AtomicBool,
     pending_ve: AtomicBool,
+    /// The TD attributes fixed at creation (TDG.VP.INFO RDX).
+    attributes: u64,
     contents: Contents,
     counters: Counters,
     faults: Injector,
@@ -417,6 +498,8 @@ impl TdxModule {
         Ok(TdxModule {
             config,
             tree: RwLock::new(Tree::new(config.gpaw.sept_levels() - 1)),
+            sept_lock: SeptTreeLock::default(),
+            hp_lock_timeout: std::sync::atomic::AtomicU32::new(DEFAULT_HP_LOCK_TIMEOUT),
             op_state: AtomicU8::new(OP_INITIALIZED),
             epoch: Mutex::new(Epoch {
                 td_epoch: 1,
@@ -426,6 +509,11 @@ impl TdxModule {
             interrupts: (0..n).map(|_| AtomicBool::new(false)).collect(),
             host_interrupt: AtomicBool::new(false),
             pending_ve: AtomicBool::new(config.pending_ve),
+            attributes: if config.pending_ve {
+                0
+            } else {
+                ATTR_SEPT_VE_DISABLE
+            },
             contents: Contents::new(),
             counters: Counters::new(),
             faults: Injector::default(),
@@ -583,9 +671,23 @@ impl TdxModule {
         self.tree.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Walks towards the entry of `gpa` at `level` (0 = 4K .. 4) like the host-side walk and
-    /// returns the entry where it ended (the requested level, or a higher one where the walk
-    /// stopped at a leaf or FREE entry). Bits above the GPA width are ignored.
+    fn write_tree(&self) -> RwLockWriteGuard<'_, Tree> {
+        self.tree.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the host-priority timeout, in consecutive refusals of one vCPU's TDCALLs (at least
+    /// 1): the module's TDCS field HP_LOCK_TIMEOUT, which the host may write, counted in TSC
+    /// ticks there.
+    pub fn set_hp_lock_timeout(&self, refusals: u32) {
+        self.hp_lock_timeout
+            .store(refusals.max(1), Ordering::Release);
+    }
+
+    /// Walks towards the entry of `gpa` at `level` (0 = 4K .. 4) and returns the entry where it
+    /// ended (the requested level, or a higher one where the walk stopped at a leaf or FREE
+    /// entry). Bits above the GPA width are ignored. This is introspection, standing in for a
+    /// host's mirror page table: unlike the module's own walks it goes through NL_BLOCKED
+    /// page tables, where every SEAMCALL and TDCALL walk stops.
     pub fn walk(&self, gpa: Gpa, level: u8) -> EntryInfo {
         let tree = self.read_tree();
         let end = tree.walk(gpa.as_u64(), level, true);
@@ -650,11 +752,14 @@ impl TdxModule {
     }
 
     /// Holds the lock of the entry of `gpa` at `level` until the guard drops, as another
-    /// logical processor inside a call on that entry would (a test and simulation hook for the
-    /// locking rules of spec §4). Also holds the tree lock shared, so calls that need it
-    /// exclusively get BUSY|SEPT_TREE meanwhile. `None` when the walk does not reach `level` or
-    /// the entry is already locked.
+    /// logical processor inside a shared-mode SEAMCALL on that entry would (a test and
+    /// simulation hook for the locking rules). Also holds the S-EPT tree lock shared, so the
+    /// calls that take it exclusively (BLOCK, UNBLOCK, SEPT.REMOVE, PAGE.ADD) are refused with
+    /// BUSY meanwhile. The walk goes through blocked page tables, as a call that walked
+    /// before the BLOCK may still hold the entry. `None` when the walk does not reach `level`,
+    /// the entry is already locked or the tree lock is held exclusively.
     pub fn hold_entry_lock(&self, gpa: Gpa, level: u8) -> Option<EntryLockGuard<'_>> {
+        let shared = self.sept_lock.try_lock(LockMode::Shared)?;
         let tree = self.read_tree();
         let end = tree.walk(gpa.as_u64(), level, true);
         if !end.reached {
@@ -662,7 +767,8 @@ impl TdxModule {
         }
         host::lock_entry(tree.slot(end.node, end.idx)?).ok()?;
         Some(EntryLockGuard {
-            tree,
+            module: self,
+            _shared: shared,
             node: end.node,
             idx: end.idx,
         })
@@ -728,18 +834,21 @@ impl TdxModule {
     }
 }
 
-/// An entry lock held by [`TdxModule::hold_entry_lock`]; released on drop.
+/// An entry lock held by [`TdxModule::hold_entry_lock`]; released on drop. The entry's node
+/// cannot be freed meanwhile: SEPT.REMOVE needs the tree lock exclusively and PROMOTE needs
+/// every child's lock.
 #[derive(Debug)]
 pub struct EntryLockGuard<'a> {
-    tree: RwLockReadGuard<'a, Tree>,
+    module: &'a TdxModule,
+    _shared: TreeLockGuard<'a>,
     node: usize,
     idx: usize,
 }
 
 impl Drop for EntryLockGuard<'_> {
     fn drop(&mut self) {
-        if let Some(slot) = self.tree.slot(self.node, self.idx) {
-            slot.fetch_and(!Word::FREE.with_lock().0, Ordering::AcqRel);
+        if let Some(slot) = self.module.read_tree().slot(self.node, self.idx) {
+            host::release(slot);
         }
     }
 }

@@ -6,9 +6,13 @@
 //! allocated once an entry of that node is blocked, so a node costs 4 KiB like a real S-EPT
 //! page. Memory use therefore scales with the number of nodes, not with the TD size.
 //!
-//! This module does no locking of its own: the caller holds the tree `RwLock` (shared for
-//! calls that only change leaf entries, exclusive for structural changes) and uses the entry
-//! lock bit for per-entry exclusion under the shared lock. See `spec/tdx-module-memory.md` §3.
+//! This module does no locking of its own. The caller holds the tree `RwLock` (the memory
+//! lock of the arena: shared for walks and entry updates, exclusive for node allocation, node
+//! release and BEPOCH updates) and uses the entry lock bit and host-priority bit as the module
+//! uses TDEL and TDHP (`tdx_locks.h` sept_lock_acquire_host / sept_lock_acquire_guest). The
+//! module's own S-EPT tree lock, with its shared and exclusive modes, is modelled separately in
+//! `host.rs`. The architectural entry encoding the module reports in RCX on failures is built
+//! by [`Word::arch`] (`sept_manager.c` set_arch_septe_details_in_vmm_regs).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -127,12 +131,13 @@ impl SeptState {
 
 const STATE_MASK: u64 = 0xF;
 const LOCK_BIT: u64 = 1 << 4;
+const HP_BIT: u64 = 1 << 5;
 const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 const PROGRESS_SHIFT: u32 = 52;
 const PROGRESS_MASK: u64 = 0x3FF << PROGRESS_SHIFT;
 
-/// One entry word (model encoding, not the architectural one): state in bits 3:0, lock bit 4,
-/// address bits 51:12 (HPA of a leaf, or `child index << 12` of a non-leaf), ACCEPT progress
+/// One entry word (model encoding, not the architectural one): state in bits 3:0, lock bit 4
+/// (TDEL), host-priority bit 5 (TDHP), address bits 51:12 (HPA of a leaf, or `child index << 12` of a non-leaf), ACCEPT progress
 /// counter (in chunks, 0..=512) in bits 61:52.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Word(pub(crate) u64);
@@ -162,6 +167,52 @@ impl Word {
 
     pub(crate) const fn unlocked(self) -> Word {
         Word(self.0 & !LOCK_BIT)
+    }
+
+    /// The host-priority bit: a host SEAMCALL failed to take this entry's lock and guest
+    /// calls must leave the entry to it (`tdx_locks.h` sept_lock_acquire_host).
+    pub(crate) const fn host_priority(self) -> bool {
+        self.0 & HP_BIT != 0
+    }
+
+    pub(crate) const fn with_hp(self) -> Word {
+        Word(self.0 | HP_BIT)
+    }
+
+    pub(crate) const fn without_hp(self) -> Word {
+        Word(self.0 & !HP_BIT)
+    }
+
+    /// The architectural S-EPT entry the module reports in RCX on failures
+    /// (`sept_manager.c` set_arch_septe_details_in_vmm_regs): a FREE entry is only SVE
+    /// (bit 63); a non-leaf keeps only RWX (7 when NL_MAPPED, 0 when NL_BLOCKED, which
+    /// RANGE.BLOCK clears) and PS = 0; a leaf keeps RWX (7 only when MAPPED), the memory type WB
+    /// (bits 5:3 = 6), IPAT (bit 6), PS (bit 7, set for 4K leaves too), the HPA and SVE. The
+    /// HPA field of a 2M PENDING leaf also carries its ACCEPT counter (bits 20:12): the
+    /// source copies the entry before clearing the counter in its local copy.
+    pub(crate) const fn arch(self, level: u8) -> u64 {
+        const SVE: u64 = 1 << 63;
+        const RWX: u64 = 7;
+        const LEAF_ATTRS: u64 = (6 << 3) | (1 << 6) | (1 << 7);
+        let state = self.state();
+        match state {
+            SeptState::Free => SVE,
+            SeptState::NlMapped => RWX,
+            SeptState::NlBlocked => 0,
+            _ => {
+                let rwx = if matches!(state, SeptState::Mapped) {
+                    RWX
+                } else {
+                    0
+                };
+                let counter = if level == 1 && matches!(state, SeptState::Pending) {
+                    (self.progress() & 0x1FF) << 12
+                } else {
+                    0
+                };
+                (self.hpa() | counter) | rwx | LEAF_ATTRS | SVE
+            }
+        }
     }
 
     /// HPA of a leaf.
@@ -310,8 +361,11 @@ impl Tree {
         }
     }
 
-    /// Walks from the root towards `target` level. Non-leaf NL_BLOCKED entries are walked
-    /// through only when `through_blocked` (host-side walks); the guest's walk stops there.
+    /// Walks from the root towards `target` level. The module's walk (`sept_manager.c`
+    /// secure_ept_walk) stops at the requested level, at a leaf, or at any entry without
+    /// permissions: FREE, and NL_BLOCKED because RANGE.BLOCK clears a page table's RWX. Every
+    /// SEAMCALL and TDCALL walks that way (`through_blocked` false); `through_blocked` serves
+    /// only introspection, which reads the tree as a host's mirror page table would.
     pub(crate) fn walk(&self, gpa: u64, target: u8, through_blocked: bool) -> WalkEnd {
         let mut node = 0usize;
         let mut level = self.top;

@@ -177,6 +177,7 @@ pub(crate) struct Counters {
     access: [AtomicU64; 7],
     zeroed_4k: AtomicU64,
     injected: AtomicU64,
+    hp_timeouts: AtomicU64,
 }
 
 impl Counters {
@@ -191,6 +192,7 @@ impl Counters {
             access: Default::default(),
             zeroed_4k: AtomicU64::new(0),
             injected: AtomicU64::new(0),
+            hp_timeouts: AtomicU64::new(0),
         }
     }
 
@@ -225,6 +227,10 @@ impl Counters {
         self.injected.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn hp_timeout(&self) {
+        self.hp_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             calls: self
@@ -240,6 +246,7 @@ impl Counters {
             access: std::array::from_fn(|i| self.access[i].load(Ordering::Relaxed)),
             zeroed_4k: self.zeroed_4k.load(Ordering::Relaxed),
             injected: self.injected.load(Ordering::Relaxed),
+            hp_timeouts: self.hp_timeouts.load(Ordering::Relaxed),
         }
     }
 }
@@ -254,6 +261,8 @@ pub struct Stats {
     pub zeroed_4k: u64,
     /// Calls answered by a fault-injection rule.
     pub injected: u64,
+    /// TD exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT.
+    pub hp_timeouts: u64,
 }
 
 impl Stats {

@@ -323,6 +323,9 @@ impl Tdcall for SimVcpu<'_> {
                     let mut regs = VmcallRegs::default();
                     let action = self.host_exit(exit, &mut regs);
                     self.exit_fatal(action);
+                    if let Some(status) = exit.completed_status() {
+                        return status;
+                    }
                 }
             }
         }

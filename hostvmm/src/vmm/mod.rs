@@ -416,6 +416,10 @@ impl Host {
                     }
                 }
             }
+            TdExit::HostPriorityBusyTimeout { .. } => {
+                self.mmu.handle_host_priority_timeout();
+                ExitAction::Resume
+            }
             TdExit::Vmcall(r) => {
                 *regs = r;
                 if r.gpr[VmcallRegs::R10] == 0 && r.gpr[VmcallRegs::R11] == vmcall::MAP_GPA {

@@ -311,3 +311,17 @@ fn block_first_conversion_aborts_cleanly_when_a_later_block_fails() {
     assert_eq!(map_gpa(&h, SHARED, M2, &never).0, GhciStatus::Success);
     assert_eq!(leaf(&h, 5 * K4).1, SeptState::Free);
 }
+
+/// A TD exit with TDX_HOST_PRIORITY_BUSY_TIMEOUT (`tdx_td_dispatcher.c` tdx_td_dispatcher) maps
+/// nothing: the host re-enters the vCPU, whose TDCALL completed with OPERAND_BUSY.
+#[test]
+fn host_priority_timeout_exits_re_enter_the_guest() {
+    let h = host();
+    let mut regs = VmcallRegs::default();
+    let busy = StatusCode::OperandBusy.with_operand(accept::abi::operand::RCX);
+    let exit = TdExit::HostPriorityBusyTimeout { guest_status: busy };
+    assert_eq!(h.handle_exit(exit, &mut regs, &never), ExitAction::Resume);
+    assert_eq!(h.mmu().stats().hp_timeouts, 1);
+    assert_eq!(h.mmu().stats().faults, 0, "no fault handling");
+    assert_eq!(exit.completed_status(), Some(busy));
+}
