@@ -1,7 +1,7 @@
 //! Host half of TDX private/shared memory conversion.
 //!
 //! - [`module`]: an emulator of the TDX module's Secure-EPT and memory SEAMCALLs/TDCALLs
-//!   (`spec/tdx-module-memory.md` §1-§7): S-EPT tree, host calls, epochs, ACCEPT walk cases,
+//!   (`docs/tdx-module-memory.md` §1-§7): S-EPT tree, host calls, epochs, ACCEPT walk cases,
 //!   #VE delivery, page-content tokens, capabilities as data and fault injection.
 //! - [`kvm`]: a KVM-style private MMU: fault path at the guest's accept level, fault-path and
 //!   zap-path splits, PROMOTE back to huge mappings.

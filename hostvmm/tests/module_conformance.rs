@@ -1,4 +1,4 @@
-//! Conformance of the TDX-module emulator with `spec/tdx-module-memory.md`: one test per row of
+//! Conformance of the TDX-module emulator with `docs/tdx-module-memory.md`: one test per row of
 //! section 4 (transitions), per case of section 5 (ACCEPT walk) and section 6 (guest access),
 //! plus the page-info rules of section 1 and the VMCALL exit of section 7. Each test names the
 //! rule it checks; the rule text is repeated in its assertion messages.

@@ -1,5 +1,5 @@
 //! Property tests of the TDX-module emulator: random sequences of host and guest calls never
-//! reach a state `spec/tdx-module-memory.md` forbids. After every call the tree invariants
+//! reach a state `docs/tdx-module-memory.md` forbids. After every call the tree invariants
 //! hold, and the outcome is checked against an oracle built only from the public API:
 //! - PROMOTE succeeds only over 512 uniform children (all MAPPED or all PENDING, contiguous,
 //!   aligned HPAs) of a blocked and tracked entry;

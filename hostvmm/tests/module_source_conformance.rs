@@ -1,7 +1,7 @@
 //! Conformance of the TDX-module emulator with the module source itself (intel/tdx-module,
 //! branch `tdx_1.5`, tag TDX_1.5.01): each test names, in its doc comment, the source file and
 //! function whose behaviour it checks. These are the behaviours the digest in
-//! `spec/tdx-module-memory.md` got wrong or left open; `module_conformance.rs` keeps the rows
+//! `docs/tdx-module-memory.md` got wrong or left open; `module_conformance.rs` keeps the rows
 //! the digest gets right.
 
 mod module_support;
