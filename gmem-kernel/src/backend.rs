@@ -62,6 +62,27 @@ fn open_vm() -> Result<(Kvm, VmFd), KernelGmemError> {
     Ok((kvm, vm))
 }
 
+/// The first phase of a conversion ([`KernelGuestMemfd::reserve`]): the parts that change
+/// side, with their new side already allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a reservation is committed or cancelled"]
+pub struct Reservation {
+    to: Visibility,
+    runs: Vec<(u64, u64)>,
+}
+
+impl Reservation {
+    /// The parts that change side, as `(start, end)`.
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.runs
+    }
+
+    /// The side they move to.
+    pub fn to(&self) -> Visibility {
+        self.to
+    }
+}
+
 /// Counters of the kernel calls made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelGmemStats {
@@ -248,15 +269,26 @@ impl KernelGuestMemfd {
         Ok(())
     }
 
-    /// Converts `range` to `to`: allocates the `to` side, then punches the other side out.
-    /// Parts already on `to` keep their content.
-    ///
-    /// All-or-nothing: when allocation fails, what this call allocated is punched again and
-    /// nothing changed.
+    /// The shareability runs `(start, end, side)` in offset order.
+    pub fn runs(&self) -> Vec<(u64, u64, Visibility)> {
+        self.sides
+            .iter()
+            .map(|(r, v)| (r.start, r.end, *v))
+            .collect()
+    }
+
+    /// First phase of a conversion of `range` to `to`: allocates backing on the `to` side for
+    /// every part now on the other side. Nothing is visible yet: [`KernelGuestMemfd::commit`]
+    /// completes the conversion, [`KernelGuestMemfd::cancel`] undoes this.
     ///
     /// # Errors
-    /// [`KernelGmemError::OutOfRange`]; the kernel's `fallocate` error.
-    pub fn convert(&mut self, range: GpaRange, to: Visibility) -> Result<(), KernelGmemError> {
+    /// [`KernelGmemError::OutOfRange`]; the kernel's `fallocate` error, after punching again
+    /// what this call allocated (nothing changed).
+    pub fn reserve(
+        &mut self,
+        range: GpaRange,
+        to: Visibility,
+    ) -> Result<Reservation, KernelGmemError> {
         let (s, e) = self.check(range)?;
         let from = to.other();
         let runs: Vec<(u64, u64)> = self
@@ -274,14 +306,46 @@ impl KernelGuestMemfd {
                 return Err(err);
             }
         }
-        // The point of no return: the content of the side given up goes.
+        Ok(Reservation { to, runs })
+    }
+
+    /// Second phase: the point of no return. The parts move to the reservation's side and the
+    /// side they leave is punched out (its content is gone, as on hardware).
+    ///
+    /// # Errors
+    /// The kernel's error for a hole punch that failed; the conversion is complete anyway (the
+    /// page stays allocated on the side given up until the file is punched or closed).
+    pub fn commit(&mut self, reservation: Reservation) -> Result<(), KernelGmemError> {
+        let Reservation { to, runs } = reservation;
+        let mut first_err = None;
         for &(a, b) in &runs {
-            self.punch(from, a, b)?;
             self.sides.insert(a..b, to);
             self.stats.bytes_converted += b - a;
+            if let Err(e) = self.punch(to.other(), a, b) {
+                first_err.get_or_insert(e);
+            }
         }
         self.stats.conversions += 1;
-        Ok(())
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Undoes [`KernelGuestMemfd::reserve`]: punches the backing it allocated.
+    pub fn cancel(&mut self, reservation: Reservation) {
+        for &(a, b) in &reservation.runs {
+            let _ = self.punch(reservation.to, a, b);
+        }
+    }
+
+    /// Converts `range` to `to` ([`KernelGuestMemfd::reserve`], then
+    /// [`KernelGuestMemfd::commit`]). Parts already on `to` keep their content.
+    ///
+    /// All-or-nothing: when allocation fails, nothing changed.
+    ///
+    /// # Errors
+    /// [`KernelGmemError::OutOfRange`]; the kernel's `fallocate` error.
+    pub fn convert(&mut self, range: GpaRange, to: Visibility) -> Result<(), KernelGmemError> {
+        let r = self.reserve(range, to)?;
+        self.commit(r)
     }
 
     /// Punches `range` out of both files (the guest gave the memory back).

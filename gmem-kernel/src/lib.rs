@@ -19,7 +19,7 @@ mod error;
 mod sys;
 
 pub use backend::{
-    Capabilities, KernelGmemStats, KernelGuestMemfd, GUEST_MEMFD_FLAG_INIT_SHARED,
+    Capabilities, KernelGmemStats, KernelGuestMemfd, Reservation, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
 };
 pub use error::{KernelGmemError, Op};

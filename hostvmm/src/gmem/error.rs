@@ -129,6 +129,15 @@ pub enum ConvertError {
         #[source]
         source: HookError,
     },
+    /// [`ConvertPhase::Preallocate`]: the backend could not prepare the run at `offset` for a
+    /// reason other than memory (a kernel error of a real guest_memfd); nothing changed.
+    #[error("the backend refused the run at {offset}: {reason}")]
+    Backend {
+        /// Start of the run.
+        offset: Gpa,
+        /// The backend's own error, as text.
+        reason: String,
+    },
 }
 
 impl ConvertError {
@@ -136,7 +145,9 @@ impl ConvertError {
     pub const fn phase(&self) -> ConvertPhase {
         match self {
             ConvertError::OutOfRange { .. } => ConvertPhase::Validate,
-            ConvertError::NoMemory { .. } => ConvertPhase::Preallocate,
+            ConvertError::NoMemory { .. } | ConvertError::Backend { .. } => {
+                ConvertPhase::Preallocate
+            }
             ConvertError::Again { .. } => ConvertPhase::SafetyCheck,
             ConvertError::HookFailed { .. } => ConvertPhase::Prepare,
         }
@@ -148,7 +159,8 @@ impl ConvertError {
             ConvertError::OutOfRange { .. } => None,
             ConvertError::NoMemory { offset }
             | ConvertError::Again { offset }
-            | ConvertError::HookFailed { offset, .. } => Some(*offset),
+            | ConvertError::HookFailed { offset, .. }
+            | ConvertError::Backend { offset, .. } => Some(*offset),
         }
     }
 }

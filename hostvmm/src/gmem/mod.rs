@@ -24,6 +24,8 @@ mod backend;
 mod error;
 mod folio;
 mod hook;
+#[cfg(feature = "kernel-gmem")]
+mod kernel;
 mod memfd;
 mod pool;
 mod ranges;
@@ -34,6 +36,8 @@ pub use error::{ConvertError, ConvertPhase, GmemError};
 pub use hook::{
     HookCall, HookError, InvalidateCtx, InvalidateHook, InvalidateReason, NoopHook, RecordingHook,
 };
+#[cfg(feature = "kernel-gmem")]
+pub use kernel::KernelBackend;
 pub use memfd::{
     ConvertMode, ConvertReport, FolioInfo, FolioSnapshot, GmemConfig, GmemSnapshot, GuestMemfd,
     HostRefs, PfnInfo, PunchReport, RefRelease, RefToken,

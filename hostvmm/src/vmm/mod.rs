@@ -484,7 +484,9 @@ impl Host {
                     inc(&self.counters.map_gpa_eagain);
                     return (GhciStatus::Retry, offset.as_u64() | bit);
                 }
-                Err(ConvertError::NoMemory { .. }) | Err(ConvertError::HookFailed { .. }) => {
+                Err(ConvertError::NoMemory { .. })
+                | Err(ConvertError::HookFailed { .. })
+                | Err(ConvertError::Backend { .. }) => {
                     return (GhciStatus::Retry, cur | bit);
                 }
                 Err(ConvertError::OutOfRange { .. }) => return (GhciStatus::InvalidOperand, 0),
