@@ -221,14 +221,7 @@ impl ConversionBackend for KernelBackend {
         let runs = self.changing(range, to);
         let pages: u64 = runs.iter().map(|r| r.len() / PAGE).sum();
         if runs.is_empty() {
-            return Ok(ConvertReport {
-                to,
-                invalidated: Vec::new(),
-                pages_committed: 0,
-                deferred: Vec::new(),
-                cancelled: 0,
-                poisoned: 0,
-            });
+            return Ok(ConvertReport::noop(to));
         }
         // 1. Allocate the side taken up: the only step the kernel can refuse.
         let reservation = self

@@ -80,7 +80,7 @@ pub struct ConvertReport {
 }
 
 impl ConvertReport {
-    fn noop(to: Shareability) -> ConvertReport {
+    pub(crate) fn noop(to: Shareability) -> ConvertReport {
         ConvertReport {
             to,
             invalidated: Vec::new(),
