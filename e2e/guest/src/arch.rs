@@ -17,6 +17,22 @@ pub const EXIT_PASS: u8 = 0x10;
 /// On failure (QEMU exit status 35).
 pub const EXIT_FAIL: u8 = 0x11;
 
+/// Most vCPUs the image runs on (QEMU `-smp 4`).
+#[cfg(not(feature = "tdx"))]
+pub const MAX_CPUS: usize = 4;
+/// The local APIC's registers (xAPIC MMIO, mapped uncached by boot.rs).
+#[cfg(not(feature = "tdx"))]
+pub const LAPIC: u64 = 0xFEE0_0000;
+
+/// This vCPU's index: its local APIC ID (QEMU numbers them 0..N).
+#[cfg(not(feature = "tdx"))]
+pub fn cpu_index() -> usize {
+    // SAFETY: the APIC ID register (offset 0x20) of the local APIC page, identity mapped
+    // uncached by boot.rs; reading it has no side effect.
+    let id = unsafe { ((LAPIC + 0x20) as *const u32).read_volatile() } >> 24;
+    id as usize
+}
+
 /// A cell for boot-time globals of this single-vCPU image.
 pub struct Global<T>(UnsafeCell<T>);
 

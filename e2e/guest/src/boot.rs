@@ -4,7 +4,7 @@
 //! PVH (`XEN_ELFNOTE_PHYS32_ENTRY`, note type 18): QEMU's loader puts the ELF at its physical
 //! addresses and jumps to the note's address in 32-bit protected mode, paging off, flat
 //! segments, EBX = `hvm_start_info`. The entry zeroes .bss, identity-maps the first 1 GiB with
-//! 2M pages, enables PAE and EFER.LME, turns paging on, loads a GDT with a 64-bit code segment
+//! 2M pages (and the local APIC's page, uncached), enables PAE and EFER.LME, turns paging on, loads a GDT with a 64-bit code segment
 //! and far-jumps to 64-bit code, which sets the stack and calls `rust_start`.
 //!
 //! td-shim's executable payload entry (`_payload_start`, the ELF entry point) is already in long
@@ -60,6 +60,11 @@ _start32:
     inc %ecx
     cmp $512, %ecx
     jne 1b
+    /* PDPT[3] -> a PD with one 2 MiB uncached page: the local APIC at 0xFEE00000 */
+    mov $boot_pd_apic, %eax
+    or $3, %eax
+    mov %eax, boot_pdpt+24
+    movl $0xFEE0009B, boot_pd_apic+0x1F7*8
     mov $boot_pml4, %eax
     mov %eax, %cr3
     mov %cr4, %eax
@@ -134,6 +139,8 @@ boot_pml4:
 boot_pdpt:
     .skip 4096
 boot_pd:
+    .skip 4096
+boot_pd_apic:
     .skip 4096
     .p2align 4
 boot_stack:

@@ -3,12 +3,16 @@
 //! Two ways to run it, one binary format (an ELF linked at 1 MiB):
 //!
 //! - **QEMU TCG** (default build): `qemu-system-x86_64 -kernel image` boots it through the PVH
-//!   note (boot.rs). TCG has no TDX, so every TDCALL and every memory touch of the self-test
-//!   is a request to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module
-//!   emulator and the host half. When `tdhost` answers "inject #VE", the image executes
-//!   `int 20`: a real exception delivered through IDT gate 20 to the #VE handler (a software
-//!   interrupt, not a hardware-raised #VE; the log says so), which reads VE info and accepts
-//!   with further requests, returns with `iretq`, and the access is retried.
+//!   note (boot.rs). TCG has no TDX: the engine's real TDCALL backend (`accept::hw`) executes
+//!   the TDCALL instruction, TCG raises #UD, and the #UD handler (trap.rs) sends the register
+//!   block to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module emulator and
+//!   the host half, writes the output registers back and steps over the instruction. Memory
+//!   touches of the self-test are requests too. If TDCALL does not trap (checked once at
+//!   start), each TDCALL is a request instead (`WireTdcall`); the log says which path ran.
+//!   When `tdhost` answers "inject #VE", the image executes `int 20`: a real exception
+//!   delivered through IDT gate 20 to the #VE handler (a software interrupt, not a
+//!   hardware-raised #VE; the log says so), which reads VE info and accepts with further
+//!   TDCALLs, returns with `iretq`, and the access is retried.
 //! - **td-shim payload** (feature `tdx`): td-shim jumps to the ELF entry in long mode with the
 //!   TD HOB list; TDCALLs are real (`accept::hw`), the plan comes from the HOB list, and the #VE
 //!   test touches a pending page for real, so the TDX module raises #VE through the same gate.
@@ -22,6 +26,8 @@ mod arch;
 mod boot;
 #[cfg(feature = "tdx")]
 mod tdx;
+#[cfg(not(feature = "tdx"))]
+mod trap;
 
 use core::panic::PanicInfo;
 
@@ -54,6 +60,8 @@ pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) ->
 extern "C" fn exception_dispatch(frame: &mut Frame) {
     match frame.vector {
         20 => ve_entry(frame),
+        #[cfg(not(feature = "tdx"))]
+        6 => qemu::ud(frame),
         8 => {
             println!("#DF: double fault at rip={:#x} (on IST1)", frame.rip);
             println!("TDMEM-GUEST-RESULT FAILED double-fault");
@@ -117,11 +125,12 @@ fn ve_entry(frame: &mut Frame) {
 mod qemu {
     //! The QEMU TCG run: the serial transport to `tdhost` and the bare-metal platform.
 
-    use e2e_proto::selftest::{self, Channel, Platform, Scenario, VeHandler, WireMachine};
+    use accept::hw::HwTdcall;
+    use e2e_proto::selftest::{self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine};
     use e2e_proto::wire::{self, Answer, Decoder, Request, MAX_FRAME};
 
-    use crate::arch::{self, COM2, EXIT_FAIL, EXIT_PASS};
-    use crate::println;
+    use crate::arch::{self, Frame, COM2, EXIT_FAIL, EXIT_PASS};
+    use crate::{println, trap};
 
     /// The link to `tdhost` on COM2: one frame out, one frame back.
     #[derive(Debug, Clone, Copy)]
@@ -183,6 +192,11 @@ mod qemu {
         }
     }
 
+    /// The #UD gate: a TDCALL is served over this vCPU's link.
+    pub fn ud(frame: &mut Frame) {
+        trap::ud(arch::cpu_index(), frame, &mut Serial);
+    }
+
     pub fn run() -> ! {
         arch::uart_init(COM2);
         let mut chan = Serial;
@@ -196,11 +210,28 @@ mod qemu {
                 arch::exit(EXIT_FAIL);
             }
         }
-        let mut machine = WireMachine {
-            chan,
-            platform: BareMetal,
+        let sum: Summary = if trap::probe() {
+            println!(
+                "tdcall: path=trap (TDCALL 66 0F 01 CC raised #UD; accept::hw runs, the #UD \
+                 handler serves each TDCALL)"
+            );
+            let mut machine = WireMachine {
+                chan,
+                platform: BareMetal,
+                td: HwTdcall,
+            };
+            selftest::run(&mut machine, &Scenario::QEMU_E2E)
+        } else {
+            println!("tdcall: path=wire (TDCALL did not raise #UD: each TDCALL is a request)");
+            let mut machine = WireMachine::new(chan, BareMetal);
+            selftest::run(&mut machine, &Scenario::QEMU_E2E)
         };
-        let sum = selftest::run(&mut machine, &Scenario::QEMU_E2E);
+        let st = &trap::STATS[0];
+        println!(
+            "TDMEM-GUEST-TRAPS cpu=0 traps={} reexecuted={}",
+            st.traps.load(core::sync::atomic::Ordering::Relaxed),
+            st.reexecuted.load(core::sync::atomic::Ordering::Relaxed)
+        );
         println!("TDMEM-GUEST-RESULT {sum}");
         let (counts, n) = sum.counts();
         let pass = sum.failed == 0 && sum.passed > 0;

@@ -238,20 +238,32 @@ pub trait Platform {
     fn log(&mut self, args: fmt::Arguments<'_>);
 }
 
-/// A [`Machine`] whose TDCALLs and memory touches go to a host over a [`Channel`].
+/// A [`Machine`] whose memory touches go to a host over a [`Channel`], and whose TDCALLs go
+/// through `T`: by default a request each ([`WireTdcall`]); the bare-metal image's trap path
+/// uses the real instruction (`accept::hw`), whose #UD the image serves over the same channel.
 #[derive(Debug)]
-pub struct WireMachine<C, P> {
+pub struct WireMachine<C, P, T = WireTdcall<C>> {
     /// The link.
     pub chan: C,
     /// The rest of the machine.
     pub platform: P,
+    /// The TDCALL backend handed to the engine.
+    pub td: T,
 }
 
-impl<C: Channel + Clone, P: Platform> Machine for WireMachine<C, P> {
-    type Td = WireTdcall<C>;
+impl<C: Channel + Clone, P: Platform> WireMachine<C, P> {
+    /// TDCALLs as requests on `chan`.
+    pub fn new(chan: C, platform: P) -> Self {
+        let td = WireTdcall::new(chan.clone());
+        WireMachine { chan, platform, td }
+    }
+}
 
-    fn tdcall(&mut self) -> WireTdcall<C> {
-        WireTdcall::new(self.chan.clone())
+impl<C: Channel, P: Platform, T: Tdcall + Clone> Machine for WireMachine<C, P, T> {
+    type Td = T;
+
+    fn tdcall(&mut self) -> T {
+        self.td.clone()
     }
 
     fn touch(
@@ -768,10 +780,7 @@ mod tests {
     #[test]
     fn suite_passes_against_a_scripted_module() {
         let chan = FakeChan::default();
-        let mut m = WireMachine {
-            chan: chan.clone(),
-            platform: Plat::default(),
-        };
+        let mut m = WireMachine::new(chan.clone(), Plat::default());
         // The image's own memory is accepted before the run.
         for p in (0..IMAGE_END).step_by(4096) {
             chan.0.borrow_mut().accepted.insert(p);

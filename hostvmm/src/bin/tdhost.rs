@@ -465,10 +465,7 @@ fn in_process() -> bool {
     let _ = chan.call(Request::Hello {
         version: wire::VERSION,
     });
-    let mut machine = WireMachine {
-        chan: chan.clone(),
-        platform: Process { table: Vec::new() },
-    };
+    let mut machine = WireMachine::new(chan.clone(), Process { table: Vec::new() });
     let sum = selftest::run(&mut machine, &Scenario::QEMU_E2E);
     println!("TDMEM-GUEST-RESULT {sum}");
     let (counts, n) = sum.counts();
