@@ -24,34 +24,45 @@
 
 mod arch;
 mod boot;
+#[cfg(not(feature = "tdx"))]
+mod smp;
 #[cfg(feature = "tdx")]
 mod tdx;
 #[cfg(not(feature = "tdx"))]
 mod trap;
 
 use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use accept::ve::VeVerdict;
 use e2e_proto::selftest::VeHandler;
 
 use arch::{Frame, Global, EXIT_FAIL, EXIT_PASS};
 
-/// The #VE handler the current touch armed (`None` outside a touch).
-static VE_HANDLER: Global<Option<*mut (dyn VeHandler + 'static)>> = Global::new(None);
-/// #VEs delivered through the IDT.
-static VE_ENTRIES: Global<u64> = Global::new(0);
+/// Per vCPU, the #VE handler the current touch armed (`None` outside a touch).
+static VE_HANDLER: Global<[Option<*mut (dyn VeHandler + 'static)>; arch::MAX_CPUS]> =
+    Global::new([None; arch::MAX_CPUS]);
+/// #VEs delivered through the IDT, all vCPUs.
+static VE_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// This vCPU's #VE handler slot.
+fn ve_slot() -> *mut Option<*mut (dyn VeHandler + 'static)> {
+    let cpu = arch::cpu_index().min(arch::MAX_CPUS - 1);
+    // SAFETY: in bounds; only the address of this vCPU's element is taken.
+    unsafe { core::ptr::addr_of_mut!((*VE_HANDLER.get())[cpu]) }
+}
 
 /// Arms the #VE gate with `handler` for the duration of `f`.
 pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) -> R {
     // SAFETY: the lifetime is erased only for the duration of `f`; the pointer is cleared
-    // before `handler`'s borrow ends, and only the #VE entry on this vCPU reads it, while `f`
-    // runs.
+    // before `handler`'s borrow ends, and only the #VE entry on this vCPU reads it (from its
+    // own slot), while `f` runs.
     let ptr: *mut (dyn VeHandler + 'static) = unsafe { core::mem::transmute(handler) };
-    // SAFETY: single vCPU; no #VE can be in flight while the slot is written.
-    unsafe { *VE_HANDLER.get() = Some(ptr) };
+    // SAFETY: this vCPU's slot; no #VE can be in flight on this vCPU while it is written.
+    unsafe { *ve_slot() = Some(ptr) };
     let r = f();
     // SAFETY: as above.
-    unsafe { *VE_HANDLER.get() = None };
+    unsafe { *ve_slot() = None };
     r
 }
 
@@ -81,13 +92,10 @@ extern "C" fn exception_dispatch(frame: &mut Frame) {
 }
 
 fn ve_entry(frame: &mut Frame) {
-    // SAFETY: single vCPU; the counter is only touched here.
-    let n = unsafe {
-        *VE_ENTRIES.get() += 1;
-        *VE_ENTRIES.get()
-    };
+    let n = VE_ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     println!(
-        "ve: #VE #{n} entered through IDT gate 20, rip={:#x} rsp={:#x} ({})",
+        "ve: cpu{}: #VE #{n} entered through IDT gate 20, rip={:#x} rsp={:#x} ({})",
+        arch::cpu_index(),
         frame.rip,
         frame.rsp,
         if cfg!(feature = "tdx") {
@@ -98,7 +106,7 @@ fn ve_entry(frame: &mut Frame) {
     );
     // SAFETY: the slot holds a live handler while a touch is in progress (with_ve_handler),
     // and nothing else uses that handler until this returns.
-    let handler = unsafe { *VE_HANDLER.get() };
+    let handler = unsafe { *ve_slot() };
     let Some(handler) = handler else {
         println!("ve: no handler armed: unexpected #VE");
         println!("TDMEM-GUEST-RESULT FAILED unexpected-ve");
@@ -129,7 +137,7 @@ mod qemu {
     use e2e_proto::selftest::{self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine};
     use e2e_proto::wire::{self, Answer, Decoder, Request, MAX_FRAME};
 
-    use crate::arch::{self, Frame, COM2, EXIT_FAIL, EXIT_PASS};
+    use crate::arch::{self, Frame, COM2, EXIT_FAIL};
     use crate::{println, trap};
 
     /// The link to `tdhost` on COM2: one frame out, one frame back.
@@ -156,7 +164,7 @@ mod qemu {
 
     /// Real RAM, a real IDT.
     #[derive(Debug)]
-    pub struct BareMetal;
+    pub(crate) struct BareMetal;
 
     impl Platform for BareMetal {
         fn access(&mut self, gpa: u64, write: Option<u64>) {
@@ -192,9 +200,15 @@ mod qemu {
         }
     }
 
-    /// The #UD gate: a TDCALL is served over this vCPU's link.
+    /// The #UD gate: a TDCALL is served over this vCPU's link (COM2 for the single-vCPU part,
+    /// then the vCPU's mailbox).
     pub fn ud(frame: &mut Frame) {
-        trap::ud(arch::cpu_index(), frame, &mut Serial);
+        let cpu = arch::cpu_index();
+        if crate::smp::MAILBOXES.load(core::sync::atomic::Ordering::Acquire) {
+            trap::ud(cpu, frame, &mut crate::smp::Mailbox(cpu));
+        } else {
+            trap::ud(cpu, frame, &mut Serial);
+        }
     }
 
     pub fn run() -> ! {
@@ -241,7 +255,10 @@ mod qemu {
             n,
         });
         println!("tdhost: done ({ack:?})");
-        arch::exit(if pass { EXIT_PASS } else { EXIT_FAIL });
+        if !pass {
+            arch::exit(EXIT_FAIL);
+        }
+        crate::smp::run()
     }
 }
 

@@ -49,6 +49,8 @@ impl TrapStats {
 
 /// Per-vCPU trap counters.
 pub static STATS: [TrapStats; arch::MAX_CPUS] = [const { TrapStats::new() }; arch::MAX_CPUS];
+/// Set when [`probe`] found that TDCALL traps: the image then uses `accept::hw`.
+pub static PATH_TRAP: AtomicBool = AtomicBool::new(false);
 /// Set while [`probe`] runs: the next TDCALL trap is answered locally.
 static PROBING: AtomicBool = AtomicBool::new(false);
 /// Set by the trap handler when it saw the probe's TDCALL.
@@ -64,7 +66,9 @@ pub fn probe() -> bool {
     };
     let _ = tdx_tdcall::td_call(&mut args);
     PROBING.store(false, Ordering::SeqCst);
-    PROBED.load(Ordering::SeqCst)
+    let trapped = PROBED.load(Ordering::SeqCst);
+    PATH_TRAP.store(trapped, Ordering::SeqCst);
+    trapped
 }
 
 /// Whether the instruction at `rip` is TDCALL.

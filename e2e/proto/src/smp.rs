@@ -8,8 +8,9 @@
 //! 2. `lazy_overlap`: each vCPU asks the [`LazyTracker`] for a 24 MiB range that overlaps its
 //!    neighbours' ranges; each then writes a token into its range, and the next vCPU reads it.
 //! 3. `ve_race`: for each of [`VE_UNITS`] units, one vCPU accepts the unit through the tracker
-//!    while another touches a page of it; the touch raises #VE on the second vCPU, whose
-//!    handler finds the unit accepted, being accepted, or accepts it itself.
+//!    while another, as soon as it sees the unit claimed, touches a page of it; when the touch
+//!    finds the page pending, the module injects #VE on the second vCPU, whose handler waits
+//!    for the first vCPU's acceptance (or, if it comes first, accepts the unit itself).
 //! 4. `convert_race`: vCPU 3 converts [`CONVERT`] (eagerly accepted) to shared and back while
 //!    vCPUs 0-2 lazily accept every remaining unit, each starting at a different place.
 //! 5. `data`: every token written is read back by another vCPU; the converted page reads 0.
@@ -246,6 +247,14 @@ impl<'s> Smp<'s> {
                     .accept_range(cpu, &mut td, &mut NoInterrupts, unit, unit + 0x1000)
                     .is_ok();
             } else if cpu == toucher {
+                // Touch once the other vCPU has claimed the unit, so that the #VE usually
+                // arrives while it is accepting (or just after).
+                for _ in 0..WAIT_SPINS {
+                    if self.tracker.state_of(unit) != UnitState::Unaccepted {
+                        break;
+                    }
+                    core::hint::spin_loop();
+                }
                 ok &= m.touch(race_page(k), Some(token(3, cpu)), &mut ve) == Ok(token(3, cpu));
             }
         }

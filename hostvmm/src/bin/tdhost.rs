@@ -11,6 +11,15 @@
 //! against the same host code, with no QEMU: the requests and so every count are the same, which
 //! `cargo xtask e2e` checks.
 //!
+//! With `--mailbox RAM-FILE` (QEMU's guest RAM as a shared file), once the single-vCPU part is
+//! done, `tdhost` serves the multi-CPU part (`e2e_proto::smp`) on a host of its own with one
+//! vCPU per image vCPU: a thread per vCPU polls that vCPU's mailbox (`e2e_proto::mailbox`) in
+//! the file and answers its requests as that vCPU's instructions, so every vCPU can have a
+//! request in flight at once. At vCPU 0's DONE it checks the multi-CPU invariants (S-EPT well
+//! formed, every 2M unit accepted exactly once and MAPPED, the module's ACCEPT, #VE and MapGPA
+//! counts equal to what the vCPUs report) and prints `TDMEM-HOST-SMP-RESULT ok|FAILED ...`.
+//! `--in-process` runs that part too, with a thread per vCPU.
+//!
 //! At the end (the image's DONE request) the host checks invariants (S-EPT tree well formed, no
 //! host fault errors, no error pages, the image's ACCEPT and #VE counts equal the module's,
 //! accepted memory MAPPED, never-touched memory FREE) and prints a report:
