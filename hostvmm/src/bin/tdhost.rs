@@ -899,3 +899,82 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_cpu_part_passes_in_process() {
+        assert!(in_process_smp());
+    }
+
+    /// The image's end of a mailbox, written as the image does: frame, then the number.
+    fn guest_call(mem: &std::fs::File, vcpu: u64, seq: u64, req: Request) -> Answer {
+        let base = mailbox::gpa(vcpu);
+        let mut out = [0u8; wire::MAX_FRAME];
+        let n = req.to_frame().encode(&mut out);
+        mem.write_all_at(&out[..n], base + mailbox::REQ_FRAME)
+            .and_then(|()| mem.write_all_at(&seq.to_le_bytes(), base + mailbox::REQ_SEQ))
+            .expect("write the request");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut b = [0u8; 8];
+            mem.read_exact_at(&mut b, base + mailbox::ANS_SEQ)
+                .expect("read the answer number");
+            if u64::from_le_bytes(b) == seq {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no answer to request {seq}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut frame = [0u8; wire::MAX_FRAME];
+        mem.read_exact_at(&mut frame, base + mailbox::ANS_FRAME)
+            .expect("read the answer");
+        Answer::from_frame(&wire::decode(&frame).expect("a frame")).expect("an answer")
+    }
+
+    #[test]
+    fn a_mailbox_is_served_as_its_own_vcpu_until_done() {
+        let path = std::env::temp_dir().join(format!("tdhost-mailbox-{}", std::process::id()));
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create the RAM file");
+        mem.set_len(IMAGE_END).expect("size the RAM file");
+        let exec = Exec::new(smp::CPUS as u32);
+        let stop = AtomicBool::new(false);
+        let done = std::thread::scope(|scope| {
+            let server = scope.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                serve_mailbox(&exec, &mem, 2, &stop, deadline)
+            });
+            let hello = Request::Hello {
+                version: wire::VERSION,
+            };
+            assert_eq!(guest_call(&mem, 2, 1, hello), Answer::Ack);
+            // TDG.VP.INFO answered as vCPU 2 of four.
+            match guest_call(&mem, 2, 2, Request::VpInfo) {
+                Answer::Regs(r) => {
+                    assert_eq!((r.rax, r.rcx & 0x3F, r.r9), (0, 48, 2));
+                    assert_eq!(r.r8 & 0xFFFF_FFFF, smp::CPUS as u64);
+                }
+                other => panic!("VP.INFO: {other:?}"),
+            }
+            let done = Request::Done {
+                status: 0,
+                counts: [0; wire::MAX_ARGS - 1],
+                n: 0,
+            };
+            assert_eq!(guest_call(&mem, 2, 3, done), Answer::Ack);
+            server.join().expect("server thread")
+        });
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(done, Ok(Some(Request::Done { .. }))), "{done:?}");
+        assert!(stop.load(Ordering::Acquire));
+        assert_eq!(lock(&exec.requests).get("vp_info"), Some(&1));
+    }
+}
