@@ -143,9 +143,12 @@ ap_start32:
     .code64
 ap_start64:
     DATA_SEGMENTS
-    /* a stack per AP, in arrival order: ap_stacks + (n + 1) * 64 KiB */
+    /* a stack per AP, in arrival order: ap_stacks + (n + 1) * 64 KiB; APs past the image's
+       MAX_CPUS - 1 = 3 stacks park at once */
     mov $1, %eax
     lock xadd %eax, ap_arrivals(%rip)
+    cmp $3, %eax
+    jae 4f
     mov %eax, %edi
     inc %eax
     shl $16, %rax
@@ -212,7 +215,7 @@ boot_stack:
 boot_stack_top:
     .p2align 4
 ap_stacks:
-    .skip 4 * 65536
+    .skip 3 * 65536
 
     .section .text
 .macro STUB vec, err

@@ -6,18 +6,21 @@
 //!   note (boot.rs). TCG has no TDX: the engine's real TDCALL backend (`accept::hw`) executes
 //!   the TDCALL instruction, TCG raises #UD, and the #UD handler (trap.rs) sends the register
 //!   block to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module emulator and
-//!   the host half, writes the output registers back and steps over the instruction. Memory
+//!   the host half; the handler writes the output registers back and steps over it. Memory
 //!   touches of the self-test are requests too. If TDCALL does not trap (checked once at
 //!   start), each TDCALL is a request instead (`WireTdcall`); the log says which path ran.
 //!   When `tdhost` answers "inject #VE", the image executes `int 20`: a real exception
 //!   delivered through IDT gate 20 to the #VE handler (a software interrupt, not a
 //!   hardware-raised #VE; the log says so), which reads VE info and accepts with further
-//!   TDCALLs, returns with `iretq`, and the access is retried.
+//!   TDCALLs, returns with `iretq`, and the access is retried. After this single-vCPU part the
+//!   image starts the other vCPUs (smp.rs: INIT-SIPI-SIPI, `-smp 4`) and all of them run the
+//!   multi-CPU self-test (`e2e_proto::smp`), each over its own shared-memory mailbox.
 //! - **td-shim payload** (feature `tdx`): td-shim jumps to the ELF entry in long mode with the
 //!   TD HOB list; TDCALLs are real (`accept::hw`), the plan comes from the HOB list, and the #VE
 //!   test touches a pending page for real, so the TDX module raises #VE through the same gate.
 //!
-//! COM1 carries the log and the machine-readable result line `TDMEM-GUEST-RESULT ...`; QEMU's
+//! COM1 carries the log and the machine-readable result lines `TDMEM-GUEST-RESULT ...` and
+//! `TDMEM-GUEST-SMP-RESULT ...`; QEMU's
 //! `isa-debug-exit` device turns the verdict into QEMU's exit status (33 = pass).
 #![no_std]
 #![no_main]
