@@ -11,7 +11,8 @@
 //! 3. on a retired call it writes the output registers into the saved frame as the module
 //!    would (RAX status, RCX, RDX, R8-R11; for TDG.VP.VMCALL RAX 0 and the VMM's R10/R11) and
 //!    steps RIP over the 4-byte instruction; on "re-execute" (the TD exited and the host handled
-//!    the exit) it leaves RIP alone, so `iretq` runs the TDCALL again and it traps again;
+//!    the exit) it leaves RIP alone, so `iretq` runs the TDCALL again and it traps again
+//!    (more than `MAX_REEXEC` times in a row ends the run, as on the wire path);
 //! 4. a host that killed the TD ends the run.
 //!
 //! What it does not model: a TDCALL interrupted by an external interrupt, and the register
@@ -20,7 +21,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use accept::abi::{leaf, operand, vmcall, GhciStatus, StatusCode};
-use e2e_proto::selftest::Channel;
+use e2e_proto::selftest::{Channel, MAX_REEXEC};
 use e2e_proto::wire::{Answer, Request};
 
 use crate::arch::{self, Frame, EXIT_FAIL};
@@ -36,6 +37,8 @@ pub struct TrapStats {
     pub traps: AtomicU64,
     /// Traps answered "re-execute".
     pub reexecuted: AtomicU64,
+    /// "Re-execute" answers in a row for the current TDCALL.
+    in_a_row: AtomicU64,
 }
 
 impl TrapStats {
@@ -43,6 +46,7 @@ impl TrapStats {
         TrapStats {
             traps: AtomicU64::new(0),
             reexecuted: AtomicU64::new(0),
+            in_a_row: AtomicU64::new(0),
         }
     }
 }
@@ -124,7 +128,11 @@ pub fn ud(cpu: usize, frame: &mut Frame, chan: &mut impl Channel) {
             return;
         }
     };
-    match chan.call(req) {
+    let answer = chan.call(req);
+    if let (Answer::Regs(_), Some(s)) = (answer, STATS.get(cpu)) {
+        s.in_a_row.store(0, Ordering::Relaxed);
+    }
+    match answer {
         Answer::Regs(r) if vmcall => {
             frame.rax = r.rax;
             frame.r10 = r.r10;
@@ -142,8 +150,14 @@ pub fn ud(cpu: usize, frame: &mut Frame, chan: &mut impl Channel) {
             frame.rip += TDCALL_OPCODE.len() as u64;
         }
         Answer::Reexecute => {
-            if let Some(s) = STATS.get(cpu) {
+            let in_a_row = STATS.get(cpu).map_or(0, |s| {
                 s.reexecuted.fetch_add(1, Ordering::Relaxed);
+                s.in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+            });
+            if in_a_row > u64::from(MAX_REEXEC) {
+                println!("cpu{cpu}: TDCALL {req:?} re-executed {in_a_row} times: host livelock");
+                println!("TDMEM-GUEST-RESULT FAILED livelock");
+                arch::exit(EXIT_FAIL);
             }
         }
         other => {
