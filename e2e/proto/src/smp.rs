@@ -11,8 +11,10 @@
 //!    while another, as soon as it sees the unit claimed, touches a page of it; when the touch
 //!    finds the page pending, the module injects #VE on the second vCPU, whose handler waits
 //!    for the first vCPU's acceptance (or, if it comes first, accepts the unit itself).
-//! 4. `convert_race`: vCPU 3 converts [`CONVERT`] (eagerly accepted) to shared and back while
-//!    vCPUs 0-2 lazily accept every remaining unit, each starting at a different place.
+//! 4. `convert_race`: vCPU 3 converts [`CONVERT`] (two units the overlap step accepted) to
+//!    shared and back while vCPUs 0-2 lazily accept every remaining unit, each starting at a
+//!    different place, vCPU 1 right above the converted range. The tracker keeps the converted
+//!    units accepted (the conversion accepts them again), so nobody else accepts them.
 //! 5. `data`: every token written is read back by another vCPU; the converted page reads 0.
 //!
 //! The outcome of each race depends on timing; what is checked does not: every step succeeds,
@@ -46,8 +48,9 @@ pub const LAZY_UNITS: u64 = (END - EAGER_END) / UNIT;
 pub const VE_RACE: u64 = 400 << 20;
 /// Units raced in the #VE step.
 pub const VE_UNITS: u64 = 8;
-/// The range converted while others accept lazily.
-pub const CONVERT: (u64, u64) = (BASE, BASE + (4 << 20));
+/// The range converted while others accept lazily: two units the overlap step accepted, right
+/// below the unit where vCPU 1 starts accepting in the same step.
+pub const CONVERT: (u64, u64) = (EAGER_END + (44 << 20), EAGER_END + (48 << 20));
 /// Length of each vCPU's range in the overlap step.
 const OVERLAP_LEN: u64 = 24 << 20;
 /// Distance between two vCPUs' ranges in the overlap step.
