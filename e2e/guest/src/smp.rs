@@ -4,8 +4,8 @@
 //! **Bring-up.** The boot vCPU copies the real-mode trampoline (boot.rs, `ap_trampoline`) to
 //! [`TRAMPOLINE`] (below 1 MiB, page aligned), software-enables its local APIC and sends
 //! INIT, then two STARTUP IPIs with vector `TRAMPOLINE >> 12` to all vCPUs but itself (the
-//! MP-specification sequence; QEMU needs no delays between them, the image waits a few
-//! microseconds anyway). Each AP runs the trampoline: real mode -> protected mode -> the
+//! MP-specification sequence; QEMU needs no delays between them, the image spins a little
+//! after each anyway). Each AP runs the trampoline: real mode -> protected mode -> the
 //! image's page tables, long mode -> its own stack -> [`ap_rust_start`], which loads the GDT, its
 //! TSS and the IDT and reports in.
 //!
