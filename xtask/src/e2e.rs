@@ -4,10 +4,14 @@
 //! The TCG run builds the image (`e2e/guest`, `x86_64-unknown-none`) and `tdhost`, installs
 //! QEMU (Debian `qemu-system-x86`) when `qemu-system-x86_64` is missing, runs the self-test
 //! in process (`tdhost --in-process`), then starts `tdhost` on a Unix socket and QEMU with the
-//! image (COM1 -> serial log, COM2 -> the socket). It fails unless QEMU exits with the image's
-//! pass code, `tdhost` reports success with its invariants holding, and the QEMU run's guest
-//! result line and host counts equal the in-process run's. Both processes are killed on timeout.
-//! Logs: `target/e2e/serial.log`, `target/e2e/host.log`, `target/e2e/in-process.log`.
+//! image on [`VCPUS`] vCPUs under multi-threaded TCG (COM1 -> serial log, COM2 -> the socket,
+//! guest RAM in a shared file whose per-vCPU mailboxes `tdhost` serves). It fails unless QEMU
+//! exits with the image's pass code; `tdhost` reports success with its invariants holding for
+//! both parts; the single-vCPU part's guest result line and host counts equal the in-process
+//! run's; and the multi-CPU part ran on at least 4 vCPUs with TDCALLs through the #UD trap
+//! path. It ends with the line `e2e: vcpus=N tdcall_traps=T ve=V ... ok`. Both processes are
+//! killed on timeout. Logs: `target/e2e/serial.log`, `target/e2e/host.log`,
+//! `target/e2e/in-process.log`.
 //!
 //! The TDX run needs a host whose `kvm_intel` has TDX enabled; elsewhere it says so and skips.
 //! docs/e2e.md has the manual procedure.
@@ -27,6 +31,8 @@ const QEMU_PASS: i32 = 33;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest memory, as `e2e_proto::selftest::MEMORY`.
 const GUEST_MEMORY: &str = "512M";
+/// vCPUs of the QEMU run, as `e2e_proto::smp::CPUS`.
+const VCPUS: u32 = 4;
 /// Where `kvm_intel` says whether TDX is enabled.
 const TDX_PARAM: &str = "/sys/module/kvm_intel/parameters/tdx";
 /// td-shim's public repository.
@@ -151,6 +157,29 @@ fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
 }
 
+/// The number after `key=` in `line`.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The multi-CPU part's report lines, checked: `(guest result, guest SMP line)`.
+fn smp_reports<'a>(guest_log: &'a str, host_log: &str, what: &str) -> Result<(&'a str, &'a str)> {
+    let guest = line_after(guest_log, "TDMEM-GUEST-SMP-RESULT ")
+        .with_context(|| format!("{what}: no TDMEM-GUEST-SMP-RESULT line"))?;
+    if !guest.contains("failed=0") || guest.starts_with("FAILED") {
+        bail!("{what}: the multi-CPU self-test failed: {guest}");
+    }
+    let result = line_after(host_log, "TDMEM-HOST-SMP-RESULT ")
+        .with_context(|| format!("{what}: no TDMEM-HOST-SMP-RESULT line"))?;
+    if !result.starts_with("ok") {
+        bail!("{what}: tdhost reports for the multi-CPU part: {result}");
+    }
+    let smp = line_after(guest_log, "TDMEM-GUEST-SMP ").unwrap_or("");
+    Ok((guest, smp))
+}
+
 /// What one run reported.
 struct Reports {
     guest: String,
@@ -204,6 +233,7 @@ pub fn e2e(tdx: bool) -> Result<()> {
         bail!("tdhost --in-process failed ({})", out.status);
     }
     let reference = reports(&in_log, &in_log, "in-process run")?;
+    smp_reports(&in_log, &in_log, "in-process run")?;
 
     // 2. QEMU TCG + tdhost over a Unix socket (short path: sun_path holds 108 bytes).
     let sock_dir = std::env::temp_dir().join(format!("tdmem-e2e-{}", std::process::id()));
@@ -211,11 +241,15 @@ pub fn e2e(tdx: bool) -> Result<()> {
     let sock = sock_dir.join("host.sock");
     let serial_log = logs.join("serial.log");
     let host_log_path = logs.join("host.log");
+    // Guest RAM: a sparse file QEMU maps shared and tdhost reads the mailboxes from.
+    let ram = logs.join("guest-ram");
     let _ = fs::remove_file(&serial_log);
+    let _ = fs::remove_file(&ram);
     eprintln!("==> tdhost --socket {}", sock.display());
     let host_out = fs::File::create(&host_log_path).context("creating host.log")?;
     let mut host = Command::new(&tdhost)
         .args(["--socket", &sock.to_string_lossy()])
+        .args(["--mailbox", &ram.to_string_lossy()])
         .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
         .stdout(host_out.try_clone().context("host.log")?)
         .stderr(host_out)
@@ -231,20 +265,27 @@ pub fn e2e(tdx: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
-        "==> qemu-system-x86_64 -accel tcg -kernel {}",
+        "==> qemu-system-x86_64 -accel tcg,thread=multi -smp {VCPUS} -kernel {}",
         image.display()
     );
     let qemu = Command::new("qemu-system-x86_64")
         .args([
             "-machine",
-            "q35",
+            "q35,memory-backend=ram",
             "-accel",
-            "tcg",
+            "tcg,thread=multi",
             "-cpu",
             "max",
+            "-smp",
+            &VCPUS.to_string(),
             "-m",
             GUEST_MEMORY,
+            "-object",
         ])
+        .arg(format!(
+            "memory-backend-file,id=ram,size={GUEST_MEMORY},mem-path={},share=on",
+            ram.display()
+        ))
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&image)
@@ -266,8 +307,12 @@ pub fn e2e(tdx: bool) -> Result<()> {
     if qemu_status.is_err() {
         let _ = host.kill();
     }
-    let host_status = wait_until(&mut host, deadline + Duration::from_secs(5), "tdhost");
+    // tdhost reports as soon as the image's last DONE is answered; if QEMU stopped without
+    // one (a failed image), do not wait for tdhost's own timeout.
+    let host_deadline = (Instant::now() + Duration::from_secs(10)).min(deadline);
+    let host_status = wait_until(&mut host, host_deadline, "tdhost");
     let _ = fs::remove_dir_all(&sock_dir);
+    let _ = fs::remove_file(&ram);
     let serial = fs::read_to_string(&serial_log).unwrap_or_default();
     let host_log = fs::read_to_string(&host_log_path).unwrap_or_default();
     println!("---- QEMU serial log ({}) ----", serial_log.display());
@@ -301,10 +346,28 @@ pub fn e2e(tdx: bool) -> Result<()> {
     if !serial.contains("entered through IDT gate 20") {
         bail!("the serial log shows no #VE entered through the IDT");
     }
+    let (smp_guest, smp) = smp_reports(&serial, &host_log, "QEMU run")?;
+    let vcpus = field(smp, "vcpus").unwrap_or(0);
+    let traps = field(smp, "traps").unwrap_or(0);
+    let path = if serial.contains("tdcall: path=trap") {
+        "trap"
+    } else {
+        "wire"
+    };
+    if vcpus < 4 || traps == 0 || path != "trap" {
+        bail!(
+            "the multi-CPU part ran on {vcpus} vCPUs with {traps} TDCALL traps (path {path}); \
+             want at least 4 vCPUs and TDCALLs through the #UD trap"
+        );
+    }
+    let ve = field(&got.guest, "ve").unwrap_or(0) + field(smp_guest, "ve").unwrap_or(0);
     println!("e2e: guest   {}", got.guest);
     println!("e2e: host    {}", got.counts);
+    println!("e2e: smp     {smp_guest}");
     println!(
-        "e2e: pass (QEMU TCG run equals the in-process run; {:.1}s)",
+        "e2e: vcpus={vcpus} tdcall_traps={traps} ve={ve} ve_accepted_meanwhile={} tdcall_path={path} \
+         single_vcpu=equal-to-in-process smp_invariants=ok time={:.1}s ok",
+        field(smp, "ve_accepted_meanwhile").unwrap_or(0),
         start.elapsed().as_secs_f64()
     );
     Ok(())
@@ -432,7 +495,7 @@ fn tdx_qemu_args(final_bin: &Path, serial_log: &Path) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::line_after;
+    use super::{field, line_after};
 
     #[test]
     fn finds_report_lines() {
@@ -442,5 +505,14 @@ mod tests {
             Some("passed=7 failed=0")
         );
         assert_eq!(line_after(log, "TDMEM-HOST-RESULT "), None);
+    }
+
+    #[test]
+    fn reads_fields() {
+        let line = "vcpus=4 traps=328 reexecuted=155 ve=4";
+        assert_eq!(field(line, "vcpus"), Some(4));
+        assert_eq!(field(line, "traps"), Some(328));
+        assert_eq!(field(line, "ve"), Some(4));
+        assert_eq!(field(line, "v"), None);
     }
 }

@@ -4,6 +4,7 @@
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::fmt;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// COM1: the human-readable log.
 pub const COM1: u16 = 0x3F8;
@@ -17,12 +18,68 @@ pub const EXIT_PASS: u8 = 0x10;
 /// On failure (QEMU exit status 35).
 pub const EXIT_FAIL: u8 = 0x11;
 
-/// A cell for boot-time globals of this single-vCPU image.
+/// Most vCPUs the image runs on (QEMU `-smp 4`).
+pub const MAX_CPUS: usize = 4;
+/// The local APIC's registers (xAPIC MMIO, mapped uncached by boot.rs).
+#[cfg(not(feature = "tdx"))]
+pub const LAPIC: u64 = 0xFEE0_0000;
+
+/// This vCPU's index: its local APIC ID (QEMU numbers them 0..N). Always 0 in a TD, where the
+/// image runs on the boot vCPU only.
+pub fn cpu_index() -> usize {
+    #[cfg(not(feature = "tdx"))]
+    {
+        // SAFETY: the APIC ID register (offset 0x20) of the local APIC page, identity mapped
+        // uncached by boot.rs; reading it has no side effect.
+        let id = unsafe { ((LAPIC + 0x20) as *const u32).read_volatile() } >> 24;
+        id as usize
+    }
+    #[cfg(feature = "tdx")]
+    {
+        0
+    }
+}
+
+/// The vCPU printing on COM1 (`usize::MAX`: none), so lines of several vCPUs do not mix.
+static LOG_OWNER: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Holds COM1 for one line. Re-entrant on the same vCPU (an exception taken while printing).
+#[derive(Debug)]
+pub struct LogLock {
+    held: bool,
+}
+
+impl LogLock {
+    /// Waits for COM1.
+    pub fn acquire() -> LogLock {
+        let me = cpu_index();
+        if LOG_OWNER.load(Ordering::Relaxed) == me {
+            return LogLock { held: false };
+        }
+        while LOG_OWNER
+            .compare_exchange_weak(usize::MAX, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        LogLock { held: true }
+    }
+}
+
+impl Drop for LogLock {
+    fn drop(&mut self) {
+        if self.held {
+            LOG_OWNER.store(usize::MAX, Ordering::Release);
+        }
+    }
+}
+
+/// A cell for globals written during single-vCPU setup, or indexed by vCPU.
 pub struct Global<T>(UnsafeCell<T>);
 
-// SAFETY: the image runs on one vCPU; every access is either during single-threaded setup or
-// from the exception path that the same vCPU entered synchronously (`int 20`), never
-// concurrently.
+// SAFETY: every access is either during setup on the boot vCPU before the others start, or
+// to a per-vCPU element (indexed by `cpu_index`) from that vCPU or from an exception it entered
+// synchronously (`int 20`, #UD), never concurrently.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -115,6 +172,7 @@ impl fmt::Write for Log {
 macro_rules! println {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
+        let _line = $crate::arch::LogLock::acquire();
         let _ = writeln!($crate::arch::Log, $($arg)*);
     }};
 }
@@ -175,7 +233,7 @@ struct Tss {
 #[derive(Clone, Copy)]
 struct Gate([u64; 2]);
 
-static TSS: Global<Tss> = Global::new(Tss {
+const TSS_INIT: Tss = Tss {
     reserved0: 0,
     rsp: [0; 3],
     reserved1: 0,
@@ -183,27 +241,61 @@ static TSS: Global<Tss> = Global::new(Tss {
     reserved2: 0,
     reserved3: 0,
     iomap_base: 104,
-});
+};
+static TSS: Global<[Tss; MAX_CPUS]> = Global::new([TSS_INIT; MAX_CPUS]);
 static IDT: Global<[Gate; 256]> = Global::new([Gate([0, 0]); 256]);
+
+/// A #DF stack.
+#[repr(C, align(16))]
+struct DfStack([u8; 16384]);
+
+static DF_STACKS: Global<[DfStack; MAX_CPUS]> =
+    Global::new([const { DfStack([0; 16384]) }; MAX_CPUS]);
 
 extern "C" {
     static isr_table: [u64; 32];
-    static mut gdt64: [u64; 5];
-    static df_stack_top: u8;
+    static mut gdt64: [u64; GDT_SLOTS];
 }
 
+/// Null, code 0x08, data 0x10, then a TSS descriptor (two slots) per vCPU from 0x18.
+const GDT_SLOTS: usize = 3 + 2 * MAX_CPUS;
 /// Vector of #DF, which runs on IST1.
 const DF_VECTOR: usize = 8;
 
-/// Loads the image's GDT (code 0x08, data 0x10, TSS 0x18; td-shim's GDT has no TSS slot for
-/// us), the TSS (IST1 = the #DF stack) and an IDT whose vectors 0-31 go to the stubs.
+/// Loads the boot vCPU's GDT (code 0x08, data 0x10, TSS 0x18; td-shim's GDT has no TSS slot
+/// for us), its TSS (IST1 = its #DF stack) and builds and loads the IDT, whose vectors 0-31 go
+/// to the stubs.
 pub fn install_idt() {
-    // SAFETY: single-threaded setup. `gdt64` is the live GDT (boot.rs), writable, and slot 3-4
-    // is reserved for this TSS descriptor; `TSS` and `IDT` are statics that live forever;
+    // SAFETY: single-threaded setup on the boot vCPU; `IDT` is a static that lives forever and
     // `isr_table` holds the 32 stub addresses; selector 0x08 is the 64-bit code segment.
     unsafe {
-        let tss = TSS.get();
-        (*tss).ist[0] = core::ptr::addr_of!(df_stack_top) as u64;
+        let idt = IDT.get();
+        let table = core::ptr::addr_of!(isr_table);
+        for v in 0..32 {
+            let h = (*table)[v];
+            let ist = if v == DF_VECTOR { 1 } else { 0 };
+            let low = (h & 0xFFFF)
+                | (0x08 << 16)
+                | (ist << 32)
+                | (0x8E << 40)
+                | (((h >> 16) & 0xFFFF) << 48);
+            (*idt)[v] = Gate([low, h >> 32]);
+        }
+    }
+    install_cpu(0);
+}
+
+/// Loads the image's GDT, vCPU `cpu`'s TSS and the IDT (built by [`install_idt`]) on this vCPU.
+pub fn install_cpu(cpu: usize) {
+    let cpu = cpu.min(MAX_CPUS - 1);
+    // SAFETY: each vCPU writes only its own TSS and its own two GDT slots (3 + 2 cpu), once,
+    // before it takes any exception; `gdt64` is the live GDT (boot.rs), writable, with
+    // `GDT_SLOTS` slots; the TSS and #DF stacks are statics that live forever; selector 0x08
+    // is the 64-bit code segment and 0x10 the data segment.
+    unsafe {
+        let tss = core::ptr::addr_of_mut!((*TSS.get())[cpu]);
+        let df = core::ptr::addr_of_mut!((*DF_STACKS.get())[cpu]);
+        (*tss).ist[0] = df as u64 + core::mem::size_of::<DfStack>() as u64;
         let base = tss as u64;
         let limit = (core::mem::size_of::<Tss>() - 1) as u64;
         let low = (limit & 0xFFFF)
@@ -212,11 +304,11 @@ pub fn install_idt() {
             | (((limit >> 16) & 0xF) << 48)
             | (((base >> 24) & 0xFF) << 56);
         let gdt = core::ptr::addr_of_mut!(gdt64);
-        (*gdt)[3] = low;
-        (*gdt)[4] = base >> 32;
+        (*gdt)[3 + 2 * cpu] = low;
+        (*gdt)[4 + 2 * cpu] = base >> 32;
         let gdt_base = gdt as u64;
         let gdtr: [u16; 5] = [
-            (5 * 8 - 1) as u16,
+            (GDT_SLOTS * 8 - 1) as u16,
             gdt_base as u16,
             (gdt_base >> 16) as u16,
             (gdt_base >> 32) as u16,
@@ -237,22 +329,9 @@ pub fn install_idt() {
             gdtr = in(reg) gdtr.as_ptr(),
             tmp = out(reg) _,
         );
-        asm!("ltr {0:x}", in(reg) 0x18u16, options(nostack));
-
-        let idt = IDT.get();
-        let table = core::ptr::addr_of!(isr_table);
-        for v in 0..32 {
-            let h = (*table)[v];
-            let ist = if v == DF_VECTOR { 1 } else { 0 };
-            let low = (h & 0xFFFF)
-                | (0x08 << 16)
-                | (ist << 32)
-                | (0x8E << 40)
-                | (((h >> 16) & 0xFFFF) << 48);
-            (*idt)[v] = Gate([low, h >> 32]);
-        }
+        asm!("ltr {0:x}", in(reg) (0x18 + 16 * cpu) as u16, options(nostack));
         let ptr: [u16; 5] = {
-            let base = idt as u64;
+            let base = IDT.get() as u64;
             [
                 (256 * 16 - 1) as u16,
                 base as u16,

@@ -4,7 +4,7 @@
 //! PVH (`XEN_ELFNOTE_PHYS32_ENTRY`, note type 18): QEMU's loader puts the ELF at its physical
 //! addresses and jumps to the note's address in 32-bit protected mode, paging off, flat
 //! segments, EBX = `hvm_start_info`. The entry zeroes .bss, identity-maps the first 1 GiB with
-//! 2M pages, enables PAE and EFER.LME, turns paging on, loads a GDT with a 64-bit code segment
+//! 2M pages (and the local APIC's page, uncached), enables PAE and EFER.LME, turns paging on, loads a GDT with a 64-bit code segment
 //! and far-jumps to 64-bit code, which sets the stack and calls `rust_start`.
 //!
 //! td-shim's executable payload entry (`_payload_start`, the ELF entry point) is already in long
@@ -29,6 +29,33 @@ core::arch::global_asm!(
     .p2align 2
     .long _start32
     .p2align 2
+
+    /* From 32-bit protected mode, paging off: PAE, the image's page tables, EFER.LME,
+       paging on, the 64-bit GDT, and a far jump to \target in long mode. */
+.macro LONG_MODE target
+    mov $boot_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    lgdt gdt_ptr
+    ljmp $0x08, $\target
+.endm
+.macro DATA_SEGMENTS
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov %ax, %fs
+    mov %ax, %gs
+.endm
 
     .section .text.boot, "ax"
     .code32
@@ -60,29 +87,16 @@ _start32:
     inc %ecx
     cmp $512, %ecx
     jne 1b
-    mov $boot_pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax
-    mov %eax, %cr0
-    lgdt gdt_ptr
-    ljmp $0x08, $start64
+    /* PDPT[3] -> a PD with one 2 MiB uncached page: the local APIC at 0xFEE00000 */
+    mov $boot_pd_apic, %eax
+    or $3, %eax
+    mov %eax, boot_pdpt+24
+    movl $0xFEE0009B, boot_pd_apic+0x1F7*8
+    LONG_MODE start64
 
     .code64
 start64:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    mov %ax, %fs
-    mov %ax, %gs
+    DATA_SEGMENTS
     lea boot_stack_top(%rip), %rsp
     mov %rsi, %rdi
     call rust_start
@@ -91,7 +105,65 @@ start64:
     jmp 2b
 
 
+    /* Application processors: INIT-SIPI-SIPI starts them in real mode at the trampoline,
+       copied to AP_TRAMPOLINE (below 1 MiB); it loads a 32-bit GDT, enters protected mode
+       and jumps to ap_start32 here, at the image's link address. */
+    .equ AP_TRAMPOLINE, 0x8000
+    .code16
+    .global ap_trampoline
+ap_trampoline:
+    cli
+    cld
+    xor %ax, %ax
+    mov %ax, %ds
+    lgdtl ap_gdtr - ap_trampoline + AP_TRAMPOLINE
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x08, $ap_start32
+    .p2align 3
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff
+    .quad 0x00cf92000000ffff
+ap_gdtr:
+    .word 23
+    .long ap_gdt - ap_trampoline + AP_TRAMPOLINE
+    .global ap_trampoline_end
+ap_trampoline_end:
+
+    .code32
+ap_start32:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    LONG_MODE ap_start64
+
+    .code64
+ap_start64:
+    DATA_SEGMENTS
+    /* a stack per AP, in arrival order: ap_stacks + (n + 1) * 64 KiB; APs past the image's
+       MAX_CPUS - 1 = 3 stacks park at once */
+    mov $1, %eax
+    lock xadd %eax, ap_arrivals(%rip)
+    cmp $3, %eax
+    jae 4f
+    mov %eax, %edi
+    inc %eax
+    shl $16, %rax
+    lea ap_stacks(%rip), %rsp
+    add %rax, %rsp
+    call ap_rust_start
+4:
+    cli
+    hlt
+    jmp 4b
+
     .section .data
+    .p2align 2
+ap_arrivals:
+    .long 0
 gdt_ptr:
     .word gdt64_end - gdt64 - 1
     .long gdt64
@@ -122,8 +194,8 @@ gdt64:
     .quad 0
     .quad 0x00af9a000000ffff
     .quad 0x00cf92000000ffff
-    .quad 0
-    .quad 0
+    /* a 64-bit TSS descriptor (two slots) per vCPU, filled by arch::install_idt */
+    .fill 8, 8, 0
     .global gdt64_end
 gdt64_end:
 
@@ -135,15 +207,15 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4096
+boot_pd_apic:
+    .skip 4096
     .p2align 4
 boot_stack:
     .skip 262144
 boot_stack_top:
-    .global df_stack_top
     .p2align 4
-df_stack:
-    .skip 16384
-df_stack_top:
+ap_stacks:
+    .skip 3 * 65536
 
     .section .text
 .macro STUB vec, err

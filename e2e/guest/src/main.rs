@@ -3,49 +3,69 @@
 //! Two ways to run it, one binary format (an ELF linked at 1 MiB):
 //!
 //! - **QEMU TCG** (default build): `qemu-system-x86_64 -kernel image` boots it through the PVH
-//!   note (boot.rs). TCG has no TDX, so every TDCALL and every memory touch of the self-test
-//!   is a request to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module
-//!   emulator and the host half. When `tdhost` answers "inject #VE", the image executes
-//!   `int 20`: a real exception delivered through IDT gate 20 to the #VE handler (a software
-//!   interrupt, not a hardware-raised #VE; the log says so), which reads VE info and accepts
-//!   with further requests, returns with `iretq`, and the access is retried.
+//!   note (boot.rs). TCG has no TDX: the engine's real TDCALL backend (`accept::hw`) executes
+//!   the TDCALL instruction, TCG raises #UD, and the #UD handler (trap.rs) sends the register
+//!   block to `tdhost` over COM2 (`e2e_proto::wire`), which runs the TDX-module emulator and
+//!   the host half; the handler writes the output registers back and steps over it. Memory
+//!   touches of the self-test are requests too. If TDCALL does not trap (checked once at
+//!   start), each TDCALL is a request instead (`WireTdcall`); the log says which path ran.
+//!   When `tdhost` answers "inject #VE", the image executes `int 20`: a real exception
+//!   delivered through IDT gate 20 to the #VE handler (a software interrupt, not a
+//!   hardware-raised #VE; the log says so), which reads VE info and accepts with further
+//!   TDCALLs, returns with `iretq`, and the access is retried. After this single-vCPU part the
+//!   image starts the other vCPUs (smp.rs: INIT-SIPI-SIPI, `-smp 4`) and all of them run the
+//!   multi-CPU self-test (`e2e_proto::smp`), each over its own shared-memory mailbox.
 //! - **td-shim payload** (feature `tdx`): td-shim jumps to the ELF entry in long mode with the
 //!   TD HOB list; TDCALLs are real (`accept::hw`), the plan comes from the HOB list, and the #VE
 //!   test touches a pending page for real, so the TDX module raises #VE through the same gate.
 //!
-//! COM1 carries the log and the machine-readable result line `TDMEM-GUEST-RESULT ...`; QEMU's
+//! COM1 carries the log and the machine-readable result lines `TDMEM-GUEST-RESULT ...` and
+//! `TDMEM-GUEST-SMP-RESULT ...`; QEMU's
 //! `isa-debug-exit` device turns the verdict into QEMU's exit status (33 = pass).
 #![no_std]
 #![no_main]
 
 mod arch;
 mod boot;
+#[cfg(not(feature = "tdx"))]
+mod smp;
 #[cfg(feature = "tdx")]
 mod tdx;
+#[cfg(not(feature = "tdx"))]
+mod trap;
 
 use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use accept::ve::VeVerdict;
 use e2e_proto::selftest::VeHandler;
 
 use arch::{Frame, Global, EXIT_FAIL, EXIT_PASS};
 
-/// The #VE handler the current touch armed (`None` outside a touch).
-static VE_HANDLER: Global<Option<*mut (dyn VeHandler + 'static)>> = Global::new(None);
-/// #VEs delivered through the IDT.
-static VE_ENTRIES: Global<u64> = Global::new(0);
+/// Per vCPU, the #VE handler the current touch armed (`None` outside a touch).
+static VE_HANDLER: Global<[Option<*mut (dyn VeHandler + 'static)>; arch::MAX_CPUS]> =
+    Global::new([None; arch::MAX_CPUS]);
+/// #VEs delivered through the IDT, all vCPUs.
+static VE_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// This vCPU's #VE handler slot.
+fn ve_slot() -> *mut Option<*mut (dyn VeHandler + 'static)> {
+    let cpu = arch::cpu_index().min(arch::MAX_CPUS - 1);
+    // SAFETY: in bounds; only the address of this vCPU's element is taken.
+    unsafe { core::ptr::addr_of_mut!((*VE_HANDLER.get())[cpu]) }
+}
 
 /// Arms the #VE gate with `handler` for the duration of `f`.
 pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) -> R {
     // SAFETY: the lifetime is erased only for the duration of `f`; the pointer is cleared
-    // before `handler`'s borrow ends, and only the #VE entry on this vCPU reads it, while `f`
-    // runs.
+    // before `handler`'s borrow ends, and only the #VE entry on this vCPU reads it (from its
+    // own slot), while `f` runs.
     let ptr: *mut (dyn VeHandler + 'static) = unsafe { core::mem::transmute(handler) };
-    // SAFETY: single vCPU; no #VE can be in flight while the slot is written.
-    unsafe { *VE_HANDLER.get() = Some(ptr) };
+    // SAFETY: this vCPU's slot; no #VE can be in flight on this vCPU while it is written.
+    unsafe { *ve_slot() = Some(ptr) };
     let r = f();
     // SAFETY: as above.
-    unsafe { *VE_HANDLER.get() = None };
+    unsafe { *ve_slot() = None };
     r
 }
 
@@ -54,6 +74,8 @@ pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) ->
 extern "C" fn exception_dispatch(frame: &mut Frame) {
     match frame.vector {
         20 => ve_entry(frame),
+        #[cfg(not(feature = "tdx"))]
+        6 => qemu::ud(frame),
         8 => {
             println!("#DF: double fault at rip={:#x} (on IST1)", frame.rip);
             println!("TDMEM-GUEST-RESULT FAILED double-fault");
@@ -73,13 +95,10 @@ extern "C" fn exception_dispatch(frame: &mut Frame) {
 }
 
 fn ve_entry(frame: &mut Frame) {
-    // SAFETY: single vCPU; the counter is only touched here.
-    let n = unsafe {
-        *VE_ENTRIES.get() += 1;
-        *VE_ENTRIES.get()
-    };
+    let n = VE_ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     println!(
-        "ve: #VE #{n} entered through IDT gate 20, rip={:#x} rsp={:#x} ({})",
+        "ve: cpu{}: #VE #{n} entered through IDT gate 20, rip={:#x} rsp={:#x} ({})",
+        arch::cpu_index(),
         frame.rip,
         frame.rsp,
         if cfg!(feature = "tdx") {
@@ -90,7 +109,7 @@ fn ve_entry(frame: &mut Frame) {
     );
     // SAFETY: the slot holds a live handler while a touch is in progress (with_ve_handler),
     // and nothing else uses that handler until this returns.
-    let handler = unsafe { *VE_HANDLER.get() };
+    let handler = unsafe { *ve_slot() };
     let Some(handler) = handler else {
         println!("ve: no handler armed: unexpected #VE");
         println!("TDMEM-GUEST-RESULT FAILED unexpected-ve");
@@ -117,11 +136,12 @@ fn ve_entry(frame: &mut Frame) {
 mod qemu {
     //! The QEMU TCG run: the serial transport to `tdhost` and the bare-metal platform.
 
-    use e2e_proto::selftest::{self, Channel, Platform, Scenario, VeHandler, WireMachine};
+    use accept::hw::HwTdcall;
+    use e2e_proto::selftest::{self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine};
     use e2e_proto::wire::{self, Answer, Decoder, Request, MAX_FRAME};
 
-    use crate::arch::{self, COM2, EXIT_FAIL, EXIT_PASS};
-    use crate::println;
+    use crate::arch::{self, Frame, COM2, EXIT_FAIL};
+    use crate::{println, trap};
 
     /// The link to `tdhost` on COM2: one frame out, one frame back.
     #[derive(Debug, Clone, Copy)]
@@ -147,7 +167,7 @@ mod qemu {
 
     /// Real RAM, a real IDT.
     #[derive(Debug)]
-    pub struct BareMetal;
+    pub(crate) struct BareMetal;
 
     impl Platform for BareMetal {
         fn access(&mut self, gpa: u64, write: Option<u64>) {
@@ -183,6 +203,17 @@ mod qemu {
         }
     }
 
+    /// The #UD gate: a TDCALL is served over this vCPU's link (COM2 for the single-vCPU part,
+    /// then the vCPU's mailbox).
+    pub fn ud(frame: &mut Frame) {
+        let cpu = arch::cpu_index();
+        if crate::smp::MAILBOXES.load(core::sync::atomic::Ordering::Acquire) {
+            trap::ud(cpu, frame, &mut crate::smp::Mailbox(cpu));
+        } else {
+            trap::ud(cpu, frame, &mut Serial);
+        }
+    }
+
     pub fn run() -> ! {
         arch::uart_init(COM2);
         let mut chan = Serial;
@@ -196,11 +227,28 @@ mod qemu {
                 arch::exit(EXIT_FAIL);
             }
         }
-        let mut machine = WireMachine {
-            chan,
-            platform: BareMetal,
+        let sum: Summary = if trap::probe() {
+            println!(
+                "tdcall: path=trap (TDCALL 66 0F 01 CC raised #UD; accept::hw runs, the #UD \
+                 handler serves each TDCALL)"
+            );
+            let mut machine = WireMachine {
+                chan,
+                platform: BareMetal,
+                td: HwTdcall,
+            };
+            selftest::run(&mut machine, &Scenario::QEMU_E2E)
+        } else {
+            println!("tdcall: path=wire (TDCALL did not raise #UD: each TDCALL is a request)");
+            let mut machine = WireMachine::new(chan, BareMetal);
+            selftest::run(&mut machine, &Scenario::QEMU_E2E)
         };
-        let sum = selftest::run(&mut machine, &Scenario::QEMU_E2E);
+        let st = &trap::STATS[0];
+        println!(
+            "TDMEM-GUEST-TRAPS cpu=0 traps={} reexecuted={}",
+            st.traps.load(core::sync::atomic::Ordering::Relaxed),
+            st.reexecuted.load(core::sync::atomic::Ordering::Relaxed)
+        );
         println!("TDMEM-GUEST-RESULT {sum}");
         let (counts, n) = sum.counts();
         let pass = sum.failed == 0 && sum.passed > 0;
@@ -210,7 +258,10 @@ mod qemu {
             n,
         });
         println!("tdhost: done ({ack:?})");
-        arch::exit(if pass { EXIT_PASS } else { EXIT_FAIL });
+        if !pass {
+            arch::exit(EXIT_FAIL);
+        }
+        crate::smp::run()
     }
 }
 

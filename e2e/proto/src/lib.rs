@@ -3,6 +3,9 @@
 //! - [`wire`]: the framed request/answer protocol between the test image and `tdhost`.
 //! - [`selftest`]: the engine's boot self-test suite, run by the bare-metal test image and by
 //!   `tdhost --in-process`, with [`selftest::WireTdcall`], the TDCALL transport of the image.
+//! - [`smp`]: the multi-CPU part of the self-test (several vCPUs at once, checked by
+//!   invariants).
+//! - [`mailbox`]: the per-vCPU shared-memory mailboxes that carry the multi-CPU part's frames.
 //!
 //! The firmware glue itself (HOB walk, boot plan, unaccepted table) is `tdmem-firmware`
 //! (`td-shim-ext/`).
@@ -16,5 +19,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod mailbox;
 pub mod selftest;
+pub mod smp;
 pub mod wire;

@@ -238,20 +238,32 @@ pub trait Platform {
     fn log(&mut self, args: fmt::Arguments<'_>);
 }
 
-/// A [`Machine`] whose TDCALLs and memory touches go to a host over a [`Channel`].
+/// A [`Machine`] whose memory touches go to a host over a [`Channel`], and whose TDCALLs go
+/// through `T`: by default a request each ([`WireTdcall`]); the bare-metal image's trap path
+/// uses the real instruction (`accept::hw`), whose #UD the image serves over the same channel.
 #[derive(Debug)]
-pub struct WireMachine<C, P> {
+pub struct WireMachine<C, P, T = WireTdcall<C>> {
     /// The link.
     pub chan: C,
     /// The rest of the machine.
     pub platform: P,
+    /// The TDCALL backend handed to the engine.
+    pub td: T,
 }
 
-impl<C: Channel + Clone, P: Platform> Machine for WireMachine<C, P> {
-    type Td = WireTdcall<C>;
+impl<C: Channel + Clone, P: Platform> WireMachine<C, P> {
+    /// TDCALLs as requests on `chan`.
+    pub fn new(chan: C, platform: P) -> Self {
+        let td = WireTdcall::new(chan.clone());
+        WireMachine { chan, platform, td }
+    }
+}
 
-    fn tdcall(&mut self) -> WireTdcall<C> {
-        WireTdcall::new(self.chan.clone())
+impl<C: Channel, P: Platform, T: Tdcall + Clone> Machine for WireMachine<C, P, T> {
+    type Td = T;
+
+    fn tdcall(&mut self) -> T {
+        self.td.clone()
     }
 
     fn touch(
@@ -362,24 +374,50 @@ pub enum TouchError {
     Livelock,
 }
 
-struct Ve<'t, 'a, T: Tdcall> {
-    tdcall: T,
-    state: VeCpuState,
-    tracker: &'t LazyTracker<'a>,
-    last: Option<VeVerdict>,
-    count: u64,
+/// One vCPU's #VE handler: the engine's [`handle_ve`] with this vCPU's state.
+pub(crate) struct Ve<'t, 'a, T: Tdcall> {
+    pub(crate) vcpu: usize,
+    pub(crate) tdcall: T,
+    pub(crate) state: VeCpuState,
+    pub(crate) tracker: &'t LazyTracker<'a>,
+    pub(crate) last: Option<VeVerdict>,
+    pub(crate) count: u64,
+    /// #VEs whose unit this handler accepted.
+    pub(crate) handled: u64,
+    /// #VEs whose unit another vCPU had accepted meanwhile.
+    pub(crate) meanwhile: u64,
+}
+
+impl<'t, 'a, T: Tdcall> Ve<'t, 'a, T> {
+    pub(crate) fn new(vcpu: usize, tdcall: T, tracker: &'t LazyTracker<'a>) -> Self {
+        Ve {
+            vcpu,
+            tdcall,
+            state: VeCpuState::new(),
+            tracker,
+            last: None,
+            count: 0,
+            handled: 0,
+            meanwhile: 0,
+        }
+    }
 }
 
 impl<T: Tdcall> VeHandler for Ve<'_, '_, T> {
     fn handle(&mut self) -> VeVerdict {
         self.count += 1;
         let v = handle_ve(
-            0,
+            self.vcpu,
             &mut self.state,
             &mut self.tdcall,
             &mut NoInterrupts,
             self.tracker,
         );
+        match v {
+            VeVerdict::Handled { .. } => self.handled += 1,
+            VeVerdict::AcceptedMeanwhile { .. } => self.meanwhile += 1,
+            _ => {}
+        }
         self.last = Some(v);
         v
     }
@@ -424,8 +462,9 @@ pub fn touch<C: Channel, P: Platform + ?Sized>(
     Err(TouchError::Livelock)
 }
 
-struct NoPageTables<'p, M: Machine + ?Sized> {
-    platform: &'p mut M,
+/// Conversion hooks of an image with one identity map and no shared alias.
+pub(crate) struct NoPageTables<'p, M: Machine + ?Sized> {
+    pub(crate) platform: &'p mut M,
 }
 
 impl<M: Machine + ?Sized> ConvertHooks for NoPageTables<'_, M> {
@@ -511,13 +550,7 @@ pub fn run<M: Machine + ?Sized>(platform: &mut M, sc: &Scenario<'_>) -> Summary 
         check!(sum, platform, "eager_accept", false, "no tracker");
         return sum;
     };
-    let mut ve0 = Ve {
-        tdcall: platform.tdcall(),
-        state: VeCpuState::new(),
-        tracker: &empty,
-        last: None,
-        count: 0,
-    };
+    let mut ve0 = Ve::new(0, platform.tdcall(), &empty);
     let first = platform.touch(sc.eager_probe, Some(0xE1), &mut ve0);
     sum.eager_bytes = plan.eager().bytes();
     check!(
@@ -578,13 +611,7 @@ pub fn run<M: Machine + ?Sized>(platform: &mut M, sc: &Scenario<'_>) -> Summary 
     let lazy_gpa = sc.lazy_gpa;
     let lazy = tracker.accept_range(0, &mut td, &mut NoInterrupts, lazy_gpa, lazy_gpa + 4096);
     let state = tracker.state_of(lazy_gpa);
-    let mut ve = Ve {
-        tdcall: platform.tdcall(),
-        state: VeCpuState::new(),
-        tracker: &tracker,
-        last: None,
-        count: 0,
-    };
+    let mut ve = Ve::new(0, platform.tdcall(), &tracker);
     let read = platform.touch(lazy_gpa, None, &mut ve);
     check!(
         sum,
@@ -649,7 +676,7 @@ const WHOLE: GpaRange = range(0, 4096);
 
 /// A constant range.
 #[allow(clippy::panic)] // evaluated at compile time
-const fn range(start: u64, end: u64) -> GpaRange {
+pub(crate) const fn range(start: u64, end: u64) -> GpaRange {
     match GpaRange::new(start, end) {
         Ok(r) => r,
         Err(_) => panic!("bad constant range"),
@@ -768,10 +795,7 @@ mod tests {
     #[test]
     fn suite_passes_against_a_scripted_module() {
         let chan = FakeChan::default();
-        let mut m = WireMachine {
-            chan: chan.clone(),
-            platform: Plat::default(),
-        };
+        let mut m = WireMachine::new(chan.clone(), Plat::default());
         // The image's own memory is accepted before the run.
         for p in (0..IMAGE_END).step_by(4096) {
             chan.0.borrow_mut().accepted.insert(p);

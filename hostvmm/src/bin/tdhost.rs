@@ -11,6 +11,15 @@
 //! against the same host code, with no QEMU: the requests and so every count are the same, which
 //! `cargo xtask e2e` checks.
 //!
+//! With `--mailbox RAM-FILE` (QEMU's guest RAM as a shared file), once the single-vCPU part is
+//! done, `tdhost` serves the multi-CPU part (`e2e_proto::smp`) on a host of its own with one
+//! vCPU per image vCPU: a thread per vCPU polls that vCPU's mailbox (`e2e_proto::mailbox`) in
+//! the file and answers its requests as that vCPU's instructions, so every vCPU can have a
+//! request in flight at once. At vCPU 0's DONE it checks the multi-CPU invariants (S-EPT well
+//! formed, every 2M unit accepted exactly once and MAPPED, the module's ACCEPT, #VE and MapGPA
+//! counts equal to what the vCPUs report) and prints `TDMEM-HOST-SMP-RESULT ok|FAILED ...`.
+//! `--in-process` runs that part too, with a thread per vCPU.
+//!
 //! At the end (the image's DONE request) the host checks invariants (S-EPT tree well formed, no
 //! host fault errors, no error pages, the image's ACCEPT and #VE counts equal the module's,
 //! accepted memory MAPPED, never-touched memory FREE) and prints a report:
@@ -23,15 +32,20 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use accept::abi::{vmcall, Gpa, PageLevel, StatusCode};
+use accept::abi::{vmcall, Gpa, Gpaw, PageLevel, StatusCode};
+use accept::acceptor::{AcceptPolicy, Acceptor};
+use e2e_proto::mailbox;
 use e2e_proto::selftest::{
     self, Channel, Platform, Scenario, Summary, VeHandler, WireMachine, IMAGE_END, MEMORY,
 };
+use e2e_proto::smp::{self, Smp, SmpStorage};
 use e2e_proto::wire::{self, Answer, Decoder, Regs, Request};
 use hostvmm::kvm::YieldKicker;
 use hostvmm::module::{
@@ -44,16 +58,24 @@ use hostvmm::vmm::{ExitAction, Host, HostConfig};
 const TESTS: u64 = 7;
 
 /// The host side: the host half plus counters of what crossed the link.
+/// Shared by every vCPU's server thread: the host half is thread-safe, the counters are behind
+/// locks.
 struct Exec {
     host: Host,
-    requests: BTreeMap<&'static str, u64>,
-    answers: BTreeMap<&'static str, u64>,
-    summary: Option<(u64, Summary)>,
+    requests: Mutex<BTreeMap<&'static str, u64>>,
+    answers: Mutex<BTreeMap<&'static str, u64>>,
+    summary: Mutex<Option<(u64, Summary)>>,
+}
+
+/// Locks `m`, also when another thread panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Exec {
-    fn new() -> Exec {
-        let host = match Host::new(HostConfig::new(MEMORY, 1), Arc::new(YieldKicker)) {
+    /// A host for `vcpus` vCPUs with the image's memory built.
+    fn new(vcpus: u32) -> Exec {
+        let host = match Host::new(HostConfig::new(MEMORY, vcpus), Arc::new(YieldKicker)) {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("tdhost: cannot build the host: {e}");
@@ -62,9 +84,9 @@ impl Exec {
         };
         let mut exec = Exec {
             host,
-            requests: BTreeMap::new(),
-            answers: BTreeMap::new(),
-            summary: None,
+            requests: Mutex::new(BTreeMap::new()),
+            answers: Mutex::new(BTreeMap::new()),
+            summary: Mutex::new(None),
         };
         exec.build_image_memory();
         exec
@@ -79,7 +101,7 @@ impl Exec {
         while gpa < IMAGE_END {
             let info = accept::abi::page_info(Gpa::new_truncate(gpa), PageLevel::Size2M);
             loop {
-                match self.accept(info) {
+                match self.accept(0, info) {
                     Answer::Reexecute => continue,
                     Answer::Regs(r) if r.rax == 0 => break,
                     other => {
@@ -90,17 +112,17 @@ impl Exec {
             }
             gpa += PageLevel::Size2M.size();
         }
-        self.requests.clear();
-        self.answers.clear();
+        lock(&self.requests).clear();
+        lock(&self.answers).clear();
     }
 
-    fn enter(&self) -> bool {
-        self.host.module().vcpu_enter(0).is_ok()
+    fn enter(&self, vcpu: usize) -> bool {
+        self.host.module().vcpu_enter(vcpu).is_ok()
     }
 
-    fn leave(&self, exited: bool) {
+    fn leave(&self, vcpu: usize, exited: bool) {
         if !exited {
-            let _ = self.host.module().vcpu_exit(0);
+            let _ = self.host.module().vcpu_exit(vcpu);
         }
     }
 
@@ -117,12 +139,12 @@ impl Exec {
         }
     }
 
-    fn accept(&mut self, page_info: u64) -> Answer {
-        if !self.enter() {
+    fn accept(&self, vcpu: usize, page_info: u64) -> Answer {
+        if !self.enter(vcpu) {
             return Answer::Fatal(3);
         }
-        let out = self.host.module().tdg_mem_page_accept(0, page_info);
-        self.leave(matches!(out, Ok(TdcallOutcome::Exit(_))));
+        let out = self.host.module().tdg_mem_page_accept(vcpu, page_info);
+        self.leave(vcpu, matches!(out, Ok(TdcallOutcome::Exit(_))));
         match out {
             Ok(TdcallOutcome::Completed(s)) => Answer::Regs(Regs {
                 rax: s.raw(),
@@ -134,7 +156,8 @@ impl Exec {
         }
     }
 
-    fn answer(&mut self, req: Request) -> Answer {
+    /// Answers one request of vCPU `vcpu`.
+    fn answer(&self, vcpu: usize, req: Request) -> Answer {
         let name = match req {
             Request::Hello { .. } => "hello",
             Request::VpInfo => "vp_info",
@@ -144,8 +167,8 @@ impl Exec {
             Request::Touch { .. } => "touch",
             Request::Done { .. } => "done",
         };
-        *self.requests.entry(name).or_default() += 1;
-        let a = self.answer_inner(req);
+        *lock(&self.requests).entry(name).or_default() += 1;
+        let a = self.answer_inner(vcpu, req);
         let kind = match a {
             Answer::Regs(_) => "retired",
             Answer::Reexecute => "reexecute",
@@ -154,26 +177,26 @@ impl Exec {
             Answer::Ack => "ack",
             Answer::Fatal(_) => "fatal",
         };
-        *self.answers.entry(kind).or_default() += 1;
+        *lock(&self.answers).entry(kind).or_default() += 1;
         a
     }
 
-    fn answer_inner(&mut self, req: Request) -> Answer {
+    fn answer_inner(&self, vcpu: usize, req: Request) -> Answer {
         let m = self.host.module().clone();
         match req {
             Request::Hello { version } if version == wire::VERSION => Answer::Ack,
             Request::Hello { .. } => Answer::Fatal(9),
             Request::Done { status, counts, n } => {
-                self.summary = Some((status, Summary::from_counts(&counts[..n])));
+                *lock(&self.summary) = Some((status, Summary::from_counts(&counts[..n])));
                 Answer::Ack
             }
-            Request::Accept { page_info } => self.accept(page_info),
+            Request::Accept { page_info } => self.accept(vcpu, page_info),
             Request::VpInfo | Request::VeInfo => {
-                if !self.enter() {
+                if !self.enter(vcpu) {
                     return Answer::Fatal(3);
                 }
                 let regs = if req == Request::VpInfo {
-                    m.tdg_vp_info(0).map(|r| match r {
+                    m.tdg_vp_info(vcpu).map(|r| match r {
                         Ok(i) => Regs {
                             rcx: u64::from(i.gpaw.width()),
                             rdx: i.attributes,
@@ -187,7 +210,7 @@ impl Exec {
                         },
                     })
                 } else {
-                    m.tdg_vp_veinfo_get(0).map(|r| match r {
+                    m.tdg_vp_veinfo_get(vcpu).map(|r| match r {
                         Ok(v) => Regs {
                             rcx: u64::from(v.exit_reason),
                             rdx: v.exit_qualification,
@@ -203,11 +226,11 @@ impl Exec {
                         },
                     })
                 };
-                self.leave(false);
+                self.leave(vcpu, false);
                 regs.map_or(Answer::Fatal(3), Answer::Regs)
             }
             Request::MapGpa { start, len } => {
-                if !self.enter() {
+                if !self.enter(vcpu) {
                     return Answer::Fatal(3);
                 }
                 let mut regs = VmcallRegs {
@@ -218,8 +241,8 @@ impl Exec {
                 regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
                 regs.gpr[VmcallRegs::R12] = start;
                 regs.gpr[VmcallRegs::R13] = len;
-                let out = m.tdg_vp_vmcall(0, regs);
-                self.leave(matches!(out, Ok(TdcallOutcome::Exit(_))));
+                let out = m.tdg_vp_vmcall(vcpu, regs);
+                self.leave(vcpu, matches!(out, Ok(TdcallOutcome::Exit(_))));
                 match out {
                     Ok(TdcallOutcome::Exit(exit @ TdExit::Vmcall(_))) => {
                         let mut answer = VmcallRegs::default();
@@ -243,12 +266,12 @@ impl Exec {
                 }
             }
             Request::Touch { gpa, write } => {
-                if !self.enter() {
+                if !self.enter(vcpu) {
                     return Answer::Fatal(3);
                 }
                 let access = write.map_or(Access::Read, Access::Write);
-                let out = m.guest_access(0, gpa, access);
-                self.leave(matches!(out, Ok(AccessOutcome::Exit(_))));
+                let out = m.guest_access(vcpu, gpa, access);
+                self.leave(vcpu, matches!(out, Ok(AccessOutcome::Exit(_))));
                 match out {
                     Ok(AccessOutcome::Ok(token)) => Answer::Regs(Regs {
                         rcx: token,
@@ -315,8 +338,8 @@ impl Exec {
             calls.join(","),
             accepts.join(","),
             st.access(AccessKind::Ve),
-            map(&self.requests),
-            map(&self.answers),
+            map(&lock(&self.requests)),
+            map(&lock(&self.answers)),
             vmm.ept_violations,
             vmm.map_gpa_calls,
             vmm.map_gpa_chunks,
@@ -328,11 +351,11 @@ impl Exec {
         )
     }
 
-    /// Invariant checks at the end of a run; returns the violations.
-    fn check(&self) -> Vec<String> {
+    /// The checks every run shares: the S-EPT tree well formed, no host fault errors, no error
+    /// pages, and the image's DONE. Returns the violations and the image's summary.
+    fn check_host(&self) -> (Vec<String>, Option<(u64, Summary)>) {
         let mut bad = Vec::new();
-        let m = self.host.module();
-        if let Err(e) = m.check_tree() {
+        if let Err(e) = self.host.module().check_tree() {
             bad.push(e.to_string());
         }
         let vmm = self.host.stats();
@@ -343,8 +366,18 @@ impl Exec {
         if poisoned != 0 {
             bad.push(format!("{poisoned} error pages"));
         }
-        let Some((status, s)) = self.summary else {
+        let summary = *lock(&self.summary);
+        if summary.is_none() {
             bad.push("the image never reported DONE".into());
+        }
+        (bad, summary)
+    }
+
+    /// Invariant checks at the end of a run; returns the violations.
+    fn check(&self) -> Vec<String> {
+        let (mut bad, summary) = self.check_host();
+        let m = self.host.module();
+        let Some((status, s)) = summary else {
             return bad;
         };
         if status != 0 || s.failed != 0 || s.passed != TESTS {
@@ -401,8 +434,118 @@ impl Exec {
         bad
     }
 
+    /// Invariant checks of the multi-CPU part (a host of its own); returns the violations.
+    fn check_smp(&self, extra: &SmpExtra) -> Vec<String> {
+        let (mut bad, summary) = self.check_host();
+        let m = self.host.module();
+        let vmm = self.host.stats();
+        let Some((status, s)) = summary else {
+            return bad;
+        };
+        let tests = smp::CPUS as u64 * Smp::TESTS_PER_CPU;
+        if status != 0 || s.failed != 0 || s.passed != tests {
+            bad.push(format!(
+                "multi-CPU self-test: status {status}, {} passed, {} failed (want {tests})",
+                s.passed, s.failed
+            ));
+        }
+        let st = m.stats();
+        let ok = CallOutcome::Status(StatusCode::Success);
+        let setup_2m = IMAGE_END / PageLevel::Size2M.size();
+        let module_2m = st.get_at(CallKind::Accept, PageLevel::Size2M, ok);
+        let module_4k = st.get_at(CallKind::Accept, PageLevel::Size4K, ok);
+        if module_2m != s.accepted[1] + setup_2m || module_4k != s.accepted[0] {
+            bad.push(format!(
+                "ACCEPTs: module 2M {module_2m} 4K {module_4k}, vCPUs 2M {} 4K {} + setup 2M \
+                 {setup_2m}",
+                s.accepted[1], s.accepted[0]
+            ));
+        }
+        // Every unit exactly once: each 2M unit of [BASE, END) once, the converted units once
+        // more after the conversion, nothing at 4K.
+        let units = (smp::END - smp::BASE) / smp::UNIT;
+        let reaccepted = (smp::CONVERT.1 - smp::CONVERT.0) / smp::UNIT;
+        if s.accepted[1] != units + reaccepted || s.accepted[0] != 0 {
+            bad.push(format!(
+                "accepted exactly once: want {units} units + {reaccepted} after the \
+                 conversion at 2M, the vCPUs accepted {} at 2M and {} at 4K",
+                s.accepted[1], s.accepted[0]
+            ));
+        }
+        if st.access(AccessKind::Ve) != s.ves {
+            bad.push(format!(
+                "#VE: module injected {}, vCPUs took {}",
+                st.access(AccessKind::Ve),
+                s.ves
+            ));
+        }
+        if vmm.map_gpa_calls != s.map_gpa.0 {
+            bad.push(format!(
+                "MapGPA: host served {}, vCPUs made {}",
+                vmm.map_gpa_calls, s.map_gpa.0
+            ));
+        }
+        if extra.ve_handled + extra.ve_meanwhile > s.ves {
+            bad.push(format!(
+                "#VE verdicts {} + {} exceed the #VEs taken {}",
+                extra.ve_handled, extra.ve_meanwhile, s.ves
+            ));
+        }
+        let mut gpa = smp::BASE;
+        while gpa < smp::END {
+            for at in [gpa, gpa + smp::UNIT - 4096] {
+                let leaf = m.leaf(Gpa::new_truncate(at));
+                if leaf.state != SeptState::Mapped {
+                    bad.push(format!(
+                        "{at:#x} (accepted by the vCPUs) is {:?}",
+                        leaf.state
+                    ));
+                }
+            }
+            gpa += smp::UNIT;
+        }
+        bad
+    }
+
+    /// Prints the multi-CPU report; true when every invariant holds.
+    fn report_smp(&self, mode: &str, extra: &SmpExtra) -> bool {
+        let st = self.host.module().stats();
+        let tdcalls: u64 = CallKind::ALL
+            .iter()
+            .filter(|k| !k.is_seamcall())
+            .map(|&k| st.total(k))
+            .sum();
+        let requests: u64 = lock(&self.requests).values().sum();
+        if let Some((_, s)) = *lock(&self.summary) {
+            println!("TDMEM-HOST-SMP-GUEST-SUMMARY {s}");
+        }
+        println!(
+            "TDMEM-HOST-SMP vcpus={} requests={requests} tdcalls={tdcalls} ve_injected={} \
+             ve_handled={} ve_accepted_meanwhile={} ept_violations={}",
+            smp::CPUS,
+            st.access(AccessKind::Ve),
+            extra.ve_handled,
+            extra.ve_meanwhile,
+            self.host.stats().ept_violations
+        );
+        let bad = self.check_smp(extra);
+        if bad.is_empty() {
+            println!("TDMEM-HOST-SMP-RESULT ok mode={mode} invariants=ok");
+            true
+        } else {
+            for b in &bad {
+                println!("invariant violated: {b}");
+            }
+            println!(
+                "TDMEM-HOST-SMP-RESULT FAILED mode={mode} violations={}",
+                bad.len()
+            );
+            false
+        }
+    }
+
     fn report(&self, mode: &str) -> bool {
-        if let Some((_, s)) = self.summary {
+        if let Some((_, s)) = *lock(&self.summary) {
             println!("TDMEM-HOST-GUEST-SUMMARY {s}");
         }
         println!("TDMEM-HOST-COUNTS {}", self.counts_json());
@@ -425,14 +568,11 @@ impl Exec {
 
 /// In-process channel: the same host code, no QEMU.
 #[derive(Clone)]
-struct Direct(Arc<std::sync::Mutex<Exec>>);
+struct Direct(Arc<Exec>, usize);
 
 impl Channel for Direct {
     fn call(&mut self, req: Request) -> Answer {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .answer(req)
+        self.0.answer(self.1, req)
     }
 }
 
@@ -460,15 +600,12 @@ impl Platform for Process {
 }
 
 fn in_process() -> bool {
-    let exec = Arc::new(std::sync::Mutex::new(Exec::new()));
-    let mut chan = Direct(exec.clone());
+    let exec = Arc::new(Exec::new(1));
+    let mut chan = Direct(exec.clone(), 0);
     let _ = chan.call(Request::Hello {
         version: wire::VERSION,
     });
-    let mut machine = WireMachine {
-        chan: chan.clone(),
-        platform: Process { table: Vec::new() },
-    };
+    let mut machine = WireMachine::new(chan.clone(), Process { table: Vec::new() });
     let sum = selftest::run(&mut machine, &Scenario::QEMU_E2E);
     println!("TDMEM-GUEST-RESULT {sum}");
     let (counts, n) = sum.counts();
@@ -477,10 +614,164 @@ fn in_process() -> bool {
         counts,
         n,
     });
-    let exec = exec
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    exec.report("in-process")
+    let single = exec.report("in-process");
+    let multi = in_process_smp();
+    single && multi
+}
+
+/// What the multi-CPU DONE carries after the [`Summary`] counts.
+#[derive(Debug, Default, Clone, Copy)]
+struct SmpExtra {
+    ve_handled: u64,
+    ve_meanwhile: u64,
+}
+
+impl SmpExtra {
+    /// Index of the first extra count in DONE's counts.
+    const AT: usize = 11;
+
+    fn from_done(req: &Request) -> Option<SmpExtra> {
+        match *req {
+            Request::Done { counts, n, .. } if n >= Self::AT + 2 => Some(SmpExtra {
+                ve_handled: counts[Self::AT],
+                ve_meanwhile: counts[Self::AT + 1],
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The multi-CPU part in process: a thread per vCPU on a host of its own.
+fn in_process_smp() -> bool {
+    let exec = Arc::new(Exec::new(smp::CPUS as u32));
+    let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+    let storage = SmpStorage::new();
+    let Some(shared) = Smp::new(&acceptor, &storage) else {
+        println!("TDMEM-HOST-SMP-RESULT FAILED mode=in-process no-tracker");
+        return false;
+    };
+    std::thread::scope(|scope| {
+        for cpu in 0..smp::CPUS {
+            let (exec, shared) = (exec.clone(), &shared);
+            scope.spawn(move || {
+                let mut m = WireMachine::new(Direct(exec, cpu), Process { table: Vec::new() });
+                shared.run_cpu(cpu, &mut m);
+            });
+        }
+    });
+    let sum = shared.summary();
+    println!("TDMEM-GUEST-SMP-RESULT {sum}");
+    let (counts, n) = shared.done_counts();
+    let done = Request::Done {
+        status: u64::from(sum.failed != 0),
+        counts,
+        n,
+    };
+    let _ = exec.answer(0, done);
+    exec.report_smp(
+        "in-process",
+        &SmpExtra::from_done(&done).unwrap_or_default(),
+    )
+}
+
+/// Serves vCPU `vcpu`'s mailbox in `mem` (QEMU's guest RAM file) until `stop` is set or the
+/// deadline passes. Returns the DONE request when this vCPU sent it.
+fn serve_mailbox(
+    exec: &Exec,
+    mem: &std::fs::File,
+    vcpu: usize,
+    stop: &AtomicBool,
+    deadline: Instant,
+) -> Result<Option<Request>, String> {
+    let base = mailbox::gpa(vcpu as u64);
+    let read_u64 = |at: u64| -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        mem.read_exact_at(&mut b, at)
+            .map_err(|e| format!("mailbox {vcpu}: {e}"))?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut last = read_u64(base + mailbox::ANS_SEQ)?;
+    let mut idle = 0u32;
+    let mut frame = [0u8; wire::MAX_FRAME];
+    let mut out = [0u8; wire::MAX_FRAME];
+    while !stop.load(Ordering::Acquire) {
+        // The image bumps the number by one per request; any other value is a store in
+        // progress.
+        if read_u64(base + mailbox::REQ_SEQ)? != last + 1 {
+            idle = idle.saturating_add(1);
+            if idle < 256 {
+                std::thread::yield_now();
+            } else {
+                if Instant::now() > deadline {
+                    return Err(format!("mailbox {vcpu}: timeout"));
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            continue;
+        }
+        idle = 0;
+        last += 1;
+        mem.read_exact_at(&mut frame, base + mailbox::REQ_FRAME)
+            .map_err(|e| format!("mailbox {vcpu}: {e}"))?;
+        let req = wire::decode(&frame).and_then(|f| Request::from_frame(&f));
+        let answer = match req {
+            Ok(req) => exec.answer(vcpu, req),
+            Err(e) => {
+                eprintln!("tdhost: vCPU {vcpu}: bad request {e:?}");
+                Answer::Fatal(8)
+            }
+        };
+        let len = answer.to_frame().encode(&mut out);
+        mem.write_all_at(&out[..len], base + mailbox::ANS_FRAME)
+            .and_then(|()| mem.write_all_at(&last.to_le_bytes(), base + mailbox::ANS_SEQ))
+            .map_err(|e| format!("mailbox {vcpu}: {e}"))?;
+        if let Ok(done @ Request::Done { .. }) = req {
+            stop.store(true, Ordering::Release);
+            return Ok(Some(done));
+        }
+    }
+    Ok(None)
+}
+
+/// The multi-CPU part over the mailboxes in QEMU's guest RAM file `path`: a server thread per
+/// vCPU on a host of its own, until vCPU 0 sends DONE.
+fn serve_smp(path: &str, deadline: Instant) -> Result<bool, String> {
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let exec = Exec::new(smp::CPUS as u32);
+    let stop = AtomicBool::new(false);
+    eprintln!("tdhost: serving {} vCPU mailboxes in {path}", smp::CPUS);
+    let results: Vec<Result<Option<Request>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..smp::CPUS)
+            .map(|vcpu| {
+                let (exec, mem, stop) = (&exec, &mem, &stop);
+                scope.spawn(move || {
+                    let r = serve_mailbox(exec, mem, vcpu, stop, deadline);
+                    if r.is_err() {
+                        stop.store(true, Ordering::Release);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("server thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut extra = SmpExtra::default();
+    for r in results {
+        if let Some(done) = r? {
+            extra = SmpExtra::from_done(&done).unwrap_or_default();
+        }
+    }
+    Ok(exec.report_smp("qemu", &extra))
 }
 
 fn serve(path: &str, timeout: Duration) -> Result<bool, String> {
@@ -508,7 +799,7 @@ fn serve(path: &str, timeout: Duration) -> Result<bool, String> {
         .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(200))))
         .map_err(|e| format!("socket: {e}"))?;
     eprintln!("tdhost: image connected");
-    let mut exec = Exec::new();
+    let exec = Exec::new(1);
     let mut dec = Decoder::new();
     let mut buf = [0u8; 4096];
     let mut out = [0u8; wire::MAX_FRAME];
@@ -535,7 +826,7 @@ fn serve(path: &str, timeout: Duration) -> Result<bool, String> {
                 Some(Err(_)) => bad_bytes += 1,
                 Some(Ok(frame)) => {
                     let answer = match Request::from_frame(&frame) {
-                        Ok(req) => exec.answer(req),
+                        Ok(req) => exec.answer(0, req),
                         Err(e) => {
                             eprintln!("tdhost: bad request {e:?}");
                             Answer::Fatal(8)
@@ -563,14 +854,19 @@ fn main() -> ExitCode {
     let mut socket = None;
     let mut timeout = 150;
     let mut in_proc = false;
+    let mut mailboxes = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--in-process" => in_proc = true,
             "--socket" => socket = it.next().cloned(),
+            "--mailbox" => mailboxes = it.next().cloned(),
             "--timeout" => timeout = it.next().and_then(|t| t.parse().ok()).unwrap_or(timeout),
             _ => {
-                eprintln!("usage: tdhost (--socket PATH [--timeout SECS] | --in-process)");
+                eprintln!(
+                    "usage: tdhost (--socket PATH [--mailbox RAM-FILE] [--timeout SECS] | \
+                     --in-process)"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -578,20 +874,107 @@ fn main() -> ExitCode {
     let ok = if in_proc {
         in_process()
     } else if let Some(path) = socket {
-        match serve(&path, Duration::from_secs(timeout)) {
-            Ok(ok) => ok,
-            Err(e) => {
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        let single = serve(&path, Duration::from_secs(timeout));
+        let multi = match (&single, mailboxes) {
+            (Ok(true), Some(ram)) => serve_smp(&ram, deadline),
+            _ => Ok(true),
+        };
+        match (single, multi) {
+            (Ok(a), Ok(b)) => a && b,
+            (Err(e), _) | (_, Err(e)) => {
                 eprintln!("tdhost: {e}");
                 false
             }
         }
     } else {
-        eprintln!("usage: tdhost (--socket PATH [--timeout SECS] | --in-process)");
+        eprintln!(
+            "usage: tdhost (--socket PATH [--mailbox RAM-FILE] [--timeout SECS] | --in-process)"
+        );
         return ExitCode::from(2);
     };
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_cpu_part_passes_in_process() {
+        assert!(in_process_smp());
+    }
+
+    /// The image's end of a mailbox, written as the image does: frame, then the number.
+    fn guest_call(mem: &std::fs::File, vcpu: u64, seq: u64, req: Request) -> Answer {
+        let base = mailbox::gpa(vcpu);
+        let mut out = [0u8; wire::MAX_FRAME];
+        let n = req.to_frame().encode(&mut out);
+        mem.write_all_at(&out[..n], base + mailbox::REQ_FRAME)
+            .and_then(|()| mem.write_all_at(&seq.to_le_bytes(), base + mailbox::REQ_SEQ))
+            .expect("write the request");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut b = [0u8; 8];
+            mem.read_exact_at(&mut b, base + mailbox::ANS_SEQ)
+                .expect("read the answer number");
+            if u64::from_le_bytes(b) == seq {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no answer to request {seq}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut frame = [0u8; wire::MAX_FRAME];
+        mem.read_exact_at(&mut frame, base + mailbox::ANS_FRAME)
+            .expect("read the answer");
+        Answer::from_frame(&wire::decode(&frame).expect("a frame")).expect("an answer")
+    }
+
+    #[test]
+    fn a_mailbox_is_served_as_its_own_vcpu_until_done() {
+        let path = std::env::temp_dir().join(format!("tdhost-mailbox-{}", std::process::id()));
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create the RAM file");
+        mem.set_len(IMAGE_END).expect("size the RAM file");
+        let exec = Exec::new(smp::CPUS as u32);
+        let stop = AtomicBool::new(false);
+        let done = std::thread::scope(|scope| {
+            let server = scope.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                serve_mailbox(&exec, &mem, 2, &stop, deadline)
+            });
+            let hello = Request::Hello {
+                version: wire::VERSION,
+            };
+            assert_eq!(guest_call(&mem, 2, 1, hello), Answer::Ack);
+            // TDG.VP.INFO answered as vCPU 2 of four.
+            match guest_call(&mem, 2, 2, Request::VpInfo) {
+                Answer::Regs(r) => {
+                    assert_eq!((r.rax, r.rcx & 0x3F, r.r9), (0, 48, 2));
+                    assert_eq!(r.r8 & 0xFFFF_FFFF, smp::CPUS as u64);
+                }
+                other => panic!("VP.INFO: {other:?}"),
+            }
+            let done = Request::Done {
+                status: 0,
+                counts: [0; wire::MAX_ARGS - 1],
+                n: 0,
+            };
+            assert_eq!(guest_call(&mem, 2, 3, done), Answer::Ack);
+            server.join().expect("server thread")
+        });
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(done, Ok(Some(Request::Done { .. }))), "{done:?}");
+        assert!(stop.load(Ordering::Acquire));
+        assert_eq!(lock(&exec.requests).get("vp_info"), Some(&1));
     }
 }
