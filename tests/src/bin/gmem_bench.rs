@@ -1,7 +1,7 @@
 //! Conversion cost on the two conversion backends, side by side in one run: the guest_memfd
-//! model and the kernel's guest_memfd (`/dev/kvm`). Wall time, best of several rounds, and the
-//! kernel/model ratio; the kernel's column says "unavailable" where this machine has no
-//! guest_memfd.
+//! model and the kernel's guest_memfd (`/dev/kvm`). Wall time, best of several rounds, and how
+//! many times slower the kernel is; the kernel's column says "unavailable" where this machine
+//! has no guest_memfd.
 //!
 //! `cargo run --release -p tdmem-tests --bin gmem_bench [-- --rounds N]`
 //!
