@@ -38,4 +38,4 @@ pub mod selftest;
 pub mod wire;
 
 pub use hob::{HobError, Resource, ResourceKind};
-pub use plan::{BootPlan, PlanConfig, PlanError, RangeList, TablePlacement};
+pub use plan::{BootPlan, MapEntry, PlanConfig, PlanError, RangeList, TablePlacement};
