@@ -15,9 +15,11 @@ use accept::acceptor::{AcceptError, AcceptPolicy, Acceptor};
 use accept::convert::{
     ConvertHooks, ConvertPolicy, Converter, HookError, MapGpaErrorKind, Visibility,
 };
-use accept::tracker::{words_needed, LazyTracker, NoInterrupts, TrackerConfig, UnitState};
+use accept::tracker::{words_needed, LazyTracker, NoInterrupts, UnitState};
 use accept::unaccepted::{build_table, UnacceptedTable};
 use accept::Tdcall;
+use hostvmm::sim::scenario::Scenario;
+use hostvmm::sim::{GuestPolicy, SimConfig};
 use linux_conformance::emu::Emu;
 use linux_conformance::linux::{
     Descriptor, Session, EFI_CONVENTIONAL_MEMORY, EFI_UNACCEPTED_MEMORY,
@@ -37,8 +39,16 @@ fn range(s: u64, e: u64) -> GpaRange {
     GpaRange::new(s, e).expect("test range")
 }
 
+/// The `linux` guest policy of `tdsim` and the benchmarks: every comparison with Linux below
+/// goes through it, so what is shown equal is what the baseline runs.
+const LINUX: GuestPolicy = GuestPolicy::Linux;
+
 fn linux_acceptor() -> Acceptor {
-    Acceptor::new(Gpaw::Bits48, AcceptPolicy::LINUX)
+    Acceptor::new(Gpaw::Bits48, LINUX.accept_policy())
+}
+
+fn linux_converter() -> Converter {
+    Converter::new(Gpaw::Bits48, LINUX.convert_policy())
 }
 
 /// Storage for a tracker of `units` units and `vcpus` vCPUs.
@@ -58,7 +68,8 @@ impl Storage {
     }
 }
 
-/// A tracker over `table`, strict about ALREADY_ACCEPTED as Linux is.
+/// A tracker over `table` as the `linux` policy configures it (strict about ALREADY_ACCEPTED,
+/// as Linux is; waits without bound).
 fn tracker<'a>(acceptor: &'a Acceptor, table: &[u8], storage: &'a Storage) -> LazyTracker<'a> {
     let t = UnacceptedTable::parse(table).expect("table parses");
     LazyTracker::from_table(
@@ -66,10 +77,10 @@ fn tracker<'a>(acceptor: &'a Acceptor, table: &[u8], storage: &'a Storage) -> La
         &t,
         &storage.words,
         &storage.slots,
-        TrackerConfig::default(),
+        LINUX.tracker_config(),
     )
     .expect("tracker")
-    .already_accepted_is_private(false)
+    .already_accepted_is_private(LINUX.already_accepted_is_private())
 }
 
 /// The units a table marks unaccepted.
@@ -966,7 +977,7 @@ fn tdx_map_gpa_equals_the_linux_preset_on_random_hosts() {
         } else {
             Visibility::Private
         };
-        let ((l_ok, l), (o, ours)) = both_map_gpa(&script, start, end, to, ConvertPolicy::LINUX);
+        let ((l_ok, l), (o, ours)) = both_map_gpa(&script, start, end, to, LINUX.convert_policy());
         assert_eq!(l, map_calls(&ours), "case {case}");
         assert_eq!(l_ok, o.is_ok(), "case {case}: {o:?}");
     }
@@ -977,8 +988,13 @@ fn tdx_map_gpa_equals_the_linux_preset_on_random_hosts() {
 #[test]
 fn three_answers_without_progress() {
     let stall: Vec<Answer> = vec![(GhciStatus::Retry, R11[2]); 40];
-    let ((l_ok, l), (o, _)) =
-        both_map_gpa(&stall, 0, 4 * M2, Visibility::Shared, ConvertPolicy::LINUX);
+    let ((l_ok, l), (o, _)) = both_map_gpa(
+        &stall,
+        0,
+        4 * M2,
+        Visibility::Shared,
+        LINUX.convert_policy(),
+    );
     assert!(!l_ok);
     assert_eq!(l.len(), 3);
     assert_eq!(o, Err(MapGpaErrorKind::NoProgress { tries: 3 }));
@@ -992,8 +1008,13 @@ fn three_answers_without_progress() {
 #[test]
 fn unaligned_resume_gpa() {
     let script: Vec<Answer> = vec![(GhciStatus::Retry, R11[1]), (GhciStatus::Success, R11[0])];
-    let ((l_ok, l), (o, ours)) =
-        both_map_gpa(&script, 0, 4 * M2, Visibility::Shared, ConvertPolicy::LINUX);
+    let ((l_ok, l), (o, ours)) = both_map_gpa(
+        &script,
+        0,
+        4 * M2,
+        Visibility::Shared,
+        LINUX.convert_policy(),
+    );
     assert!(l_ok && o.is_ok());
     assert_eq!(l, map_calls(&ours));
     assert_eq!(l[1].0, (2 * M2 + 8) | SHARED);
@@ -1009,7 +1030,7 @@ fn resume_gpa_outside_the_range_fails_everyone() {
         for to in [Visibility::Shared, Visibility::Private] {
             let script: Vec<Answer> = vec![(GhciStatus::Retry, *f)];
             let ((l_ok, l), (o, ours)) =
-                both_map_gpa(&script, 2 * M2, 6 * M2, to, ConvertPolicy::LINUX);
+                both_map_gpa(&script, 2 * M2, 6 * M2, to, LINUX.convert_policy());
             if i == 6 && to == Visibility::Private {
                 // No shared bit on a private request is a valid resume GPA.
                 assert!(l_ok && o.is_ok());
@@ -1040,8 +1061,13 @@ fn host_errors_fail_both() {
         GhciStatus::Unknown(0x42),
     ] {
         let script: Vec<Answer> = vec![(GhciStatus::Retry, R11[0]), (status, R11[0])];
-        let ((l_ok, l), (o, ours)) =
-            both_map_gpa(&script, 0, 4 * M2, Visibility::Shared, ConvertPolicy::LINUX);
+        let ((l_ok, l), (o, ours)) = both_map_gpa(
+            &script,
+            0,
+            4 * M2,
+            Visibility::Shared,
+            LINUX.convert_policy(),
+        );
         assert!(!l_ok);
         assert_eq!(o, Err(MapGpaErrorKind::Host(status)));
         assert_eq!(l, map_calls(&ours));
@@ -1092,7 +1118,7 @@ fn to_private_conversion_makes_linuxs_tdcalls() {
             s.tdx_map_gpa(start, end, true).expect("no panic") && s.tdx_accept_memory(start, end);
         drop(s);
         let mut ours = host();
-        let c = Converter::new(Gpaw::Bits48, ConvertPolicy::LINUX);
+        let c = linux_converter();
         let o = c.convert(
             &mut ours,
             &linux_acceptor(),
@@ -1124,7 +1150,7 @@ fn to_shared_conversion_makes_linuxs_tdcalls() {
     assert!(s.tdx_map_gpa(M2, 5 * M2, false).expect("no panic"));
     drop(s);
     let mut ours = scripted_host(script);
-    Converter::new(Gpaw::Bits48, ConvertPolicy::LINUX)
+    linux_converter()
         .convert(
             &mut ours,
             &linux_acceptor(),
@@ -1166,7 +1192,7 @@ fn conversions_on_the_emulator() {
         .accept_range(&mut ours, range(0, mem))
         .expect("boot");
     ours.calls.clear();
-    let c = Converter::new(Gpaw::Bits48, ConvertPolicy::LINUX);
+    let c = linux_converter();
     for to in [Visibility::Shared, Visibility::Private] {
         c.convert(
             &mut ours,
@@ -1267,5 +1293,36 @@ fn linux_lazy_acceptance_consumes_the_plan_table_on_the_emulator() {
             hostvmm::module::SeptState::Mapped,
             "{p:#x} accepted"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `linux` baseline of tdsim.
+// ---------------------------------------------------------------------------------------------
+
+/// The `linux` guest policy is made of exactly the presets the tests above show equal to
+/// Linux, and it runs every scenario as Linux would: no #VE on pending pages (SEPT_VE_DISABLE),
+/// memory accepted before it is touched, never an ACCEPT of an accepted page.
+#[test]
+fn the_tdsim_linux_policy_is_the_checked_baseline() {
+    assert_eq!(LINUX.accept_policy(), AcceptPolicy::LINUX);
+    assert_eq!(LINUX.convert_policy(), ConvertPolicy::LINUX);
+    assert!(!LINUX.already_accepted_is_private());
+    assert!(LINUX.sept_ve_disable());
+    assert_eq!(LINUX.tracker_config().max_wait_spins, u64::MAX);
+    for (scenario, name, _) in Scenario::ALL {
+        let config = SimConfig {
+            memory: 256 << 20,
+            vcpus: 4,
+            guest: LINUX,
+            ..SimConfig::new(scenario)
+        };
+        let r = hostvmm::sim::run(&config, &|_, _| {}).expect("valid configuration");
+        assert!(r.passed(), "{name}:\n{}", r.summary());
+        assert_eq!(
+            r.counts.ve_injected, 0,
+            "{name}: Linux runs without #VE on pending pages"
+        );
+        assert_eq!(r.counts.accept_already_accepted, 0, "{name}");
     }
 }

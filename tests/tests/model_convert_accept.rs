@@ -491,3 +491,38 @@ fn shuttle_model_catches_a_double_accept_without_the_tracker() {
         100,
     );
 }
+
+/// Regression (issue 14, defect 2): a to-private conversion over a range that is not wholly
+/// shared (private pages after the shared ones). The private pages answer ALREADY_ACCEPTED:
+/// they were private, so they are kept, the conversion completes, and nothing is given to the
+/// host (the old rollback made the whole range shared, destroying them).
+#[test]
+fn to_private_over_a_partly_private_range_keeps_the_private_pages() {
+    shuttle::check_random(
+        || {
+            let w = world(UNITS, 1);
+            let mut t = td(w);
+            let shared_part = range(M2, M2 + 8 * K4);
+            w.converter
+                .convert(
+                    &mut t,
+                    &w.acceptor,
+                    shared_part,
+                    Visibility::Shared,
+                    &mut Hooks,
+                )
+                .expect("to shared");
+            let whole = range(M2, M2 + 16 * K4);
+            w.converter
+                .convert(&mut t, &w.acceptor, whole, Visibility::Private, &mut Hooks)
+                .expect("the private pages count as converted");
+            let mut m = w.model.lock().expect("model");
+            // The private pages were asked once each and answered ALREADY_ACCEPTED.
+            assert_eq!(m.bad_requests.len(), 8, "{:?}", m.bad_requests);
+            m.bad_requests.clear();
+            assert!(m.pages.iter().all(|&p| p == Page::Accepted));
+            assert_no_page_accepted_twice(&m);
+        },
+        1,
+    );
+}
