@@ -23,7 +23,7 @@ pub enum Call {
         /// Raw status answered.
         status: u64,
     },
-    /// TDG.VP.VMCALL<MapGPA>.
+    /// `TDG.VP.VMCALL<MapGPA>`.
     MapGpa {
         /// R12.
         start: u64,

@@ -469,8 +469,8 @@ impl<'p, 'g> Plan<'p, 'g> {
                 break;
             };
             let gpa = b * M2 + v.rng().below(512) * K4;
-            if !td.host().config().module.pending_ve {
-                // A guest without #VE on pending pages (Linux) accepts on allocation instead.
+            if td.config().guest.sept_ve_disable() {
+                // A guest that runs without #VE on pending pages (Linux) accepts on allocation.
                 let mut hooks = v.hooks();
                 g.tracker
                     .accept_range(v.id(), v, &mut hooks, b * M2, (b + 1) * M2)
