@@ -306,17 +306,13 @@ impl Drop for Session {
     }
 }
 
-/// The kernel's lazy acceptance, callable from several threads of one [`Session`].
+/// The kernel's lazy acceptance, callable from several threads of one [`Session`]: the kernel
+/// code serializes its bitmap with its own spin lock, the harness's panic state is
+/// thread-local, and the module behind the callbacks is behind a mutex.
 #[derive(Debug, Clone, Copy)]
 pub struct Concurrent<'s> {
     _session: &'s Session,
 }
-
-// SAFETY: the kernel code serializes its bitmap with its own spin lock, the harness's panic
-// target is thread-local, and the module behind the callbacks is behind a mutex.
-unsafe impl Sync for Concurrent<'_> {}
-// SAFETY: as above.
-unsafe impl Send for Concurrent<'_> {}
 
 impl Concurrent<'_> {
     /// The kernel's `accept_memory(start, size)` on this thread.
