@@ -293,7 +293,8 @@ impl RangeStates {
         let n = usize::from(self.len);
         let end = range.end().as_u64();
         if n == 0 {
-            self.start = range.start().as_u64();
+            // Unused slots hold the start, so that equal reports compare equal.
+            *self = RangeStates::empty(range.start().as_u64());
         } else if self.states[n - 1] == state {
             self.ends[n - 1] = end;
             return true;
