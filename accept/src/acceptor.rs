@@ -370,6 +370,23 @@ impl Acceptor {
         range: GpaRange,
         tolerate_already_accepted: bool,
     ) -> Result<u64, AcceptError> {
+        self.accept_range_visit(tdcall, range, tolerate_already_accepted, |_, _| {})
+    }
+
+    /// As [`Acceptor::accept_range_counted`], telling `visit` about every page in address
+    /// order: `(page, true)` when this call accepted it, `(page, false)` when the module said it
+    /// was accepted already (tolerated). A conversion uses it to learn which pages were private
+    /// before the call.
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error, `[range.start, error.gpa())` has been visited.
+    pub fn accept_range_visit<T: Tdcall + ?Sized>(
+        &self,
+        tdcall: &mut T,
+        range: GpaRange,
+        tolerate_already_accepted: bool,
+        mut visit: impl FnMut(GpaRange, bool),
+    ) -> Result<u64, AcceptError> {
         self.check_private(range)
             .map_err(AcceptError::InvalidRange)?;
         let end = range.end().as_u64();
@@ -377,7 +394,8 @@ impl Acceptor {
         let mut fresh = 0;
         while cur.as_u64() < end {
             let level = self.chunk_level(cur, end - cur.as_u64());
-            fresh += self.accept_unit_with(tdcall, cur, level, tolerate_already_accepted)?;
+            fresh +=
+                self.accept_unit_with(tdcall, cur, level, tolerate_already_accepted, &mut visit)?;
             // Cannot overflow: cur + level.size() <= end <= 2^52.
             cur = cur
                 .checked_add(level.size())
@@ -397,8 +415,14 @@ impl Acceptor {
         gpa: Gpa,
         level: PageLevel,
     ) -> Result<(), AcceptError> {
-        self.accept_unit_with(tdcall, gpa, level, self.policy.tolerate_already_accepted)
-            .map(|_| ())
+        self.accept_unit_with(
+            tdcall,
+            gpa,
+            level,
+            self.policy.tolerate_already_accepted,
+            &mut |_, _| {},
+        )
+        .map(|_| ())
     }
 
     /// Accepts one unit; returns the bytes accepted now (not found already accepted).
@@ -408,6 +432,7 @@ impl Acceptor {
         gpa: Gpa,
         level: PageLevel,
         tolerate: bool,
+        visit: &mut dyn FnMut(GpaRange, bool),
     ) -> Result<u64, AcceptError> {
         if !gpa.is_aligned(level) {
             return Err(AcceptError::InvalidRange(AddrError::Misaligned(
@@ -415,7 +440,12 @@ impl Acceptor {
             )));
         }
         match self.accept_one(tdcall, gpa, level, tolerate)? {
-            UnitOutcome::Done(fresh) => Ok(if fresh { level.size() } else { 0 }),
+            UnitOutcome::Done(fresh) => {
+                if let Ok(r) = GpaRange::from_len(gpa.as_u64(), level.size()) {
+                    visit(r, fresh);
+                }
+                Ok(if fresh { level.size() } else { 0 })
+            }
             UnitOutcome::Split => {
                 // `Split` is only returned above 4K.
                 let Some(smaller) = level.smaller() else {
@@ -425,7 +455,7 @@ impl Acceptor {
                 let mut fresh = 0;
                 for _ in 0..(level.size() / smaller.size()) {
                     // The level below may itself be mismatched (1G -> 2M -> 4K).
-                    fresh += self.accept_unit_with(tdcall, sub, smaller, tolerate)?;
+                    fresh += self.accept_unit_with(tdcall, sub, smaller, tolerate, visit)?;
                     sub = sub
                         .checked_add(smaller.size())
                         .map_err(AcceptError::InvalidRange)?;

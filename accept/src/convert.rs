@@ -2,24 +2,57 @@
 //!
 //! [`Converter::map_gpa`] asks the host to change the visibility of `[start, end)`. Hosts answer
 //! RETRY routinely (KVM converts in 2 MiB chunks and returns whenever the vCPU has a pending
-//! event), with R11 = the GPA to resume from. The resume GPA is trusted only if it carries the
-//! same shared bit as the request, is 4K aligned and lies in `[current, end)`; progress resets the
-//! no-progress counter; [`ConvertPolicy::no_progress_retries`] bounds a host that never advances.
-//! Misaligned, empty, overflowing or shared-bit-crossing ranges are refused before any call.
+//! event), with R11 = the GPA to resume from. With [`ResumeCheck::Strict`] (this engine) the
+//! resume GPA is trusted only if it carries the same shared bit as the request, is 4K aligned
+//! and lies in `[current, end)`; progress resets the no-progress counter;
+//! [`ConvertPolicy::no_progress_retries`] bounds a host that never advances. Misaligned, empty,
+//! overflowing or shared-bit-crossing ranges are refused before any call.
 //!
-//! [`Converter::convert`] orders the whole conversion as Linux does, through [`ConvertHooks`]:
+//! [`Converter::convert`] orders the whole conversion as Linux 6.12 does
+//! (`arch/x86/mm/pat/set_memory.c` `__set_memory_enc_pgtable()` with the TDX callbacks of
+//! `arch/x86/coco/tdx/tdx.c`), through [`ConvertHooks`]:
 //!
-//! - private -> shared: page-table change, TLB flush, then MapGPA(shared);
-//! - shared -> private: MapGPA(private), ACCEPT largest level first, then page-table change and
-//!   TLB flush.
+//! | step | Linux, private -> shared | here |
+//! |---|---|---|
+//! | 1 | `cpa_flush()` with cache flush (`tdx_cache_flush_required()`, `tdx_tlb_flush_required(false)`) | [`ConvertHooks::flush_caches`] |
+//! | 2 | `__change_page_attr_set_clr()` | [`ConvertHooks::set_visibility`] |
+//! | 3 | `cpa_flush()` (TLB) | [`ConvertHooks::flush_tlb`] |
+//! | 4 | `enc_status_change_finish()`: `tdx_map_gpa()` | [`Converter::map_gpa`] |
+//!
+//! | step | Linux, shared -> private | here |
+//! |---|---|---|
+//! | 1 | `enc_status_change_prepare()`: `tdx_map_gpa()`, `tdx_accept_memory()` | [`Converter::map_gpa`], [`Acceptor`] |
+//! | 2 | `__change_page_attr_set_clr()` | [`ConvertHooks::set_visibility`] |
+//! | 3 | `cpa_flush()` (TLB) | [`ConvertHooks::flush_tlb`] |
+//!
+//! The cache flush comes first because the private alias is about to be unmapped: dirty lines
+//! of private (encrypted) memory written back after the page is shared would overwrite the
+//! host's view with ciphertext, and stale lines would be read back later through the wrong key.
+//!
+//! To private, a page the module reports `PAGE_ALREADY_ACCEPTED` was private before the call
+//! (a caller converted a range that was not wholly shared): it keeps its content, counts as
+//! converted, and is never given back to the host by a rollback.
 //!
 //! On failure it reports which sub-range is in which [`RangeState`] and, unless the policy turns
-//! it off, rolls back to the original visibility (a MapGPA back, re-accepting what had been
-//! given up, restoring the page tables). Content of pages that crossed to the other side is not
-//! preserved (TDX never preserves it across a conversion); content of pages the host never
-//! converted is.
+//! it off, rolls back to the original visibility: to shared, a MapGPA back and a re-accept of
+//! what had been given up; to private, a MapGPA back to shared of exactly the pages this call
+//! accepted (the ones it made private), never of pages it found accepted. Content of pages that
+//! crossed to the other side is not preserved (TDX never preserves it across a conversion);
+//! content of pages the host never converted is. Pending pages cannot be told apart from
+//! formerly shared ones (both answer SUCCESS to ACCEPT and hold no content), so they are taken
+//! as shared.
 //!
-//! Not here: deciding which memory to convert, and the host side of MapGPA.
+//! [`ConvertPolicy::LINUX`] behaves as Linux's `tdx_map_gpa()` and `tdx_enc_status_changed()`
+//! (checked against the compiled Linux code by `cargo xtask linux`): three RETRY answers without
+//! progress end the loop, any R11 in `[start, end)` is taken (aligned or not), no rollback.
+//! Deliberate differences of [`ConvertPolicy::OURS`], each pinned by a differential test:
+//! R11 must be 4K aligned (an unaligned resume GPA makes the next request misaligned, which a
+//! GHCI host must refuse), 16 answers without progress are tolerated, and failures roll back.
+//!
+//! Not here: deciding which memory to convert, and the host side of MapGPA. Memory that a lazy
+//! acceptance tracker still counts as unaccepted is accepted through the tracker before it is
+//! converted ([`crate::tracker::LazyTracker::prepare_conversion`]), as Linux accepts every page
+//! before it hands it out.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -61,22 +94,50 @@ impl Visibility {
     }
 }
 
+/// Which RETRY resume GPAs (R11) a MapGPA loop accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResumeCheck {
+    /// Same shared bit as sent, 4K aligned, in `[current, end)`.
+    Strict,
+    /// As Linux's `tdx_map_gpa()`: in `[start, end)` with the shared bit counted as part of the
+    /// address (so it must match), any alignment.
+    Linux,
+}
+
 /// Conversion behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvertPolicy {
-    /// Consecutive RETRY answers without progress tolerated by one MapGPA loop.
+    /// Consecutive RETRY answers without progress tolerated by one MapGPA loop (the next one
+    /// ends it).
     pub no_progress_retries: u32,
     /// Roll a failed conversion back to the original visibility.
     pub rollback: bool,
+    /// Which resume GPAs are accepted.
+    pub resume_check: ResumeCheck,
 }
 
 impl Default for ConvertPolicy {
     fn default() -> Self {
-        ConvertPolicy {
-            no_progress_retries: DEFAULT_NO_PROGRESS_RETRIES,
-            rollback: true,
-        }
+        ConvertPolicy::OURS
     }
+}
+
+impl ConvertPolicy {
+    /// This engine: strict resume checks, 16 answers without progress, rollback.
+    pub const OURS: ConvertPolicy = ConvertPolicy {
+        no_progress_retries: DEFAULT_NO_PROGRESS_RETRIES,
+        rollback: true,
+        resume_check: ResumeCheck::Strict,
+    };
+
+    /// Linux 6.12 (`tdx_map_gpa()`: `max_retries_per_page = 3`, so the third answer without
+    /// progress fails; R11 only range-checked; no rollback). A baseline, shown equal to the
+    /// compiled Linux code by `cargo xtask linux`.
+    pub const LINUX: ConvertPolicy = ConvertPolicy {
+        no_progress_retries: 2,
+        rollback: false,
+        resume_check: ResumeCheck::Linux,
+    };
 }
 
 /// Why a MapGPA loop stopped.
@@ -139,8 +200,18 @@ impl fmt::Display for MapGpaError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HookError(pub i32);
 
-/// What the embedder does around a conversion: its page tables and TLB.
+/// What the embedder does around a conversion: its caches, page tables and TLB. The order of
+/// the calls is Linux's (see the module docs).
 pub trait ConvertHooks {
+    /// Writes back and invalidates the caches for `range` through its current (private)
+    /// mapping, before a private -> shared change (Linux: `cpa_flush()` with
+    /// `enc_cache_flush_required()`, CLFLUSH per line or WBINVD). A kernel must do it: TDX
+    /// keeps no cache coherence across the key change. The default does nothing, which is
+    /// right only where caches do not exist (an emulator, a test double).
+    fn flush_caches(&mut self, range: GpaRange) {
+        let _ = range;
+    }
+
     /// Makes the guest's mappings of `range` use `to` (shared: map through the shared alias, or
     /// set the shared bit in the PTEs; private: the reverse). Must be all-or-nothing: on error,
     /// nothing was changed.
@@ -170,35 +241,82 @@ pub enum RangeState {
     Unknown,
 }
 
-/// A range split into at most two consecutive parts with their states.
+/// Most parts a [`RangeStates`] holds; a report that would need more ends in one
+/// [`RangeState::Unknown`] part.
+pub const MAX_PARTS: usize = 4;
+
+/// A range split into consecutive parts (at most [`MAX_PARTS`]) with their states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RangeStates {
-    parts: [Option<(GpaRange, RangeState)>; 2],
+    start: u64,
+    /// End of each part; parts `[len, MAX_PARTS)` are unused.
+    ends: [u64; MAX_PARTS],
+    states: [RangeState; MAX_PARTS],
+    len: u8,
 }
 
 impl RangeStates {
+    const fn empty(start: u64) -> RangeStates {
+        RangeStates {
+            start,
+            ends: [start; MAX_PARTS],
+            states: [RangeState::Unknown; MAX_PARTS],
+            len: 0,
+        }
+    }
+
     /// The whole range in one state.
     pub const fn whole(range: GpaRange, state: RangeState) -> RangeStates {
-        RangeStates {
-            parts: [Some((range, state)), None],
-        }
+        let mut out = RangeStates::empty(range.start().as_u64());
+        out.ends[0] = range.end().as_u64();
+        out.states[0] = state;
+        out.len = 1;
+        out
     }
 
     /// `[start, at)` in `head`, `[at, end)` in `tail`; empty parts are dropped.
     pub fn split(range: GpaRange, at: Gpa, head: RangeState, tail: RangeState) -> RangeStates {
-        let h = range.head(at).map(|r| (r, head));
-        let t = range.tail(at).map(|r| (r, tail));
-        match (h, t) {
-            (Some(h), t) => RangeStates {
-                parts: [Some(h), t],
-            },
-            (None, t) => RangeStates { parts: [t, None] },
+        let mut out = RangeStates::empty(range.start().as_u64());
+        if let Some(h) = range.head(at) {
+            out.push(h, head);
         }
+        if let Some(t) = range.tail(at) {
+            out.push(t, tail);
+        }
+        out
+    }
+
+    /// Appends `range` (which must start where the last part ends) in `state`, merging with
+    /// the last part when the states are equal. When full, the last part grows to cover
+    /// `range` and becomes [`RangeState::Unknown`]; returns false then.
+    fn push(&mut self, range: GpaRange, state: RangeState) -> bool {
+        let n = usize::from(self.len);
+        let end = range.end().as_u64();
+        if n == 0 {
+            // Unused slots hold the start, so that equal reports compare equal.
+            *self = RangeStates::empty(range.start().as_u64());
+        } else if self.states[n - 1] == state {
+            self.ends[n - 1] = end;
+            return true;
+        } else if n == MAX_PARTS {
+            self.ends[n - 1] = end;
+            self.states[n - 1] = RangeState::Unknown;
+            return false;
+        }
+        self.ends[n] = end;
+        self.states[n] = state;
+        self.len += 1;
+        true
     }
 
     /// The parts, in address order.
     pub fn iter(&self) -> impl Iterator<Item = (GpaRange, RangeState)> + '_ {
-        self.parts.iter().flatten().copied()
+        (0..usize::from(self.len)).filter_map(move |i| {
+            let s = if i == 0 { self.start } else { self.ends[i - 1] };
+            GpaRange::new(s, self.ends[i])
+                .ok()
+                .map(|r| (r, self.states[i]))
+        })
     }
 
     /// The state of the part holding `gpa`, if any.
@@ -387,10 +505,14 @@ impl Converter {
                     // The resume GPA must carry the shared bit exactly as sent; strip it only
                     // after checking, so a host cannot move the loop to the other alias.
                     let addr = resume & !bit;
-                    let valid = resume & self.gpaw.shared_bit() == bit
-                        && addr & 0xFFF == 0
-                        && addr >= cur
-                        && addr < end;
+                    let same_side = resume & self.gpaw.shared_bit() == bit;
+                    let valid = match self.policy.resume_check {
+                        ResumeCheck::Strict => {
+                            same_side && addr & 0xFFF == 0 && addr >= cur && addr < end
+                        }
+                        // Linux compares R11 with `start | bit` and `end | bit`.
+                        ResumeCheck::Linux => same_side && addr >= cur && addr < end,
+                    };
                     if !valid {
                         return Err(fail(MapGpaErrorKind::BadResume { resume }));
                     }
@@ -462,6 +584,7 @@ impl Converter {
             rollback,
             states,
         };
+        hooks.flush_caches(range);
         if let Err(e) = hooks.set_visibility(range, to) {
             return Err(failure(
                 ConvertCause::PageTable(e),
@@ -552,41 +675,182 @@ impl Converter {
             rollback,
             states,
         };
-        // Each step's failure: the cause and the states if nothing is rolled back.
-        let (cause, states) = 'steps: {
+        // What ACCEPT said about each page: accepted now (it was shared or pending: this call
+        // made it private) or found accepted (it was private: not ours to give back).
+        let mut seen = Seen::new(range);
+        let (cause, mapped_to) = 'steps: {
             if let Err(e) = self.map_gpa(tdcall, range, to) {
-                let states =
-                    RangeStates::split(range, e.at, RangeState::HostConverted, RangeState::Unknown);
-                break 'steps (ConvertCause::MapGpa(e), states);
+                break 'steps (ConvertCause::MapGpa(e), e.at);
             }
-            if let Err(e) = acceptor.accept_range(tdcall, range) {
-                let states = RangeStates::whole(range, RangeState::HostConverted);
-                break 'steps (ConvertCause::Accept(e), states);
+            if let Err(e) =
+                acceptor.accept_range_visit(tdcall, range, true, |r, fresh| seen.note(r, fresh))
+            {
+                break 'steps (ConvertCause::Accept(e), range.end());
             }
             if let Err(e) = hooks.set_visibility(range, to) {
-                let states = RangeStates::whole(range, RangeState::HostConverted);
-                break 'steps (ConvertCause::PageTable(e), states);
+                break 'steps (ConvertCause::PageTable(e), range.end());
             }
             hooks.flush_tlb(range);
             return Ok(());
         };
         if !self.policy.rollback {
+            // [start, mapped_to) is private on the host, the page tables are not switched:
+            // pages found accepted were private before (Original), the rest is host-converted.
+            let mut states = RangeStates::whole(range, RangeState::Unknown);
+            if let Some(head) = range.head(mapped_to) {
+                states = seen.states(
+                    head,
+                    RangeState::HostConverted,
+                    RangeState::Original,
+                    RangeState::HostConverted,
+                );
+                if let Some(tail) = range.tail(mapped_to) {
+                    states.push(tail, RangeState::Unknown);
+                }
+            }
             return Err(failure(cause, Rollback::Disabled, states));
         }
-        // The guest's page tables still map the shared alias: a MapGPA back to shared restores
-        // the original visibility (accepted pages are given up; they held no data yet).
-        match self.map_gpa(tdcall, range, Visibility::Shared) {
-            Ok(()) => Err(failure(
-                cause,
-                Rollback::Complete,
-                RangeStates::whole(range, RangeState::Original),
-            )),
-            Err(e) => Err(failure(
-                cause,
-                Rollback::Failed(ConvertCause::MapGpa(e)),
-                RangeStates::whole(range, RangeState::Unknown),
-            )),
+        // The MapGPA loop stopped early: learn what [start, at) held by accepting it.
+        if let Some(head) = range.head(mapped_to) {
+            if seen.end() < head.end() {
+                if let Some(rest) = head.tail(seen.end()) {
+                    // Errors leave the rest of the head unknown (not visited).
+                    let _ = acceptor
+                        .accept_range_visit(tdcall, rest, true, |r, fresh| seen.note(r, fresh));
+                }
+            }
         }
+        // Give back exactly the pages this call made private.
+        let mut states = RangeStates::empty(range.start().as_u64());
+        let mut rollback_err = None;
+        for (part, fresh) in seen.runs() {
+            if !fresh {
+                states.push(part, RangeState::Original);
+                continue;
+            }
+            match self.map_gpa(tdcall, part, Visibility::Shared) {
+                Ok(()) => {
+                    states.push(part, RangeState::Restored);
+                }
+                Err(e) => {
+                    rollback_err.get_or_insert(ConvertCause::MapGpa(e));
+                    states.push(part, RangeState::Unknown);
+                }
+            }
+        }
+        // Not visited: what the host did there is not known, and giving it back could destroy
+        // a private page. When nothing visited was private and the host never converted the
+        // rest (MapGPA stopped before it), the rest is still shared.
+        if let Some(rest) = range.tail(seen.end()) {
+            let untouched = seen.end() == mapped_to && seen.all_fresh();
+            if untouched && mapped_to < range.end() {
+                match self.map_gpa(tdcall, rest, Visibility::Shared) {
+                    Ok(()) => {
+                        states.push(rest, RangeState::Original);
+                    }
+                    Err(e) => {
+                        rollback_err.get_or_insert(ConvertCause::MapGpa(e));
+                        states.push(rest, RangeState::Unknown);
+                    }
+                }
+            } else {
+                rollback_err.get_or_insert(cause);
+                states.push(rest, RangeState::Unknown);
+            }
+        }
+        let rollback = match rollback_err {
+            None if !seen.overflowed => Rollback::Complete,
+            None => Rollback::Failed(cause),
+            Some(c) => Rollback::Failed(c),
+        };
+        Err(failure(cause, rollback, states))
+    }
+}
+
+/// Most runs of "accepted now" / "found accepted" pages a to-private conversion remembers; a
+/// range that alternates more often is reported as [`RangeState::Unknown`] past the last run.
+const MAX_RUNS: usize = 8;
+
+/// The pages of a to-private conversion that ACCEPT has answered for, as runs from the start.
+struct Seen {
+    runs: [(u64, bool); MAX_RUNS],
+    len: usize,
+    end: u64,
+    overflowed: bool,
+}
+
+impl Seen {
+    fn new(range: GpaRange) -> Seen {
+        Seen {
+            runs: [(0, false); MAX_RUNS],
+            len: 0,
+            end: range.start().as_u64(),
+            overflowed: false,
+        }
+    }
+
+    /// One accepted page, `fresh` when this call accepted it. Pages come in address order.
+    fn note(&mut self, page: GpaRange, fresh: bool) {
+        if self.overflowed || page.start().as_u64() != self.end {
+            self.overflowed = true;
+            return;
+        }
+        let same = self.len > 0 && self.runs[self.len - 1].1 == fresh;
+        if !same {
+            if self.len == MAX_RUNS {
+                self.overflowed = true;
+                return;
+            }
+            self.runs[self.len] = (page.start().as_u64(), fresh);
+            self.len += 1;
+        }
+        self.end = page.end().as_u64();
+    }
+
+    /// End of the pages answered for.
+    fn end(&self) -> Gpa {
+        Gpa::new_truncate(self.end)
+    }
+
+    fn all_fresh(&self) -> bool {
+        self.runs[..self.len].iter().all(|&(_, f)| f)
+    }
+
+    /// The runs as ranges.
+    fn runs(&self) -> impl Iterator<Item = (GpaRange, bool)> + '_ {
+        (0..self.len).filter_map(move |i| {
+            let (s, fresh) = self.runs[i];
+            let e = self
+                .runs
+                .get(i + 1)
+                .filter(|_| i + 1 < self.len)
+                .map_or(self.end, |r| r.0);
+            GpaRange::new(s, e).ok().map(|r| (r, fresh))
+        })
+    }
+
+    /// States of `within` (from the start): runs accepted now in `fresh`, found accepted in
+    /// `found`, not answered for in `unvisited`.
+    fn states(
+        &self,
+        within: GpaRange,
+        fresh: RangeState,
+        found: RangeState,
+        unvisited: RangeState,
+    ) -> RangeStates {
+        let mut out = RangeStates::empty(within.start().as_u64());
+        for (r, f) in self.runs() {
+            if let Ok(r) = GpaRange::new(
+                r.start().as_u64(),
+                r.end().as_u64().min(within.end().as_u64()),
+            ) {
+                out.push(r, if f { fresh } else { found });
+            }
+        }
+        if let Some(rest) = within.tail(self.end()) {
+            out.push(rest, unvisited);
+        }
+        out
     }
 }
 
@@ -803,7 +1067,7 @@ mod tests {
             Gpaw::Bits48,
             ConvertPolicy {
                 no_progress_retries: 3,
-                rollback: true,
+                ..ConvertPolicy::OURS
             },
         );
         let (mut t, log) = fake(Box::new(|start, _| out(GhciStatus::Retry, start)));
@@ -1127,16 +1391,29 @@ mod tests {
         assert!(log.borrow().is_empty());
     }
 
-    #[test]
-    fn to_private_accept_failure_rolls_back_with_mapgpa_shared() {
-        let c = conv();
-        let a = Acceptor::new(
+    fn acceptor_2m() -> Acceptor {
+        Acceptor::new(
             Gpaw::Bits48,
             AcceptPolicy {
                 max_level: PageLevel::Size2M,
                 ..AcceptPolicy::default()
             },
-        );
+        )
+    }
+
+    fn shared_maps(log: &Log) -> Vec<(u64, u64)> {
+        maps(log)
+            .into_iter()
+            .filter(|&(s, _)| s & SHARED48 != 0)
+            .collect()
+    }
+
+    /// Regression: a private page inside a to-private request answers ALREADY_ACCEPTED. It was
+    /// private: the conversion completes and nothing is given to the host.
+    #[test]
+    fn to_private_keeps_a_private_page_inside_the_range() {
+        let c = conv();
+        let a = acceptor_2m();
         let accept: AcceptRule = Box::new(|gpa, _| {
             if gpa.as_u64() == M2 {
                 StatusCode::PageAlreadyAccepted.status()
@@ -1145,19 +1422,99 @@ mod tests {
             }
         });
         let (mut t, mut h, log) = setup(Box::new(|_, _| ok()), accept, None);
-        let r = range(0, 2 * M2);
+        let r = range(0, 3 * M2);
+        c.convert(&mut t, &a, r, Visibility::Private, &mut h)
+            .unwrap();
+        assert!(shared_maps(&log).is_empty());
+        assert!(log
+            .borrow()
+            .contains(&Ev::SetVis(0, 3 * M2, Visibility::Private)));
+    }
+
+    /// Regression: a to-private rollback gives back exactly what the call made private; the
+    /// private page it found stays private, the part never visited is reported unknown.
+    #[test]
+    fn to_private_rollback_gives_back_only_what_it_made_private() {
+        let c = conv();
+        let a = acceptor_2m();
+        let accept: AcceptRule = Box::new(|gpa, _| match gpa.as_u64() {
+            g if g == M2 => StatusCode::PageAlreadyAccepted.status(),
+            g if g == 2 * M2 => StatusCode::EptWalkFailed.with_operand(1),
+            _ => TdxStatus::SUCCESS,
+        });
+        let (mut t, mut h, log) = setup(Box::new(|_, _| ok()), accept, None);
+        let r = range(0, 4 * M2);
         let f = c
             .convert(&mut t, &a, r, Visibility::Private, &mut h)
             .unwrap_err();
         assert!(matches!(
             f.cause,
-            ConvertCause::Accept(AcceptError::AlreadyAccepted { .. })
+            ConvertCause::Accept(AcceptError::Module { .. })
         ));
-        assert_eq!(f.rollback, Rollback::Complete);
-        assert_eq!(f.states, RangeStates::whole(r, RangeState::Original));
-        assert_eq!(*log.borrow().last().unwrap(), Ev::MapGpa(SHARED48, 2 * M2));
+        assert_eq!(shared_maps(&log), [(SHARED48, M2)]);
+        let parts: Vec<_> = f.states.iter().collect();
+        assert_eq!(
+            parts,
+            [
+                (range(0, M2), RangeState::Restored),
+                (range(M2, 2 * M2), RangeState::Original),
+                (range(2 * M2, 4 * M2), RangeState::Unknown),
+            ]
+        );
+        assert!(matches!(f.rollback, Rollback::Failed(_)));
         // The page tables were never switched.
         assert!(!log.borrow().iter().any(|e| matches!(e, Ev::SetVis(..))));
+    }
+
+    /// A MapGPA that stops part way: the host-converted head is accepted to learn what it
+    /// held, then given back; the rest, never converted, is given back too.
+    #[test]
+    fn to_private_map_gpa_failure_rolls_back_both_parts() {
+        let c = conv();
+        let a = acceptor_2m();
+        let (mut t, mut h, log) = setup(
+            fails_after_first_chunk(GhciStatus::GpaInUse),
+            accept_all(),
+            None,
+        );
+        let r = range(0, 4 * M2);
+        let f = c
+            .convert(&mut t, &a, r, Visibility::Private, &mut h)
+            .unwrap_err();
+        assert_eq!(f.rollback, Rollback::Complete);
+        let parts: Vec<_> = f.states.iter().collect();
+        assert_eq!(
+            parts,
+            [
+                (range(0, M2), RangeState::Restored),
+                (range(M2, 4 * M2), RangeState::Original),
+            ]
+        );
+        assert_eq!(shared_maps(&log)[0], (SHARED48, M2));
+    }
+
+    #[test]
+    fn to_shared_flushes_caches_before_the_page_tables() {
+        struct Order(Vec<&'static str>);
+        impl ConvertHooks for Order {
+            fn flush_caches(&mut self, _: GpaRange) {
+                self.0.push("caches");
+            }
+            fn set_visibility(&mut self, _: GpaRange, _: Visibility) -> Result<(), HookError> {
+                self.0.push("page tables");
+                Ok(())
+            }
+            fn flush_tlb(&mut self, _: GpaRange) {
+                self.0.push("tlb");
+            }
+        }
+        let c = conv();
+        let a = acceptor_2m();
+        let (mut t, _) = fake(Box::new(|_, _| ok()));
+        let mut h = Order(Vec::new());
+        c.convert(&mut t, &a, range(0, M2), Visibility::Shared, &mut h)
+            .unwrap();
+        assert_eq!(h.0, ["caches", "page tables", "tlb"]);
     }
 
     #[test]

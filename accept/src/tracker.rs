@@ -20,17 +20,37 @@
 //! acceptance, so a handler nested two deep on a unit its outermost context claimed ends in the
 //! bounded wait instead).
 //!
-//! Within a unit the shared [`Acceptor`] accepts largest level first: a 2M unit is one 2M ACCEPT
-//! when the host mapped 2M. When the acceptor fails before accepting anything of the unit (and
-//! not because the page was already accepted) the unit goes back to `Unaccepted` and a waiter may
-//! claim it; any other failure marks it `Failed` (part of it is accepted, so accepting it again
-//! would hit ALREADY_ACCEPTED, or the host re-added pages) and every later request for it fails
-//! with [`TrackerError::UnitFailed`].
+//! A request claims every consecutive unaccepted unit it covers (a *run*) and hands the run to
+//! the shared [`Acceptor`] in one go, as Linux hands each run of set bits to one
+//! `arch_accept_memory()`: the acceptor takes the largest level the run's alignment and length
+//! allow, so 512 set 2M units on a 1G boundary are one 1G ACCEPT where the module supports it.
+//! When the acceptor fails, the units before the failing page are accepted, the units after it
+//! go back to `Unaccepted`, and so does the failing unit when nothing of it was accepted; a unit
+//! accepted part way is marked `Failed` and every later request for it fails with
+//! [`TrackerError::UnitFailed`]. A page the module reports as accepted already
+//! (`PAGE_ALREADY_ACCEPTED`) was made private by someone else (a conversion of memory the
+//! tracker still counted as unaccepted): it is private and usable, so by default the unit is
+//! accepted around it instead of failing ([`LazyTracker::already_accepted_is_private`]).
 //!
 //! [`LazyTracker::accept_range`] follows Linux `accept_memory()`
 //! (`drivers/firmware/efi/unaccepted_memory.c`): memory outside the table is accepted already,
 //! and a range that ends on a unit boundary also accepts the next unit, because
-//! `load_unaligned_zeropad()` may read a few bytes past the end of a page.
+//! `load_unaligned_zeropad()` may read a few bytes past the end of a page. A zero-size request
+//! accepts the unit holding its address, as Linux's does.
+//!
+//! Deliberate differences from Linux, each pinned by `cargo xtask linux`:
+//! - Linux serializes every acceptance with one global spin lock taken with interrupts off and
+//!   waits without bound for an overlapping caller; here each unit is claimed by a
+//!   compare-and-swap, a vCPU only waits for the units another vCPU claimed, and the wait is
+//!   bounded ([`TrackerConfig::max_wait_spins`]). The TDCALLs made are the same.
+//! - Linux's `range_contains_unaccepted_memory()` steps by one unit from an unaligned start and
+//!   can miss the last unit (and reports nothing for an unaligned zero-size range);
+//!   [`LazyTracker::range_contains_unaccepted`] reports exactly the units
+//!   [`LazyTracker::accept_range`] would accept, so a caller never skips needed acceptance.
+//! - Linux panics on `PAGE_ALREADY_ACCEPTED`; see above.
+//!
+//! Memory a conversion is about to change must be accepted first, as in Linux, where every page
+//! is accepted before it is handed out: [`LazyTracker::prepare_conversion`].
 //!
 //! Requirements on the embedder: the state words and in-flight slots live in accepted memory;
 //! the interrupt-masking hook masks what could interrupt the vCPU between claiming a unit and
@@ -57,6 +77,24 @@ pub const DEFAULT_MAX_WAIT_SPINS: u64 = 1 << 26;
 
 /// Units per state word (two bits each).
 pub const UNITS_PER_WORD: u64 = 32;
+
+/// Most units one run claims (the in-flight slot packs the run's length in 23 bits).
+pub const MAX_RUN_UNITS: u64 = (1 << 23) - 1;
+
+/// Bits of an in-flight slot that hold the run's first unit plus one.
+const SLOT_UNIT_BITS: u32 = 41;
+
+/// An in-flight slot value: the run `[first, first + len)`.
+const fn slot_value(first: u64, len: u64) -> u64 {
+    (len << SLOT_UNIT_BITS) | (first + 1)
+}
+
+/// True when the in-flight slot value `slot` holds `unit`.
+const fn slot_holds(slot: u64, unit: u64) -> bool {
+    let first1 = slot & ((1 << SLOT_UNIT_BITS) - 1);
+    let len = slot >> SLOT_UNIT_BITS;
+    first1 != 0 && unit + 1 >= first1 && unit + 1 < first1 + len
+}
 
 /// The state of one unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +310,7 @@ pub struct LazyTracker<'a, W: StateWord = AtomicU64> {
     words: &'a [W],
     inflight: &'a [AtomicU64],
     config: TrackerConfig,
+    tolerate_already_accepted: bool,
     accepted_bytes: AtomicU64,
     remaining_bytes: AtomicU64,
     units_accepted: AtomicU64,
@@ -348,6 +387,7 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
             words,
             inflight,
             config,
+            tolerate_already_accepted: true,
             accepted_bytes: AtomicU64::new(0),
             remaining_bytes: AtomicU64::new(0),
             units_accepted: AtomicU64::new(0),
@@ -383,6 +423,15 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
             }
         }
         Ok(t)
+    }
+
+    /// Whether a page the module reports as accepted already counts as accepted (true, the
+    /// default: only a guest acceptance makes a page accepted, so the page is private and
+    /// usable) or fails the unit (false: Linux, which panics).
+    #[must_use]
+    pub fn already_accepted_is_private(mut self, yes: bool) -> Self {
+        self.tolerate_already_accepted = yes;
+        self
     }
 
     /// Marks an accepted unit unaccepted (construction time; a no-op for other states or an
@@ -474,7 +523,8 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
     }
 
     /// True when `[start, end)`, or its guard unit when `end` is unit aligned (as
-    /// [`LazyTracker::accept_range`] counts it), overlaps a unit that is not accepted.
+    /// [`LazyTracker::accept_range`] counts it), overlaps a unit that is not accepted. A
+    /// zero-size range checks the unit holding `start`.
     pub fn range_contains_unaccepted(&self, start: u64, end: u64) -> bool {
         match self.unit_span(start, end, true) {
             Some((first, past)) => (first..past).any(|u| self.unit_state(u) != UnitState::Accepted),
@@ -509,10 +559,11 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
     }
 
     /// Units overlapping `[start, end)` as `[first, past)`, with Linux's guard unit when
-    /// `guard` and `end` is unit aligned; `None` when nothing is tracked there.
+    /// `guard` and `end` is unit aligned; `None` when nothing is tracked there. An empty range
+    /// covers the unit holding `start` (with `guard`, the unit at an aligned `start`).
     fn unit_span(&self, start: u64, end: u64, guard: bool) -> Option<(u64, u64)> {
         // A range ending exactly at `phys_base` still has its guard unit (unit 0).
-        if start >= end || end < self.phys_base || start >= self.end() {
+        if start > end || end < self.phys_base || start >= self.end() {
             return None;
         }
         let start = start.max(self.phys_base) - self.phys_base;
@@ -527,8 +578,9 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
 
     /// Accepts every unaccepted unit overlapping `[start, end)` (byte addresses, any alignment),
     /// plus the next unit when `end` is unit aligned, waiting for units other vCPUs are
-    /// accepting. Memory outside the tracked span needs nothing. `vcpu` is this vCPU's index
-    /// into the in-flight slots.
+    /// accepting. Each run of consecutive unaccepted units is accepted at once, at the largest
+    /// levels it allows. Memory outside the tracked span needs nothing. `vcpu` is this vCPU's
+    /// index into the in-flight slots.
     ///
     /// # Errors
     /// The first unit that could not be made accepted stops the call: see [`TrackerError`].
@@ -543,8 +595,41 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
         let Some((first, past)) = self.unit_span(start, end, true) else {
             return Ok(());
         };
-        for unit in first..past {
-            self.accept_unit(vcpu, tdcall, hooks, unit)?;
+        self.accept_units(vcpu, tdcall, hooks, first, past)
+    }
+
+    /// Accepts every unit `range` overlaps (no guard unit), before the range is converted:
+    /// a conversion must never meet a page the tracker would accept later (Linux accepts every
+    /// page before handing it out, so its conversions never do).
+    ///
+    /// # Errors
+    /// As [`LazyTracker::accept_range`].
+    pub fn prepare_conversion<T: Tdcall + ?Sized, H: CpuHooks + ?Sized>(
+        &self,
+        vcpu: usize,
+        tdcall: &mut T,
+        hooks: &mut H,
+        range: GpaRange,
+    ) -> Result<(), TrackerError> {
+        let Some((first, past)) =
+            self.unit_span(range.start().as_u64(), range.end().as_u64(), false)
+        else {
+            return Ok(());
+        };
+        self.accept_units(vcpu, tdcall, hooks, first, past)
+    }
+
+    fn accept_units<T: Tdcall + ?Sized, H: CpuHooks + ?Sized>(
+        &self,
+        vcpu: usize,
+        tdcall: &mut T,
+        hooks: &mut H,
+        first: u64,
+        past: u64,
+    ) -> Result<(), TrackerError> {
+        let mut unit = first;
+        while unit < past {
+            unit = self.accept_run(vcpu, tdcall, hooks, unit, past)?;
         }
         Ok(())
     }
@@ -562,15 +647,30 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
         hooks: &mut H,
         unit: u64,
     ) -> Result<(), TrackerError> {
+        self.accept_run(vcpu, tdcall, hooks, unit, unit.saturating_add(1))
+            .map(|_| ())
+    }
+
+    /// Makes `unit` accepted; when it is unaccepted, claims with it the unaccepted units that
+    /// follow it below `past` and accepts them together. Returns the first unit not handled.
+    fn accept_run<T: Tdcall + ?Sized, H: CpuHooks + ?Sized>(
+        &self,
+        vcpu: usize,
+        tdcall: &mut T,
+        hooks: &mut H,
+        unit: u64,
+        past: u64,
+    ) -> Result<u64, TrackerError> {
         let slot = self
             .inflight
             .get(vcpu)
             .ok_or(TrackerError::NoSlot { vcpu })?;
+        let next = unit.saturating_add(1);
         let mut spins = 0u64;
         let mut waited = false;
         loop {
             match self.unit_state(unit) {
-                UnitState::Accepted => return Ok(()),
+                UnitState::Accepted => return Ok(next),
                 UnitState::Failed => {
                     return Err(TrackerError::UnitFailed {
                         unit,
@@ -580,18 +680,25 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
                 UnitState::Unaccepted => {
                     let saved = hooks.mask_interrupts();
                     if self.transition(unit, UnitState::Unaccepted, UnitState::Accepting) {
+                        let mut end = next;
+                        while end < past
+                            && end - unit < MAX_RUN_UNITS
+                            && self.transition(end, UnitState::Unaccepted, UnitState::Accepting)
+                        {
+                            end += 1;
+                        }
                         // Only this vCPU touches its slot, hence Relaxed. Slots nest: a
                         // handler on this vCPU restores what it found.
-                        let outer = slot.swap(unit + 1, Ordering::Relaxed);
-                        let result = self.accept_claimed(tdcall, unit);
+                        let outer = slot.swap(slot_value(unit, end - unit), Ordering::Relaxed);
+                        let result = self.accept_claimed(tdcall, unit, end);
                         slot.store(outer, Ordering::Relaxed);
                         hooks.restore_interrupts(saved);
-                        return result;
+                        return result.map(|()| end);
                     }
                     hooks.restore_interrupts(saved);
                 }
                 UnitState::Accepting => {
-                    if slot.load(Ordering::Relaxed) == unit + 1 {
+                    if slot_holds(slot.load(Ordering::Relaxed), unit) {
                         return Err(TrackerError::Reentrant {
                             unit,
                             gpa: self.unit_gpa(unit),
@@ -622,43 +729,79 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
         )
     }
 
-    /// Accepts a unit this vCPU has claimed and publishes the outcome.
+    /// Accepts the run `[first, past)` this vCPU has claimed and publishes the outcome of each
+    /// unit.
     fn accept_claimed<T: Tdcall + ?Sized>(
         &self,
         tdcall: &mut T,
-        unit: u64,
+        first: u64,
+        past: u64,
     ) -> Result<(), TrackerError> {
-        let range = match self.unit_range(unit) {
+        let range = match (self.unit_range(first), self.unit_range(past - 1)) {
+            (Ok(a), Ok(b)) => {
+                GpaRange::new(a.start().as_u64(), b.end().as_u64()).map_err(TrackerError::Addr)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let range = match range {
             Ok(r) => r,
             Err(e) => {
-                self.transition(unit, UnitState::Accepting, UnitState::Unaccepted);
+                for u in first..past {
+                    self.transition(u, UnitState::Accepting, UnitState::Unaccepted);
+                }
                 return Err(e);
             }
         };
-        match self.acceptor.accept_range(tdcall, range) {
-            Ok(()) => {
-                self.transition(unit, UnitState::Accepting, UnitState::Accepted);
-                self.accepted_bytes
-                    .fetch_add(self.unit_size, Ordering::Relaxed);
-                self.remaining_bytes
-                    .fetch_sub(self.unit_size, Ordering::Relaxed);
-                self.units_accepted.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+        let result = self
+            .acceptor
+            .accept_range_with(tdcall, range, self.tolerate_already_accepted);
+        // The units wholly before the failing page are accepted (the acceptor's progress is
+        // strictly increasing); the rest are not, or only in part.
+        let (done, failed) = match &result {
+            Ok(()) => (past, None),
             Err(error) => {
-                let untouched = error.gpa().is_none_or(|g| g == range.start())
-                    && !matches!(error, AcceptError::AlreadyAccepted { .. });
-                let next = if untouched {
-                    UnitState::Unaccepted
-                } else {
-                    UnitState::Failed
-                };
-                self.transition(unit, UnitState::Accepting, next);
-                // No logging here: this path runs in exception context, where a logger's lock
-                // may be held by the interrupted code. The caller gets the error.
-                Err(TrackerError::Accept { unit, error })
+                let at = error.gpa().map_or(first, |g| {
+                    self.unit_of(g.as_u64())
+                        .unwrap_or(first)
+                        .clamp(first, past - 1)
+                });
+                (at, Some((at, error)))
             }
+        };
+        if done > first {
+            for u in first..done {
+                self.transition(u, UnitState::Accepting, UnitState::Accepted);
+            }
+            let bytes = (done - first) * self.unit_size;
+            self.accepted_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.remaining_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.units_accepted
+                .fetch_add(done - first, Ordering::Relaxed);
         }
+        let Some((at, error)) = failed else {
+            return Ok(());
+        };
+        // The failing unit: untouched when the failure is at its first page and is not the
+        // module saying that page is accepted already.
+        let untouched = error
+            .gpa()
+            .is_none_or(|g| Ok(g) == self.unit_range(at).map(|r| r.start()))
+            && !matches!(error, AcceptError::AlreadyAccepted { .. });
+        let next = if untouched {
+            UnitState::Unaccepted
+        } else {
+            UnitState::Failed
+        };
+        self.transition(at, UnitState::Accepting, next);
+        for u in at + 1..past {
+            self.transition(u, UnitState::Accepting, UnitState::Unaccepted);
+        }
+        // No logging here: this path runs in exception context, where a logger's lock may be
+        // held by the interrupted code. The caller gets the error.
+        Err(TrackerError::Accept {
+            unit: at,
+            error: *error,
+        })
     }
 }
 
@@ -886,21 +1029,15 @@ pub(crate) mod tests {
         t.accept_unit(0, &mut good, &mut NoInterrupts, 0).unwrap();
         assert_eq!(t.unit_state(0), UnitState::Accepted);
 
-        // Unit 1: already accepted by the module -> poisoned, never called again.
+        // Unit 1: already accepted by the module. By default that is evidence the page is
+        // private (a conversion accepted it): the unit is accepted.
         let already = |_: Gpa, _: PageLevel| StatusCode::PageAlreadyAccepted.with_operand(1);
         let mut td = Logged {
             rule: &already,
             log: &log,
         };
-        t.accept_unit(0, &mut td, &mut NoInterrupts, 1).unwrap_err();
-        assert_eq!(t.unit_state(1), UnitState::Failed);
-        assert_eq!(
-            t.accept_unit(0, &mut good, &mut NoInterrupts, 1),
-            Err(TrackerError::UnitFailed {
-                unit: 1,
-                gpa: Gpa::new_truncate(M2)
-            })
-        );
+        t.accept_unit(0, &mut td, &mut NoInterrupts, 1).unwrap();
+        assert_eq!(t.unit_state(1), UnitState::Accepted);
 
         // Unit 2: host mapped 4K and the 3rd sub-page fails -> partly accepted -> poisoned.
         let partial = |g: Gpa, level: PageLevel| match level {
@@ -914,8 +1051,91 @@ pub(crate) mod tests {
         };
         t.accept_unit(0, &mut td, &mut NoInterrupts, 2).unwrap_err();
         assert_eq!(t.unit_state(2), UnitState::Failed);
-        assert_eq!(t.remaining_bytes(), 2 * M2);
-        assert_eq!(t.accepted_bytes(), M2);
+        assert_eq!(t.remaining_bytes(), M2);
+        assert_eq!(t.accepted_bytes(), 2 * M2);
+    }
+
+    /// As Linux (which panics): a strict tracker fails the unit on ALREADY_ACCEPTED, and never
+    /// calls for it again.
+    #[test]
+    fn strict_tracker_poisons_on_already_accepted() {
+        let a = acceptor_2m();
+        let (words, slots) = storage(2, 1);
+        let t = LazyTracker::new(&a, 0, M2, 2, &words, &slots, TrackerConfig::default())
+            .unwrap()
+            .already_accepted_is_private(false);
+        t.mark_unaccepted(1);
+        let log = std::sync::Mutex::new(Vec::new());
+        let already = |_: Gpa, _: PageLevel| StatusCode::PageAlreadyAccepted.with_operand(1);
+        let mut td = Logged {
+            rule: &already,
+            log: &log,
+        };
+        t.accept_unit(0, &mut td, &mut NoInterrupts, 1).unwrap_err();
+        assert_eq!(t.unit_state(1), UnitState::Failed);
+        let mut good = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        assert_eq!(
+            t.accept_unit(0, &mut good, &mut NoInterrupts, 1),
+            Err(TrackerError::UnitFailed {
+                unit: 1,
+                gpa: Gpa::new_truncate(M2)
+            })
+        );
+    }
+
+    /// Runs of units go to the acceptor at once: 513 units from a 1G boundary (a request that
+    /// ends on a unit boundary includes its guard unit) are one 1G and one 2M ACCEPT on a
+    /// module that takes 1G, as Linux's `accept_memory()` makes them.
+    #[test]
+    fn runs_are_accepted_at_the_largest_level() {
+        let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::OURS);
+        let units = 1024;
+        let (words, slots) = storage(units, 1);
+        let t =
+            LazyTracker::new(&a, 0, M2, units, &words, &slots, TrackerConfig::default()).unwrap();
+        for u in 0..units {
+            t.mark_unaccepted(u);
+        }
+        let log = std::sync::Mutex::new(Vec::new());
+        let mut td = Logged {
+            rule: &ok,
+            log: &log,
+        };
+        t.accept_range(0, &mut td, &mut NoInterrupts, 0, 1 << 30)
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [(0, PageLevel::Size1G), (1 << 30, PageLevel::Size2M)]
+        );
+        assert_eq!(t.stats().units_accepted, 513);
+        // A zero-size request accepts the unit holding its address, as Linux's does.
+        t.accept_range(0, &mut td, &mut NoInterrupts, 600 * M2 + 5, 600 * M2 + 5)
+            .unwrap();
+        assert_eq!(t.unit_state(600), UnitState::Accepted);
+        assert!(t.range_contains_unaccepted(601 * M2, 601 * M2));
+        // A failure part way through a run: the units before it are accepted, the failing one
+        // (untouched) and the ones after it go back to unaccepted.
+        let fail_at = |g: Gpa, _: PageLevel| {
+            if g.as_u64() == 700 * M2 {
+                StatusCode::EptWalkFailed.status()
+            } else {
+                TdxStatus::SUCCESS
+            }
+        };
+        let mut td = Logged {
+            rule: &fail_at,
+            log: &log,
+        };
+        let e = t
+            .accept_range(0, &mut td, &mut NoInterrupts, 698 * M2, 702 * M2 - 1)
+            .unwrap_err();
+        assert!(matches!(e, TrackerError::Accept { unit: 700, .. }));
+        assert_eq!(t.unit_state(699), UnitState::Accepted);
+        assert_eq!(t.unit_state(700), UnitState::Unaccepted);
+        assert_eq!(t.unit_state(701), UnitState::Unaccepted);
     }
 
     #[test]

@@ -549,8 +549,14 @@ mod tests {
         let t = f.tracker();
         struct Broken;
         impl Tdcall for Broken {
-            fn accept(&mut self, _: Gpa, _: PageLevel) -> TdxStatus {
-                StatusCode::PageAlreadyAccepted.with_operand(1)
+            // The host mapped 4K; the first page is accepted, the second fails: the unit is
+            // accepted part way.
+            fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
+                match level {
+                    PageLevel::Size4K if gpa.as_u64() == BASE => TdxStatus::SUCCESS,
+                    PageLevel::Size4K => StatusCode::EptWalkFailed.with_operand(1),
+                    _ => StatusCode::PageSizeMismatch.with_operand(1),
+                }
             }
             fn map_gpa(&mut self, _: u64, _: u64) -> MapGpaOutcome {
                 unreachable!()

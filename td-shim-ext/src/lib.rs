@@ -33,4 +33,4 @@ pub mod hob;
 pub mod plan;
 
 pub use hob::{HobError, Resource, ResourceKind};
-pub use plan::{BootPlan, PlanConfig, PlanError, RangeList, TablePlacement};
+pub use plan::{BootPlan, MapEntry, PlanConfig, PlanError, RangeList, TablePlacement};

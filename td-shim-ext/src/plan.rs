@@ -2,21 +2,39 @@
 //! it leaves to the kernel through the Linux unaccepted-memory table, and where that table goes.
 //!
 //! [`BootPlan::new`] takes the unaccepted ranges (from a TD HOB list through
-//! [`BootPlan::from_hob`], or a plain list) and a [`PlanConfig`], and decides:
+//! [`BootPlan::from_hob`], or a plain list), each one a descriptor as Linux sees it, and a
+//! [`PlanConfig`], and decides per descriptor:
 //!
 //! 1. **Eager**: everything below [`PlanConfig::eager_below`] (the kernel, initrd and early
 //!    allocations live there), plus what the Linux EFI stub would refuse to record
-//!    (`drivers/firmware/efi/libstub/unaccepted_memory.c`): a range shorter than two units and
-//!    the unaligned head and tail of a longer one. The eager list feeds
+//!    (`drivers/firmware/efi/libstub/unaccepted_memory.c` `process_unaccepted_memory()`): a
+//!    descriptor shorter than two units and the unaligned head and tail of a longer one; and a
+//!    unit-aligned body shorter than two units, which the stub would accept again (its
+//!    `< 2 * unit_size` rule) while its bit stays set, so that the kernel's first lazy
+//!    acceptance of it gets `PAGE_ALREADY_ACCEPTED` and panics. The eager list feeds
 //!    [`accept::parallel::BootJob`]: vCPUs share its 2M/1G chunks through one atomic cursor,
 //!    each chunk accepted at the largest level the module and the host allow.
-//! 2. **Lazy**: the unit-aligned bodies of the rest, one bit per unit in the table.
+//! 2. **Lazy**: the unit-aligned bodies of at least two units, one bit per unit in the table.
 //! 3. **Table placement**: the table must live in memory that is accepted before the kernel
 //!    reads it and that nobody else uses: the highest 4K-aligned spot below
 //!    [`PlanConfig::table_below`] inside eagerly accepted memory or already-accepted system
 //!    memory, clear of [`PlanConfig::reserved`] (firmware, payload, HOB list). The firmware
 //!    records it as `EfiACPIReclaimMemory` ([`BootPlan::table_allocation`]) and publishes its
 //!    GPA under [`accept::unaccepted::UNACCEPTED_TABLE_GUID`].
+//!
+//! # The hand-off contract
+//!
+//! The table goes with one memory map: [`BootPlan::memory_map`]. In it, exactly the lazy
+//! ranges are `EfiUnacceptedMemoryType` (each unit aligned and at least two units long) and the
+//! eager ranges are `EfiConventionalMemory` (they are accepted before hand-off). The Linux EFI
+//! stub runs `process_unaccepted_memory()` on every unaccepted descriptor even when the firmware
+//! installed the table: on this map it accepts nothing and sets only bits that are set already.
+//! The table covers every unaccepted descriptor (the stub writes past a table that ends below
+//! one), and its `phys_base` and size are what the stub computes from that map when no table
+//! is installed (`allocate_unaccepted_bitmap()`): the unit-rounded lowest start and highest
+//! end. A memory map that lists eagerly accepted memory as unaccepted is *not* this contract:
+//! the stub or the kernel would accept it again, and Linux panics on `PAGE_ALREADY_ACCEPTED`.
+//! `cargo xtask linux` runs the stub on what this module produces.
 //!
 //! The plan itself needs no allocator: lists have a fixed capacity ([`MAX_RANGES`]). It does
 //! not accept anything; [`BootPlan::write_table`] writes the table once the memory under it is
@@ -37,6 +55,28 @@ pub const MAX_RANGES: usize = 64;
 
 /// UEFI memory type `EfiACPIReclaimMemory`, which Linux expects for the unaccepted table.
 pub const EFI_ACPI_RECLAIM_MEMORY: u32 = 9;
+
+/// UEFI memory type `EfiConventionalMemory`: accepted, free memory.
+pub const EFI_CONVENTIONAL_MEMORY: u32 = 7;
+
+/// UEFI memory type `EfiUnacceptedMemoryType` (UEFI 2.9).
+pub const EFI_UNACCEPTED_MEMORY: u32 = 15;
+
+/// One entry of the memory map that goes with the table (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// [`EFI_UNACCEPTED_MEMORY`] or [`EFI_CONVENTIONAL_MEMORY`].
+    pub memory_type: u32,
+    /// The range.
+    pub range: GpaRange,
+}
+
+impl MapEntry {
+    /// The UEFI descriptor's `NumberOfPages` (4 KiB pages).
+    pub const fn pages(&self) -> u64 {
+        self.range.len() / 4096
+    }
+}
 
 /// A fixed-capacity list of non-overlapping ranges kept in address order.
 #[derive(Clone, Copy)]
@@ -109,6 +149,19 @@ impl RangeList {
     /// [`PlanError::Overlap`] when it overlaps a range already present, [`PlanError::TooMany`]
     /// when the list is full, [`PlanError::Range`] for a bad range.
     pub fn insert(&mut self, start: u64, end: u64) -> Result<(), PlanError> {
+        self.insert_with(start, end, true)
+    }
+
+    /// Inserts `[start, end)` as its own entry (no-op when empty), even when it touches a
+    /// neighbour: a list of descriptors.
+    ///
+    /// # Errors
+    /// As [`RangeList::insert`].
+    pub fn insert_descriptor(&mut self, start: u64, end: u64) -> Result<(), PlanError> {
+        self.insert_with(start, end, false)
+    }
+
+    fn insert_with(&mut self, start: u64, end: u64, merge: bool) -> Result<(), PlanError> {
         if start >= end {
             return Ok(());
         }
@@ -124,8 +177,9 @@ impl RangeList {
             }
         }
         // Merge with the previous and/or next range when they touch.
-        let prev_touch = at > 0 && self.get(at - 1).is_some_and(|p| p.end() == range.start());
-        let next_touch = self.get(at).is_some_and(|n| n.start() == range.end());
+        let prev_touch =
+            merge && at > 0 && self.get(at - 1).is_some_and(|p| p.end() == range.start());
+        let next_touch = merge && self.get(at).is_some_and(|n| n.start() == range.end());
         match (prev_touch, next_touch) {
             (true, true) => {
                 let (p, n) = (self.get(at - 1), self.get(at));
@@ -263,8 +317,6 @@ pub struct TablePlacement {
 pub struct BootPlan {
     eager: RangeList,
     lazy: RangeList,
-    /// Unaccepted ranges above `eager_below`, as handed to the table builder.
-    candidates: RangeList,
     table: Option<TablePlacement>,
     unit_size: u32,
 }
@@ -283,7 +335,7 @@ impl BootPlan {
             let res = res?;
             let (s, e) = (res.range.start().as_u64(), res.range.end().as_u64());
             match res.kind {
-                ResourceKind::Unaccepted => unaccepted.insert(s, e)?,
+                ResourceKind::Unaccepted => unaccepted.insert_descriptor(s, e)?,
                 ResourceKind::SystemMemory => accepted.insert(s, e)?,
                 ResourceKind::Other(_) => {}
             }
@@ -303,7 +355,7 @@ impl BootPlan {
     ) -> Result<BootPlan, PlanError> {
         let mut u = RangeList::new();
         for r in unaccepted {
-            u.insert(r.start().as_u64(), r.end().as_u64())?;
+            u.insert_descriptor(r.start().as_u64(), r.end().as_u64())?;
         }
         let mut a = RangeList::new();
         for r in accepted {
@@ -328,7 +380,7 @@ impl BootPlan {
         let mask = unit - 1;
         let mut eager = RangeList::new();
         let mut lazy = RangeList::new();
-        let mut candidates = RangeList::new();
+        // Per descriptor, as the stub works.
         for r in unaccepted.iter() {
             let (s, e) = (r.start().as_u64(), r.end().as_u64());
             let cut = config.eager_below.clamp(s, e);
@@ -336,22 +388,21 @@ impl BootPlan {
             if cut == e {
                 continue;
             }
-            candidates.insert(cut, e)?;
-            // The EFI stub's rules (see `TableBuilder::add_range`).
-            if e - cut < 2 * unit {
+            // The EFI stub's rules (see `TableBuilder::add_range`), and a body of at least two
+            // units, which the stub never accepts again.
+            let body_start = (cut + mask) & !mask;
+            let body_end = e & !mask;
+            if e - cut < 2 * unit || body_end < body_start.saturating_add(2 * unit) {
                 eager.insert(cut, e)?;
                 continue;
             }
-            let body_start = (cut + mask) & !mask;
-            let body_end = e & !mask;
             eager.insert(cut, body_start)?;
-            lazy.insert(body_start, body_end)?;
+            lazy.insert_descriptor(body_start, body_end)?;
             eager.insert(body_end, e)?;
         }
         let mut plan = BootPlan {
             eager,
             lazy,
-            candidates,
             table: None,
             unit_size: unit32,
         };
@@ -398,12 +449,12 @@ impl BootPlan {
         };
         let mut builder = TableBuilder::new(buf, t.layout).map_err(PlanError::Table)?;
         let mut mismatch = None;
-        for r in self.candidates.iter() {
+        // Every lazy descriptor is unit aligned and at least two units long: the stub's rules
+        // record all of it and accept nothing.
+        for r in self.lazy.iter() {
             builder
                 .add_range(r, |now| {
-                    if !self.eager.covers(now) && mismatch.is_none() {
-                        mismatch = Some(now);
-                    }
+                    mismatch.get_or_insert(now);
                 })
                 .map_err(PlanError::Table)?;
         }
@@ -411,6 +462,29 @@ impl BootPlan {
             return Err(PlanError::Mismatch(r));
         }
         Ok(builder.finish())
+    }
+
+    /// The memory map that goes with the table, in address order: the lazy ranges as
+    /// [`EFI_UNACCEPTED_MEMORY`], the eager ranges as [`EFI_CONVENTIONAL_MEMORY`]. Touching
+    /// ranges stay separate entries. The firmware's other memory (accepted system memory,
+    /// reservations, the table itself) is not in it and keeps its own types.
+    pub fn memory_map(&self) -> impl Iterator<Item = MapEntry> + '_ {
+        let mut lazy = self.lazy.iter().peekable();
+        let mut eager = self.eager.iter().peekable();
+        core::iter::from_fn(move || {
+            let take_lazy = match (lazy.peek(), eager.peek()) {
+                (Some(l), Some(e)) => l.start() < e.start(),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return None,
+            };
+            let (memory_type, range) = if take_lazy {
+                (EFI_UNACCEPTED_MEMORY, lazy.next()?)
+            } else {
+                (EFI_CONVENTIONAL_MEMORY, eager.next()?)
+            };
+            Some(MapEntry { memory_type, range })
+        })
     }
 
     /// The memory-allocation HOB that reserves the table as `EfiACPIReclaimMemory`, for the HOB
@@ -543,6 +617,35 @@ mod tests {
         // Every unaccepted byte is in exactly one of the two lists.
         let total: u64 = unaccepted.iter().map(|r| r.len()).sum();
         assert_eq!(plan.eager().bytes() + plan.lazy().bytes(), total);
+    }
+
+    /// Regression: a descriptor whose aligned body is one unit is accepted eagerly: the EFI
+    /// stub would accept a one-unit descriptor again and leave its bit set. Touching
+    /// descriptors keep their own rules, and the memory map has one entry per piece.
+    #[test]
+    fn one_unit_bodies_are_eager_and_descriptors_stay_apart() {
+        let cfg = PlanConfig {
+            eager_below: 0,
+            ..PlanConfig::default()
+        };
+        let unaccepted = [r(M, 5 * M), r(8 * M, 9 * M), r(9 * M, 14 * M)];
+        let plan = BootPlan::new(&unaccepted, &[], &cfg).unwrap();
+        assert_eq!(list(plan.lazy()), [(10 * M, 14 * M)]);
+        assert_eq!(list(plan.eager()), [(M, 5 * M), (8 * M, 10 * M)]);
+        let map: std::vec::Vec<_> = plan
+            .memory_map()
+            .map(|e| (e.memory_type, e.range.start().as_u64(), e.pages()))
+            .collect();
+        assert_eq!(
+            map,
+            [
+                (EFI_CONVENTIONAL_MEMORY, M, 4 * M / K4),
+                (EFI_CONVENTIONAL_MEMORY, 8 * M, 2 * M / K4),
+                (EFI_UNACCEPTED_MEMORY, 10 * M, 4 * M / K4),
+            ]
+        );
+        let t = plan.table().unwrap();
+        assert_eq!(t.layout.phys_base, 10 * M);
     }
 
     #[test]

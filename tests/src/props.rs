@@ -344,7 +344,7 @@ pub fn map_gpa_resume(data: &[u8]) {
         Gpaw::Bits48,
         ConvertPolicy {
             no_progress_retries: retries,
-            rollback: true,
+            ..ConvertPolicy::OURS
         },
     );
     let Ok(range) = GpaRange::from_len(start, len) else {

@@ -256,14 +256,18 @@ fn range(s: u64, e: u64) -> GpaRange {
     GpaRange::new(s, e).expect("range")
 }
 
-fn check_final(w: &World) {
-    let m = w.model.lock().expect("model");
-    assert!(m.bad_requests.is_empty(), "{:?}", m.bad_requests);
+fn assert_no_page_accepted_twice(m: &Model) {
     let mut log = m.accepted.clone();
     let n = log.len();
     log.sort_unstable();
     log.dedup();
     assert_eq!(log.len(), n, "a page was accepted twice: {:?}", m.accepted);
+}
+
+fn check_final(w: &World) {
+    let m = w.model.lock().expect("model");
+    assert!(m.bad_requests.is_empty(), "{:?}", m.bad_requests);
+    assert_no_page_accepted_twice(&m);
     for (i, p) in m.pages.iter().enumerate() {
         assert_eq!(*p, Page::Accepted, "page {:#x}", i as u64 * K4);
     }
@@ -346,6 +350,104 @@ fn adjacent_conversions_and_accept() {
     check_final(w);
 }
 
+/// vCPU 0 converts a sub-2M range of unit 2, which the tracker still counts as unaccepted, to
+/// shared and back, after making it accepted through the tracker as a conversion must
+/// (`LazyTracker::prepare_conversion`, as Linux accepts memory before handing it out); vCPU 1
+/// lazily accepts the same unit at the same time. Nobody asks for a page twice or for a shared
+/// page, and the unit ends accepted.
+fn convert_unaccepted_unit_while_lazily_accepting_it() {
+    let w = world(2, 2);
+    let a = range(2 * M2 + 16 * K4, 2 * M2 + 48 * K4);
+    let t0 = shuttle::thread::spawn(move || {
+        let mut t = td(w);
+        w.tracker
+            .prepare_conversion(0, &mut t, &mut Cpu, a)
+            .map_err(|e| e.to_string())?;
+        w.converter
+            .convert(&mut t, &w.acceptor, a, Visibility::Shared, &mut Hooks)
+            .map_err(|e| e.to_string())?;
+        w.converter
+            .convert(&mut t, &w.acceptor, a, Visibility::Private, &mut Hooks)
+            .map_err(|e| e.to_string())
+    });
+    let t1 = shuttle::thread::spawn(move || {
+        w.tracker
+            .accept_range(
+                1,
+                &mut td(w),
+                &mut Cpu,
+                2 * M2 + 100 * K4,
+                2 * M2 + 101 * K4,
+            )
+            .map_err(|e| e.to_string())
+    });
+    for h in [t0, t1] {
+        h.join().expect("join").expect("vCPU");
+    }
+    assert_eq!(w.tracker.unit_state(2), UnitState::Accepted);
+    w.tracker
+        .accept_range(0, &mut td(w), &mut Cpu, 0, 4 * M2 - K4)
+        .expect("the rest");
+    check_final(w);
+}
+
+#[test]
+fn shuttle_random_convert_unaccepted_unit_while_lazily_accepting_it() {
+    shuttle::check_random(convert_unaccepted_unit_while_lazily_accepting_it, 2000);
+}
+
+#[test]
+fn shuttle_pct_convert_unaccepted_unit_while_lazily_accepting_it() {
+    shuttle::check_pct(convert_unaccepted_unit_while_lazily_accepting_it, 1000, 3);
+}
+
+/// Regression (issue 14, defect 1): memory the tracker still counts as unaccepted is converted
+/// to shared and back without the tracker (the conversion accepts it); the next lazy
+/// acceptance of the unit, and a #VE elsewhere in it, find those pages accepted. The unit must
+/// not become unusable: it is accepted around them, and no page is accepted twice.
+#[test]
+fn conversion_behind_the_trackers_back_leaves_the_unit_usable() {
+    shuttle::check_random(
+        || {
+            let w = world(2, 1);
+            let a = range(2 * M2 + 16 * K4, 2 * M2 + 48 * K4);
+            let mut t = td(w);
+            for to in [Visibility::Shared, Visibility::Private] {
+                w.converter
+                    .convert(&mut t, &w.acceptor, a, to, &mut Hooks)
+                    .expect("converted");
+            }
+            w.tracker
+                .accept_range(0, &mut t, &mut Cpu, 2 * M2 + 20 * K4, 2 * M2 + 21 * K4)
+                .expect("the unit is accepted around the converted pages");
+            // A #VE elsewhere in the unit goes through the tracker too.
+            w.tracker
+                .accept_unit(0, &mut t, &mut Cpu, 2)
+                .expect("the unit is usable");
+            assert_eq!(w.tracker.unit_state(2), UnitState::Accepted);
+            {
+                let m = w.model.lock().expect("model");
+                // The only refused requests are ALREADY_ACCEPTED for the converted pages.
+                assert!(
+                    m.bad_requests
+                        .iter()
+                        .all(|r| r.contains("of an accepted page")),
+                    "{:?}",
+                    m.bad_requests
+                );
+                assert_eq!(m.bad_requests.len(), 32);
+                assert_no_page_accepted_twice(&m);
+            }
+            w.model.lock().expect("model").bad_requests.clear();
+            w.tracker
+                .accept_range(0, &mut t, &mut Cpu, 0, 4 * M2 - K4)
+                .expect("the rest");
+            check_final(w);
+        },
+        1,
+    );
+}
+
 #[test]
 fn shuttle_random_convert_while_lazily_accepting() {
     shuttle::check_random(convert_while_lazily_accepting, 2000);
@@ -387,5 +489,40 @@ fn shuttle_model_catches_a_double_accept_without_the_tracker() {
             check_final(w);
         },
         100,
+    );
+}
+
+/// Regression (issue 14, defect 2): a to-private conversion over a range that is not wholly
+/// shared (private pages after the shared ones). The private pages answer ALREADY_ACCEPTED:
+/// they were private, so they are kept, the conversion completes, and nothing is given to the
+/// host (the old rollback made the whole range shared, destroying them).
+#[test]
+fn to_private_over_a_partly_private_range_keeps_the_private_pages() {
+    shuttle::check_random(
+        || {
+            let w = world(UNITS, 1);
+            let mut t = td(w);
+            let shared_part = range(M2, M2 + 8 * K4);
+            w.converter
+                .convert(
+                    &mut t,
+                    &w.acceptor,
+                    shared_part,
+                    Visibility::Shared,
+                    &mut Hooks,
+                )
+                .expect("to shared");
+            let whole = range(M2, M2 + 16 * K4);
+            w.converter
+                .convert(&mut t, &w.acceptor, whole, Visibility::Private, &mut Hooks)
+                .expect("the private pages count as converted");
+            let mut m = w.model.lock().expect("model");
+            // The private pages were asked once each and answered ALREADY_ACCEPTED.
+            assert_eq!(m.bad_requests.len(), 8, "{:?}", m.bad_requests);
+            m.bad_requests.clear();
+            assert!(m.pages.iter().all(|&p| p == Page::Accepted));
+            assert_no_page_accepted_twice(&m);
+        },
+        1,
     );
 }

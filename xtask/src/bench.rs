@@ -652,7 +652,14 @@ fn report(c: &Ctx<'_>) -> String {
          mainline, OVMF) and hosts (mainline KVM with 4K private mappings, the KVM TDX \
          huge-page series). Every guest policy runs the real `accept` engine with an \
          `AcceptPolicy` preset; every host policy runs the real `hostvmm` MMU with an \
-         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `hostvmm/src/sim/mod.rs`).\n"
+         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `hostvmm/src/sim/mod.rs`). \
+         The `linux` rows are the Linux-equivalent baseline: `AcceptPolicy::LINUX`, \
+         `ConvertPolicy::LINUX`, lazy acceptance in runs with PAGE_ALREADY_ACCEPTED fatal, \
+         and no #VE on pending pages (SEPT_VE_DISABLE). Equivalence is shown by \
+         `cargo xtask linux`, which compiles unmodified Linux 6.12 code (`tdx_accept_memory`, \
+         `tdx_map_gpa`, the kernel's `accept_memory`, the EFI stub) and checks that it makes \
+         the same TDCALLs in the same order as these presets on random ranges, tables and \
+         scripted hosts, and end to end on the emulator (README, \"Linux conformance\").\n"
     );
     let _ = writeln!(
         o,

@@ -5,6 +5,8 @@
 //!   builds of `accept`, then `test`, then `e2e`, then a short fuzzing pass.
 //! - `cargo xtask e2e [--tdx]`: the bare-metal test image under QEMU against `tdhost` (or, with
 //!   `--tdx`, as a td-shim payload in a real TD); see `e2e.rs` and docs/e2e.md.
+//! - `cargo xtask linux`: the differential conformance suite against unmodified Linux 6.12
+//!   code (see `linux.rs`; part of `ci`).
 //! - `cargo xtask bench`: the benchmark matrix with `tdsim`, written to `BENCHMARKS.md` and
 //!   `bench/` (see `bench.rs`; not part of `ci`).
 
@@ -16,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod e2e;
+mod linux;
 mod publish;
 mod recipes;
 
@@ -42,6 +45,8 @@ enum Cmd {
     },
     /// Run the benchmark matrix with tdsim and write BENCHMARKS.md and bench/.
     Bench(bench::BenchArgs),
+    /// Run the differential conformance suite against unmodified Linux 6.12 code.
+    Linux,
 }
 
 /// The bare-metal target the guest engine must build for (firmware and kernels).
@@ -75,8 +80,22 @@ fn test() -> Result<()> {
 /// The test run of [`test()`], returning the totals.
 fn test_counts() -> Result<(u64, u64)> {
     eprintln!("==> cargo test --workspace");
-    let mut child = cargo()
-        .args(["test", "--workspace"])
+    let mut c = cargo();
+    c.args(["test", "--workspace"]);
+    let (passed, failed, status) = run_counting(c)?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok((passed, failed))
+}
+
+/// Runs a `cargo test` command, passing its output through, and totals its libtest summaries.
+fn run_counting(mut cmd: Command) -> Result<(u64, u64, std::process::ExitStatus)> {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .context("starting cargo test")?;
@@ -92,14 +111,7 @@ fn test_counts() -> Result<(u64, u64)> {
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("tests: {passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("cargo test failed ({status})");
-    }
-    if passed == 0 {
-        bail!("cargo test ran no test");
-    }
-    Ok((passed, failed))
+    Ok((passed, failed, status))
 }
 
 /// Parses libtest's "test result: ok. 12 passed; 0 failed; ..." line.
@@ -191,6 +203,7 @@ fn ci() -> Result<()> {
     recipes::check()?;
 
     let (passed, failed) = test_counts()?;
+    linux::linux()?;
     e2e::e2e(false)?;
     fuzz_pass()?;
     // The test totals again, as the run's last line.
@@ -237,6 +250,7 @@ fn main() -> Result<()> {
         Cmd::Fuzz => fuzz_pass(),
         Cmd::E2e { tdx } => e2e::e2e(tdx),
         Cmd::Bench(a) => bench::bench(&a),
+        Cmd::Linux => linux::linux().map(|_| ()),
     }
 }
 

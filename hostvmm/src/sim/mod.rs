@@ -54,7 +54,11 @@ use vcpu::SimVcpu;
 pub enum GuestPolicy {
     /// This project's engine: 1G -> 2M -> 4K, learns the module's cap, strict.
     Ours,
-    /// Like Linux: 1G -> 2M -> 4K per chunk, any error -> smaller, nothing learned.
+    /// Linux 6.12, shown equal to the compiled Linux code by `cargo xtask linux`: ACCEPT as
+    /// `tdx_accept_memory()` (1G -> 2M -> 4K per chunk, any error -> smaller, nothing learned),
+    /// lazy acceptance in runs as `accept_memory()` with `PAGE_ALREADY_ACCEPTED` fatal and
+    /// unbounded waits, MapGPA as `tdx_map_gpa()` with no rollback, and no #VE on pending pages
+    /// (Linux requires SEPT_VE_DISABLE).
     Linux,
     /// Like td-shim: 2M else 4K, already-accepted counts as success.
     TdShim,
@@ -99,6 +103,36 @@ impl GuestPolicy {
             GuestPolicy::Asterinas => AcceptPolicy::ASTERINAS,
             GuestPolicy::Ovmf => AcceptPolicy::OVMF,
         }
+    }
+
+    /// The conversion policy: Linux's for [`GuestPolicy::Linux`], this engine's otherwise.
+    pub fn convert_policy(self) -> ConvertPolicy {
+        match self {
+            GuestPolicy::Linux => ConvertPolicy::LINUX,
+            _ => ConvertPolicy::OURS,
+        }
+    }
+
+    /// The lazy-acceptance tuning: Linux waits without bound.
+    pub fn tracker_config(self) -> TrackerConfig {
+        match self {
+            GuestPolicy::Linux => TrackerConfig {
+                max_wait_spins: u64::MAX,
+            },
+            _ => TrackerConfig::default(),
+        }
+    }
+
+    /// Whether the lazy tracker takes `PAGE_ALREADY_ACCEPTED` as a private page (false for
+    /// Linux, which panics).
+    pub fn already_accepted_is_private(self) -> bool {
+        self != GuestPolicy::Linux
+    }
+
+    /// Whether the guest runs with SEPT_VE_DISABLE (no #VE on pending pages): Linux refuses to
+    /// boot without it.
+    pub fn sept_ve_disable(self) -> bool {
+        self == GuestPolicy::Linux
     }
 }
 
@@ -693,7 +727,7 @@ fn run_inner(
     }
     let wall = Instant::now();
     let mut host_config = HostConfig::new(config.memory, config.vcpus);
-    host_config.module.pending_ve = config.pending_ve;
+    host_config.module.pending_ve = config.pending_ve && !config.guest.sept_ve_disable();
     host_config.module.max_accept_level = config.max_accept_level;
     host_config.mmu = config.host.mmu_policy();
     if config.sabotage == Some(sabotage::Sabotage::IgnoreSplit) {
@@ -724,16 +758,15 @@ fn run_inner(
 
     // Kernel side: the engine objects every vCPU shares.
     let acceptor = Acceptor::new(gpaw, config.guest.accept_policy());
-    let converter = Converter::new(gpaw, ConvertPolicy::default());
+    let converter = Converter::new(gpaw, config.guest.convert_policy());
     let units = table.as_ref().map_or(0, |t| t.units());
     let words: Vec<AtomicU64> = (0..words_needed(units).max(1))
         .map(|_| AtomicU64::new(0))
         .collect();
     let inflight: Vec<AtomicU64> = (0..config.vcpus).map(|_| AtomicU64::new(0)).collect();
+    let tracker_config = config.guest.tracker_config();
     let tracker = match &table {
-        Some(t) => {
-            LazyTracker::from_table(&acceptor, t, &words, &inflight, TrackerConfig::default())
-        }
+        Some(t) => LazyTracker::from_table(&acceptor, t, &words, &inflight, tracker_config),
         None => LazyTracker::new(
             &acceptor,
             eager_end,
@@ -741,10 +774,11 @@ fn run_inner(
             0,
             &words,
             &inflight,
-            TrackerConfig::default(),
+            tracker_config,
         ),
     }
-    .map_err(|e| SimError::Config(format!("tracker: {e}")))?;
+    .map_err(|e| SimError::Config(format!("tracker: {e}")))?
+    .already_accepted_is_private(config.guest.already_accepted_is_private());
 
     let td = SimTd {
         host,

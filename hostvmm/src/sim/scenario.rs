@@ -469,6 +469,13 @@ impl<'p, 'g> Plan<'p, 'g> {
                 break;
             };
             let gpa = b * M2 + v.rng().below(512) * K4;
+            if td.config().guest.sept_ve_disable() {
+                // A guest that runs without #VE on pending pages (Linux) accepts on allocation.
+                let mut hooks = v.hooks();
+                g.tracker
+                    .accept_range(v.id(), v, &mut hooks, b * M2, (b + 1) * M2)
+                    .map_err(|e| format!("accept before use: {e}"))?;
+            }
             Self::write_and_check(v, gpa)?;
             if let Ok(r) = GpaRange::from_len(b * M2, M2) {
                 td.check_range(r);

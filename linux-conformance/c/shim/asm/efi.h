@@ -1,0 +1,6 @@
+/* SPDX-License-Identifier: Apache-2.0 OR MIT */
+/* tdmem linux-conformance shim header: stands in for the kernel header of this name with the
+ * few declarations the compiled files use, written for user space. */
+#pragma once
+/* The x86 EFI unit: one bit per 2 MiB. */
+#define EFI_UNACCEPTED_UNIT_SIZE PMD_SIZE
