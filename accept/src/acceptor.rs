@@ -243,6 +243,30 @@ fn bump(counter: &AtomicU64) {
 }
 
 /// Accepts GPA ranges through a [`Tdcall`]. Shareable across vCPUs.
+///
+/// # Examples
+///
+/// A module that accepts at most 2 MiB (every 1.5 release) and a host that mapped one 2 MiB
+/// range at 4 KiB: the engine learns the cap from one refused 1 GiB call and falls back to 4 KiB
+/// for that chunk only.
+///
+/// ```
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::{GpaRange, Gpaw, PageLevel};
+///
+/// let mut module = FakeModule::new().with_host_4k(0x4020_0000);
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// acceptor.accept_range(&mut module, GpaRange::new(0x4000_0000, 0x8000_0000)?)?;
+///
+/// assert_eq!(acceptor.level_cap(), PageLevel::Size2M);
+/// let stats = acceptor.stats();
+/// assert_eq!(stats.level(PageLevel::Size1G).calls, 1);
+/// assert_eq!(stats.level(PageLevel::Size2M).accepted, 511);
+/// assert_eq!(stats.level(PageLevel::Size4K).accepted, 512);
+/// assert_eq!(module.accepted_bytes(), 1 << 30);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Acceptor {
     gpaw: Gpaw,
     policy: AcceptPolicy,

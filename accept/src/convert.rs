@@ -203,6 +203,12 @@ pub struct HookError(pub i32);
 /// What the embedder does around a conversion: its caches, page tables and TLB. The order of
 /// the calls is Linux's (see the module docs).
 pub trait ConvertHooks {
+    /// The embedder's own error for a page-table change it could not make (a kernel's error
+    /// type; [`HookError`] carries a C-style code; `core::convert::Infallible` for hooks that
+    /// cannot fail). A failed conversion carries it in [`ConvertCause::PageTable`], and may
+    /// report it twice (first cause and rollback), hence `Clone`.
+    type Error: Clone + fmt::Debug;
+
     /// Writes back and invalidates the caches for `range` through its current (private)
     /// mapping, before a private -> shared change (Linux: `cpa_flush()` with
     /// `enc_cache_flush_required()`, CLFLUSH per line or WBINVD). A kernel must do it: TDX
@@ -218,9 +224,12 @@ pub trait ConvertHooks {
     ///
     /// # Errors
     /// The embedder's error; the conversion then reports it.
-    fn set_visibility(&mut self, range: GpaRange, to: Visibility) -> Result<(), HookError>;
+    fn set_visibility(&mut self, range: GpaRange, to: Visibility) -> Result<(), Self::Error>;
 
-    /// Flushes the TLB (and, where the platform needs it, caches) for `range`.
+    /// Flushes the TLB for `range` on every CPU that may hold a translation of it: a TLB
+    /// shootdown (Linux: `flush_tlb_kernel_range()` from `cpa_flush()`), not only this CPU's.
+    /// When it returns, no CPU may reach the range through the mapping `set_visibility`
+    /// replaced.
     fn flush_tlb(&mut self, range: GpaRange);
 }
 
@@ -325,24 +334,24 @@ impl RangeStates {
     }
 }
 
-/// Which step of a conversion failed.
+/// Which step of a conversion failed. `E` is the hooks' error ([`ConvertHooks::Error`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvertCause {
+pub enum ConvertCause<E = HookError> {
     /// The range was refused before anything was done.
     InvalidRange(AddrError),
-    /// The page-table hook failed.
-    PageTable(HookError),
+    /// The page-table hook failed, with the embedder's error.
+    PageTable(E),
     /// The MapGPA loop failed.
     MapGpa(MapGpaError),
     /// Accepting the range (shared -> private) failed.
     Accept(AcceptError),
 }
 
-impl fmt::Display for ConvertCause {
+impl<E: fmt::Display> fmt::Display for ConvertCause<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConvertCause::InvalidRange(e) => write!(f, "invalid range: {e}"),
-            ConvertCause::PageTable(e) => write!(f, "page-table change failed ({})", e.0),
+            ConvertCause::PageTable(e) => write!(f, "page-table change failed: {e}"),
             ConvertCause::MapGpa(e) => write!(f, "{e}"),
             ConvertCause::Accept(e) => write!(f, "{e}"),
         }
@@ -351,7 +360,7 @@ impl fmt::Display for ConvertCause {
 
 /// What happened to the rollback of a failed conversion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rollback {
+pub enum Rollback<E = HookError> {
     /// Nothing had changed; nothing to undo.
     NotNeeded,
     /// The policy turned rollback off.
@@ -359,25 +368,26 @@ pub enum Rollback {
     /// The range is back in its original visibility.
     Complete,
     /// The rollback itself failed; the states are what could be established.
-    Failed(ConvertCause),
+    Failed(ConvertCause<E>),
 }
 
-/// A failed conversion: the first cause, what the rollback did, and the resulting states.
+/// A failed conversion: the first cause, what the rollback did, and the resulting states. `E`
+/// is the hooks' error ([`ConvertHooks::Error`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvertFailure {
+pub struct ConvertFailure<E = HookError> {
     /// The range asked for.
     pub range: GpaRange,
     /// The visibility asked for.
     pub to: Visibility,
     /// The first failure.
-    pub cause: ConvertCause,
+    pub cause: ConvertCause<E>,
     /// What rollback did.
-    pub rollback: Rollback,
+    pub rollback: Rollback<E>,
     /// The state of every part of the range now.
     pub states: RangeStates,
 }
 
-impl fmt::Display for ConvertFailure {
+impl<E: fmt::Display + fmt::Debug> fmt::Display for ConvertFailure<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -403,6 +413,53 @@ pub struct ConvertStats {
 }
 
 /// Runs MapGPA loops and conversions for one TD. Shareable across vCPUs.
+///
+/// # Examples
+///
+/// A bounce buffer goes shared and comes back private. The hooks are the kernel's page tables;
+/// this one only records what it was asked.
+///
+/// ```
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::convert::{ConvertHooks, ConvertPolicy, Converter, HookError, Visibility};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::{Gpa, GpaRange, Gpaw};
+///
+/// #[derive(Default)]
+/// struct PageTables {
+///     shared: Vec<GpaRange>,
+/// }
+///
+/// impl ConvertHooks for PageTables {
+///     type Error = HookError;
+///     fn flush_caches(&mut self, _range: GpaRange) { /* CLFLUSH each line, or WBINVD */ }
+///     fn set_visibility(&mut self, range: GpaRange, to: Visibility) -> Result<(), HookError> {
+///         match to {
+///             Visibility::Shared => self.shared.push(range),
+///             Visibility::Private => self.shared.retain(|r| *r != range),
+///         }
+///         Ok(())
+///     }
+///     fn flush_tlb(&mut self, _range: GpaRange) { /* shoot down every CPU's TLB */ }
+/// }
+///
+/// let mut module = FakeModule::new();
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// let converter = Converter::new(Gpaw::Bits48, ConvertPolicy::default());
+/// let buffer = GpaRange::new(0x10_0000, 0x10_4000)?;
+/// acceptor.accept_range(&mut module, buffer)?;
+///
+/// let mut pt = PageTables::default();
+/// converter.convert(&mut module, &acceptor, buffer, Visibility::Shared, &mut pt)?;
+/// assert!(module.is_shared(Gpa::try_new(0x10_1000)?));
+/// assert_eq!(pt.shared, [buffer]);
+///
+/// converter.convert(&mut module, &acceptor, buffer, Visibility::Private, &mut pt)?;
+/// assert!(module.is_accepted(Gpa::try_new(0x10_1000)?));
+/// assert!(pt.shared.is_empty());
+/// assert_eq!(converter.stats().conversions, 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Converter {
     gpaw: Gpaw,
     policy: ConvertPolicy,
@@ -534,6 +591,28 @@ impl Converter {
     /// Converts `range` to `to`: page tables, TLB, MapGPA and (to private) ACCEPT, in Linux's
     /// order, rolling back on failure.
     ///
+    /// # Contract
+    ///
+    /// The engine never reads or writes the range itself; it changes who can see it. What the
+    /// caller guarantees, which the engine cannot check:
+    ///
+    /// - **Ownership.** Nothing else uses the range during the call: no other CPU reads or
+    ///   writes it, no device DMAs to it, no other conversion or lazy acceptance covers it
+    ///   (for memory the lazy tracker covers, call `LazyTracker::prepare_conversion` first).
+    /// - **Private -> shared exposes.** Afterwards the host can read and write the range. Put
+    ///   nothing there that the host must not see, and treat what is read back as host input.
+    /// - **Shared -> private erases.** ACCEPT zeroes every page the host converted; no
+    ///   reference may rely on the range's old content.
+    /// - **Mappings.** The hooks switch every mapping of the range the kernel has (the direct
+    ///   map and any alias), flush caches before a private -> shared change, and shoot down
+    ///   the TLB on every CPU ([`ConvertHooks::flush_tlb`]).
+    /// - **After a failure** only the parts [`ConvertFailure::states`] reports `Original` may be
+    ///   used as before; `Restored` parts are zeroed; `HostConverted` and `Unknown` parts must
+    ///   not be used until a later conversion settles them.
+    ///
+    /// A kernel exposing this to its own code should do so as an `unsafe fn` with these
+    /// points as its `# Safety` section (asterinas ostd's `unprotect_gpa_range` is one).
+    ///
     /// # Errors
     /// [`ConvertFailure`] with the first cause, the rollback outcome and the resulting states.
     pub fn convert<T: Tdcall + ?Sized, H: ConvertHooks + ?Sized>(
@@ -543,7 +622,7 @@ impl Converter {
         range: GpaRange,
         to: Visibility,
         hooks: &mut H,
-    ) -> Result<(), ConvertFailure> {
+    ) -> Result<(), ConvertFailure<H::Error>> {
         let result = match self.check_range(range) {
             Err(e) => Err(ConvertFailure {
                 range,
@@ -560,7 +639,7 @@ impl Converter {
         match &result {
             Ok(()) => self.conversions.fetch_add(1, Ordering::Relaxed),
             Err(f) => {
-                if f.rollback == Rollback::Complete {
+                if matches!(f.rollback, Rollback::Complete) {
                     self.rollbacks.fetch_add(1, Ordering::Relaxed);
                 }
                 self.failures.fetch_add(1, Ordering::Relaxed)
@@ -575,7 +654,7 @@ impl Converter {
         acceptor: &Acceptor,
         range: GpaRange,
         hooks: &mut H,
-    ) -> Result<(), ConvertFailure> {
+    ) -> Result<(), ConvertFailure<H::Error>> {
         let to = Visibility::Shared;
         let failure = |cause, rollback, states| ConvertFailure {
             range,
@@ -666,7 +745,7 @@ impl Converter {
         acceptor: &Acceptor,
         range: GpaRange,
         hooks: &mut H,
-    ) -> Result<(), ConvertFailure> {
+    ) -> Result<(), ConvertFailure<H::Error>> {
         let to = Visibility::Private;
         let failure = |cause, rollback, states| ConvertFailure {
             range,
@@ -754,13 +833,13 @@ impl Converter {
                     }
                 }
             } else {
-                rollback_err.get_or_insert(cause);
+                rollback_err.get_or_insert(cause.clone());
                 states.push(rest, RangeState::Unknown);
             }
         }
         let rollback = match rollback_err {
             None if !seen.overflowed => Rollback::Complete,
-            None => Rollback::Failed(cause),
+            None => Rollback::Failed(cause.clone()),
             Some(c) => Rollback::Failed(c),
         };
         Err(failure(cause, rollback, states))
@@ -910,6 +989,7 @@ mod tests {
     }
 
     impl ConvertHooks for Hooks {
+        type Error = HookError;
         fn set_visibility(&mut self, range: GpaRange, to: Visibility) -> Result<(), HookError> {
             if self.fail == Some(to) {
                 return Err(HookError(-12));
@@ -1497,6 +1577,7 @@ mod tests {
     fn to_shared_flushes_caches_before_the_page_tables() {
         struct Order(Vec<&'static str>);
         impl ConvertHooks for Order {
+            type Error = HookError;
             fn flush_caches(&mut self, _: GpaRange) {
                 self.0.push("caches");
             }

@@ -53,7 +53,7 @@ impl fmt::Display for HookError {
 
 impl Error for HookError {}
 
-impl Error for ConvertCause {
+impl<E: Error + 'static> Error for ConvertCause<E> {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
             ConvertCause::InvalidRange(e) => Some(e),
@@ -64,7 +64,7 @@ impl Error for ConvertCause {
     }
 }
 
-impl Error for ConvertFailure {
+impl<E: Error + 'static> Error for ConvertFailure<E> {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         Some(&self.cause)
     }
@@ -111,26 +111,26 @@ impl From<AddrError> for MapGpaErrorKind {
     }
 }
 
-impl From<AddrError> for ConvertCause {
-    fn from(e: AddrError) -> ConvertCause {
+impl<E> From<AddrError> for ConvertCause<E> {
+    fn from(e: AddrError) -> ConvertCause<E> {
         ConvertCause::InvalidRange(e)
     }
 }
 
-impl From<HookError> for ConvertCause {
-    fn from(e: HookError) -> ConvertCause {
+impl From<HookError> for ConvertCause<HookError> {
+    fn from(e: HookError) -> ConvertCause<HookError> {
         ConvertCause::PageTable(e)
     }
 }
 
-impl From<MapGpaError> for ConvertCause {
-    fn from(e: MapGpaError) -> ConvertCause {
+impl<E> From<MapGpaError> for ConvertCause<E> {
+    fn from(e: MapGpaError) -> ConvertCause<E> {
         ConvertCause::MapGpa(e)
     }
 }
 
-impl From<AcceptError> for ConvertCause {
-    fn from(e: AcceptError) -> ConvertCause {
+impl<E> From<AcceptError> for ConvertCause<E> {
+    fn from(e: AcceptError) -> ConvertCause<E> {
         ConvertCause::Accept(e)
     }
 }
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn cause_chain_is_walkable() {
-        let cause = ConvertCause::from(AcceptError::from(AddrError::Overflow));
+        let cause: ConvertCause = ConvertCause::from(AcceptError::from(AddrError::Overflow));
         let first = cause.source().expect("accept error");
         let second = first.source().expect("address error");
         assert_eq!(second.to_string(), AddrError::Overflow.to_string());
@@ -195,5 +195,67 @@ mod tests {
     fn tracker_error_wraps_table_error() {
         let e: TrackerError = TableError::Overflow.into();
         assert!(e.source().is_some());
+    }
+
+    /// A kernel's own error type travels through a failed conversion unchanged, and `?` takes
+    /// the failure up to `Box<dyn Error>`.
+    #[test]
+    fn a_kernel_error_type_reaches_the_caller() {
+        use crate::acceptor::{AcceptPolicy, Acceptor};
+        use crate::convert::{ConvertHooks, ConvertPolicy, Converter, Rollback, Visibility};
+        use crate::testing::FakeModule;
+        use crate::{GpaRange, Gpaw};
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum PteError {
+            NoMemory { level: u8 },
+        }
+        impl fmt::Display for PteError {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "out of page-table memory at level {}",
+                    match self {
+                        PteError::NoMemory { level } => level,
+                    }
+                )
+            }
+        }
+        impl Error for PteError {}
+
+        struct Kernel;
+        impl ConvertHooks for Kernel {
+            type Error = PteError;
+            fn set_visibility(&mut self, _: GpaRange, _: Visibility) -> Result<(), PteError> {
+                Err(PteError::NoMemory { level: 2 })
+            }
+            fn flush_tlb(&mut self, _: GpaRange) {}
+        }
+
+        let converter = Converter::new(Gpaw::Bits48, ConvertPolicy::default());
+        let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+        let mut tdcall = FakeModule::new();
+        let range = GpaRange::new(0x20_0000, 0x20_1000).unwrap();
+        let f = converter
+            .convert(
+                &mut tdcall,
+                &acceptor,
+                range,
+                Visibility::Shared,
+                &mut Kernel,
+            )
+            .unwrap_err();
+        assert_eq!(
+            f.cause,
+            ConvertCause::PageTable(PteError::NoMemory { level: 2 })
+        );
+        assert_eq!(f.rollback, Rollback::NotNeeded);
+        let boxed: Box<dyn Error> = Box::new(f);
+        let source = boxed
+            .source()
+            .expect("the cause")
+            .source()
+            .expect("the kernel's error");
+        assert_eq!(source.to_string(), "out of page-table memory at level 2");
     }
 }

@@ -160,13 +160,20 @@ impl StateWord for AtomicU64 {
 }
 
 /// What the tracker needs from the vCPU it runs on.
+///
+/// A kernel implements it with its own interrupt guard: asterinas ostd's `disable_local()`
+/// returns a `DisabledLocalIrqGuard`, a kernel on the `x86_64` crate can save RFLAGS, `cli`, and
+/// restore RFLAGS when its guard drops.
 pub trait CpuHooks {
-    /// Masks interrupts on this vCPU and returns what [`CpuHooks::restore_interrupts`] needs to
-    /// undo it (e.g. RFLAGS). Called before claiming a unit: an interrupt handler on this vCPU
-    /// must not find a unit this vCPU claimed but has not finished, or it would wait for itself.
-    fn mask_interrupts(&mut self) -> u64;
-    /// Undoes one [`CpuHooks::mask_interrupts`].
-    fn restore_interrupts(&mut self, saved: u64);
+    /// Keeps this vCPU's interrupts masked until it is dropped (dropping restores the state
+    /// found, so guards nest).
+    type IrqGuard;
+
+    /// Masks interrupts on this vCPU until the guard drops. The tracker holds the guard while
+    /// this vCPU owns a unit it claimed: an interrupt handler on this vCPU must not find such a
+    /// unit, or it would wait for itself.
+    fn mask_interrupts(&mut self) -> Self::IrqGuard;
+
     /// One step of waiting for another vCPU (PAUSE by default).
     fn relax(&mut self) {
         core::hint::spin_loop();
@@ -179,18 +186,14 @@ pub trait CpuHooks {
 pub struct NoInterrupts;
 
 impl CpuHooks for NoInterrupts {
-    fn mask_interrupts(&mut self) -> u64 {
-        0
-    }
-    fn restore_interrupts(&mut self, _saved: u64) {}
+    type IrqGuard = ();
+    fn mask_interrupts(&mut self) {}
 }
 
 impl<H: CpuHooks + ?Sized> CpuHooks for &mut H {
-    fn mask_interrupts(&mut self) -> u64 {
+    type IrqGuard = H::IrqGuard;
+    fn mask_interrupts(&mut self) -> H::IrqGuard {
         (**self).mask_interrupts()
-    }
-    fn restore_interrupts(&mut self, saved: u64) {
-        (**self).restore_interrupts(saved)
     }
     fn relax(&mut self) {
         (**self).relax()
@@ -302,6 +305,41 @@ pub struct TrackerStats {
 
 /// The lazy-accept tracker. `Sync`: every vCPU shares one, each with its own [`Tdcall`], hooks
 /// and vCPU index.
+///
+/// # Examples
+///
+/// Four 2 MiB units above 1 GiB, all unaccepted; an allocation of 8 KiB in the second unit
+/// accepts that unit only, once.
+///
+/// ```
+/// use core::sync::atomic::AtomicU64;
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::tracker::{
+///     words_needed, LazyTracker, NoInterrupts, TrackerConfig, UnitState,
+/// };
+/// use tdmem_accept::Gpaw;
+///
+/// const UNIT: u64 = 2 << 20;
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// // Storage the tracker borrows for its lifetime: static or allocated once in a kernel.
+/// let words: Vec<AtomicU64> = (0..words_needed(4)).map(|_| AtomicU64::new(0)).collect();
+/// let slots = [AtomicU64::new(0)]; // one per vCPU
+/// let tracker =
+///     LazyTracker::new(&acceptor, 1 << 30, UNIT, 4, &words, &slots, TrackerConfig::default())?;
+/// (0..4).for_each(|u| tracker.mark_unaccepted(u));
+///
+/// let mut module = FakeModule::new();
+/// let start = (1 << 30) + UNIT + 0x1000;
+/// tracker.accept_range(0, &mut module, &mut NoInterrupts, start, start + 0x2000)?;
+/// tracker.accept_range(0, &mut module, &mut NoInterrupts, start, start + 0x2000)?;
+///
+/// assert_eq!(tracker.unit_state(1), UnitState::Accepted);
+/// assert_eq!(tracker.unit_state(2), UnitState::Unaccepted);
+/// assert_eq!(module.accept_calls().count(), 1, "one 2 MiB ACCEPT, once");
+/// assert_eq!(tracker.remaining_bytes(), 3 * UNIT);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct LazyTracker<'a, W: StateWord = AtomicU64> {
     acceptor: &'a Acceptor,
     phys_base: u64,
@@ -678,7 +716,7 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
                     })
                 }
                 UnitState::Unaccepted => {
-                    let saved = hooks.mask_interrupts();
+                    let irq = hooks.mask_interrupts();
                     if self.transition(unit, UnitState::Unaccepted, UnitState::Accepting) {
                         let mut end = next;
                         while end < past
@@ -692,10 +730,10 @@ impl<'a, W: StateWord> LazyTracker<'a, W> {
                         let outer = slot.swap(slot_value(unit, end - unit), Ordering::Relaxed);
                         let result = self.accept_claimed(tdcall, unit, end);
                         slot.store(outer, Ordering::Relaxed);
-                        hooks.restore_interrupts(saved);
+                        drop(irq);
                         return result.map(|()| end);
                     }
-                    hooks.restore_interrupts(saved);
+                    drop(irq);
                 }
                 UnitState::Accepting => {
                     if slot_holds(slot.load(Ordering::Relaxed), unit) {
@@ -1188,10 +1226,8 @@ pub(crate) mod tests {
         };
         struct Count(u64);
         impl CpuHooks for Count {
-            fn mask_interrupts(&mut self) -> u64 {
-                0
-            }
-            fn restore_interrupts(&mut self, _: u64) {}
+            type IrqGuard = ();
+            fn mask_interrupts(&mut self) {}
             fn relax(&mut self) {
                 self.0 += 1;
             }
@@ -1212,17 +1248,20 @@ pub(crate) mod tests {
     /// Interrupts are masked exactly while a unit is claimed.
     #[test]
     fn claim_is_inside_the_masked_section() {
+        struct Unmask<'x>(&'x core::cell::Cell<u32>);
+        impl Drop for Unmask<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
         struct Irq<'x> {
             masked: &'x core::cell::Cell<u32>,
         }
-        impl CpuHooks for Irq<'_> {
-            fn mask_interrupts(&mut self) -> u64 {
+        impl<'x> CpuHooks for Irq<'x> {
+            type IrqGuard = Unmask<'x>;
+            fn mask_interrupts(&mut self) -> Unmask<'x> {
                 self.masked.set(self.masked.get() + 1);
-                7
-            }
-            fn restore_interrupts(&mut self, saved: u64) {
-                assert_eq!(saved, 7);
-                self.masked.set(self.masked.get() - 1);
+                Unmask(self.masked)
             }
         }
         let masked = core::cell::Cell::new(0);
@@ -1278,10 +1317,8 @@ pub(crate) mod tests {
                             let len = (rng >> 32) % (8 * M2) + 1;
                             struct Yield;
                             impl CpuHooks for Yield {
-                                fn mask_interrupts(&mut self) -> u64 {
-                                    0
-                                }
-                                fn restore_interrupts(&mut self, _: u64) {}
+                                type IrqGuard = ();
+                                fn mask_interrupts(&mut self) {}
                                 fn relax(&mut self) {
                                     std::thread::yield_now();
                                 }
@@ -1335,10 +1372,8 @@ mod model {
 
     struct Yield;
     impl CpuHooks for Yield {
-        fn mask_interrupts(&mut self) -> u64 {
-            0
-        }
-        fn restore_interrupts(&mut self, _: u64) {}
+        type IrqGuard = ();
+        fn mask_interrupts(&mut self) {}
         fn relax(&mut self) {
             shuttle::thread::yield_now();
         }

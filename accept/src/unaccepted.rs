@@ -520,6 +520,28 @@ impl<'b> TableBuilder<'b> {
 /// Builds a table for `ranges` (sized by [`TableLayout::for_ranges`]) into `buf`, passing what
 /// must be accepted at once to `accept_now`. Returns the table length.
 ///
+/// # Examples
+///
+/// Firmware leaves `[1 GiB, 1 GiB + 10 MiB + 4 KiB)` to the kernel in 2 MiB units: the 4 KiB
+/// tail is not a whole unit and must be accepted now; the kernel reads the rest back.
+///
+/// ```
+/// use tdmem_accept::unaccepted::{build_table, UnacceptedTable};
+/// use tdmem_accept::GpaRange;
+///
+/// let lazy = [GpaRange::new(1 << 30, (1 << 30) + (10 << 20) + 0x1000)?];
+/// let mut buf = [0u8; 64];
+/// let mut now = Vec::new();
+/// let len = build_table(&mut buf, &lazy, 2 << 20, |r| now.push(r))?;
+/// assert_eq!(now, [GpaRange::new((1 << 30) + (10 << 20), (1 << 30) + (10 << 20) + 0x1000)?]);
+///
+/// let table = UnacceptedTable::parse(&buf[..len])?;
+/// assert_eq!(table.unaccepted_bytes(), 10 << 20);
+/// assert!(table.is_unaccepted((1 << 30) + (3 << 20)));
+/// assert!(!table.is_unaccepted(0));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// As [`TableLayout::for_ranges`], [`TableBuilder::new`] and [`TableBuilder::add_range`].
 pub fn build_table(

@@ -136,6 +136,46 @@ pub enum VeVerdict {
 
 /// Handles one #VE: reads VE info, then decides (see the module documentation).
 ///
+/// # Examples
+///
+/// The host mapped a page PENDING and the guest touched it before accepting: the module raises
+/// #VE, and the handler accepts the unit the access needs.
+///
+/// ```
+/// use core::sync::atomic::AtomicU64;
+/// use tdmem_accept::abi::VeInfo;
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::tracker::{words_needed, LazyTracker, NoInterrupts, TrackerConfig};
+/// use tdmem_accept::ve::{handle_ve, VeCpuState, VeVerdict};
+/// use tdmem_accept::Gpaw;
+///
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// let words: Vec<AtomicU64> = (0..words_needed(8)).map(|_| AtomicU64::new(0)).collect();
+/// let slots = [AtomicU64::new(0)];
+/// let tracker =
+///     LazyTracker::new(&acceptor, 0, 2 << 20, 8, &words, &slots, TrackerConfig::default())?;
+/// tracker.mark_unaccepted(3);
+///
+/// let mut module = FakeModule::new();
+/// module.inject_ve(VeInfo {
+///     exit_reason: 48, // EPT violation
+///     exit_qualification: 0,
+///     gla: 0,
+///     gpa: 3 * (2 << 20) + 0x5008,
+///     instruction_length: 0,
+///     instruction_info: 0,
+/// });
+/// // In the #VE entry, with interrupts masked: this vCPU's slot 0 and its #VE memory.
+/// let mut cpu = VeCpuState::new();
+/// match handle_ve(0, &mut cpu, &mut module, &mut NoInterrupts, &tracker) {
+///     VeVerdict::Handled { unit, .. } => assert_eq!(unit, 3), // return; the access retries
+///     other => panic!("{other:?}"),
+/// }
+/// assert_eq!(tracker.remaining_bytes(), 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// `vcpu` is this vCPU's in-flight slot index in `tracker` and `cpu` its #VE memory; `hooks` are
 /// usually [`crate::tracker::NoInterrupts`], as exception entry runs with interrupts masked.
 pub fn handle_ve<T, H, W>(

@@ -14,12 +14,12 @@
 use core::fmt;
 use core::mem::size_of;
 
-use accept::abi::{AddrError, GpaRange};
 use scroll::Pread;
 use td_shim_interface::td_uefi_pi::pi::hob::{
     Header, ResourceDescription, HOB_TYPE_END_OF_HOB_LIST, HOB_TYPE_HANDOFF,
     HOB_TYPE_RESOURCE_DESCRIPTOR, RESOURCE_MEMORY_UNACCEPTED, RESOURCE_SYSTEM_MEMORY,
 };
+use tdmem_accept::abi::{AddrError, GpaRange};
 
 /// Generic HOB header length.
 pub const HEADER_LEN: usize = size_of::<Header>();

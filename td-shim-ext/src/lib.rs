@@ -3,7 +3,7 @@
 //! - [`hob`]: a bounded walk over a TD HOB list with the layouts of the published
 //!   `td-shim-interface` crate, yielding memory resource descriptors.
 //! - [`plan`]: a [`BootPlan`] from the HOB list (or a plain list of unaccepted ranges): what the
-//!   firmware accepts eagerly (handed to [`accept::parallel::BootJob`], which shares it across
+//!   firmware accepts eagerly (handed to [`tdmem_accept::parallel::BootJob`], which shares it across
 //!   vCPUs largest pages first), what the Linux-compatible unaccepted table records for the
 //!   kernel, and where that table goes in accepted memory.
 //!
@@ -29,6 +29,7 @@
 #[cfg(test)]
 extern crate std;
 
+mod error;
 pub mod hob;
 pub mod plan;
 

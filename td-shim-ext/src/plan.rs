@@ -12,7 +12,7 @@
 //!    unit-aligned body shorter than two units, which the stub would accept again (its
 //!    `< 2 * unit_size` rule) while its bit stays set, so that the kernel's first lazy
 //!    acceptance of it gets `PAGE_ALREADY_ACCEPTED` and panics. The eager list feeds
-//!    [`accept::parallel::BootJob`]: vCPUs share its 2M/1G chunks through one atomic cursor,
+//!    [`tdmem_accept::parallel::BootJob`]: vCPUs share its 2M/1G chunks through one atomic cursor,
 //!    each chunk accepted at the largest level the module and the host allow.
 //! 2. **Lazy**: the unit-aligned bodies of at least two units, one bit per unit in the table.
 //! 3. **Table placement**: the table must live in memory that is accepted before the kernel
@@ -20,7 +20,7 @@
 //!    [`PlanConfig::table_below`] inside eagerly accepted memory or already-accepted system
 //!    memory, clear of [`PlanConfig::reserved`] (firmware, payload, HOB list). The firmware
 //!    records it as `EfiACPIReclaimMemory` ([`BootPlan::table_allocation`]) and publishes its
-//!    GPA under [`accept::unaccepted::UNACCEPTED_TABLE_GUID`].
+//!    GPA under [`tdmem_accept::unaccepted::UNACCEPTED_TABLE_GUID`].
 //!
 //! # The hand-off contract
 //!
@@ -42,11 +42,11 @@
 
 use core::fmt;
 
-use accept::abi::{GpaRange, PageLevel};
-use accept::unaccepted::{TableBuilder, TableError, TableLayout, DEFAULT_UNIT_SIZE};
 use td_shim_interface::td_uefi_pi::pi::hob::{
     Header, MemoryAllocation, MemoryAllocationHeader, HOB_TYPE_MEMORY_ALLOCATION,
 };
+use tdmem_accept::abi::{GpaRange, PageLevel};
+use tdmem_accept::unaccepted::{TableBuilder, TableError, TableLayout, DEFAULT_UNIT_SIZE};
 
 use crate::hob::{self, HobError, ResourceKind};
 
@@ -126,7 +126,7 @@ impl RangeList {
         self.iter().map(GpaRange::len).sum()
     }
 
-    /// Copies the ranges into `out` (e.g. the slice a [`accept::parallel::BootJob`] borrows),
+    /// Copies the ranges into `out` (e.g. the slice a [`tdmem_accept::parallel::BootJob`] borrows),
     /// returning how many were written.
     pub fn copy_to(&self, out: &mut [GpaRange]) -> usize {
         let mut n = 0;
@@ -239,7 +239,7 @@ pub enum PlanError {
     /// More ranges than [`MAX_RANGES`].
     TooMany,
     /// A range or configured bound is not 4K aligned / out of range.
-    Range(accept::abi::AddrError),
+    Range(tdmem_accept::abi::AddrError),
     /// `eager_below` is not a multiple of the unit size, or the unit size is bad.
     Config,
     /// The unaccepted-table layout failed.
@@ -313,6 +313,32 @@ pub struct TablePlacement {
 }
 
 /// The result: eager ranges, lazy ranges and the table's place.
+///
+/// # Examples
+///
+/// 4 GiB of unaccepted memory above 1 MiB, the first 512 MiB accepted now, the rest left to
+/// the kernel in the table the plan places in memory accepted now.
+///
+/// ```
+/// use tdmem_accept::GpaRange;
+/// use tdmem_firmware::plan::{BootPlan, PlanConfig};
+///
+/// let unaccepted = [GpaRange::new(0x10_0000, 0x1_0000_0000)?];
+/// let plan = BootPlan::new(&unaccepted, &[], &PlanConfig::default())?;
+///
+/// assert_eq!(plan.eager().bytes(), (512 << 20) - 0x10_0000);
+/// assert_eq!(plan.lazy().bytes(), (4 << 30) - (512 << 20));
+/// let table = plan.table().expect("a place for the table");
+/// assert!(table.gpa < 512 << 20, "in memory accepted at boot");
+///
+/// // Once the eager ranges are accepted, the table is written there:
+/// let mut bytes = vec![0u8; table.len as usize];
+/// let len = plan.write_table(&mut bytes)?;
+/// assert_eq!(len as u64, table.len);
+/// // ... and the kernel gets the memory map that goes with it:
+/// assert!(plan.memory_map().count() >= 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct BootPlan {
     eager: RangeList,
@@ -498,7 +524,7 @@ impl BootPlan {
                 reserved: 0,
             },
             alloc_descriptor: MemoryAllocationHeader {
-                name: accept::unaccepted::UNACCEPTED_TABLE_GUID,
+                name: tdmem_accept::unaccepted::UNACCEPTED_TABLE_GUID,
                 memory_base_address: t.gpa,
                 memory_length: t.len.next_multiple_of(PageLevel::Size4K.size()),
                 memory_type: EFI_ACPI_RECLAIM_MEMORY,
@@ -548,10 +574,10 @@ fn place(
 mod tests {
     use super::*;
     use crate::hob::build::HobWriter;
-    use accept::unaccepted::UnacceptedTable;
     use td_shim_interface::td_uefi_pi::pi::hob::{
         RESOURCE_MEMORY_UNACCEPTED, RESOURCE_SYSTEM_MEMORY,
     };
+    use tdmem_accept::unaccepted::UnacceptedTable;
 
     const K4: u64 = 4096;
     const M: u64 = 1 << 20;
@@ -784,8 +810,8 @@ mod tests {
         .unwrap();
         let mut ranges = [r(0, K4); 4];
         let n = plan.eager().copy_to(&mut ranges);
-        let progress = [accept::parallel::WorkerProgress::new()];
-        let job = accept::parallel::BootJob::new(&ranges[..n], &progress);
+        let progress = [tdmem_accept::parallel::WorkerProgress::new()];
+        let job = tdmem_accept::parallel::BootJob::new(&ranges[..n], &progress);
         // [4K, 2M) edge, 511 2M chunks, one 1G chunk, two 2M chunks.
         assert_eq!(job.edge_bytes(), 2 * M - K4);
         assert_eq!(job.total_chunks(), 511 + 1 + 2);
