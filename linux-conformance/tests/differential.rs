@@ -1078,6 +1078,7 @@ fn host_errors_fail_both() {
 struct NoPageTables;
 
 impl ConvertHooks for NoPageTables {
+    type Error = HookError;
     fn set_visibility(&mut self, _: GpaRange, _: Visibility) -> Result<(), HookError> {
         Ok(())
     }

@@ -133,6 +133,7 @@ impl Tdcall for Td {
 struct Hooks;
 
 impl ConvertHooks for Hooks {
+    type Error = HookError;
     fn set_visibility(&mut self, _range: GpaRange, _to: Visibility) -> Result<(), HookError> {
         shuttle::thread::yield_now();
         Ok(())
@@ -165,10 +166,8 @@ impl StateWord for Word {
 struct Cpu;
 
 impl CpuHooks for Cpu {
-    fn mask_interrupts(&mut self) -> u64 {
-        0
-    }
-    fn restore_interrupts(&mut self, _saved: u64) {}
+    type IrqGuard = ();
+    fn mask_interrupts(&mut self) {}
     fn relax(&mut self) {
         shuttle::thread::yield_now();
     }

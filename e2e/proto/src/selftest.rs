@@ -468,6 +468,7 @@ pub(crate) struct NoPageTables<'p, M: Machine + ?Sized> {
 }
 
 impl<M: Machine + ?Sized> ConvertHooks for NoPageTables<'_, M> {
+    type Error = HookError;
     fn set_visibility(&mut self, range: GpaRange, to: Visibility) -> Result<(), HookError> {
         // The image maps everything through one identity map and never touches the shared
         // alias, so there is no PTE to change; the hook records the step in the log.

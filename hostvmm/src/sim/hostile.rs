@@ -684,6 +684,7 @@ impl Tdcall for Vcpu<'_> {
 struct PageTables;
 
 impl ConvertHooks for PageTables {
+    type Error = HookError;
     fn set_visibility(&mut self, _range: GpaRange, _to: Visibility) -> Result<(), HookError> {
         Ok(())
     }

@@ -122,6 +122,7 @@ struct PageTables {
 }
 
 impl ConvertHooks for PageTables {
+    type Error = HookError;
     fn set_visibility(&mut self, _range: GpaRange, _to: Visibility) -> Result<(), HookError> {
         self.changes += 1;
         Ok(())

@@ -56,10 +56,8 @@ pub struct SimHooks<'a> {
 }
 
 impl CpuHooks for SimHooks<'_> {
-    fn mask_interrupts(&mut self) -> u64 {
-        0
-    }
-    fn restore_interrupts(&mut self, _saved: u64) {}
+    type IrqGuard = ();
+    fn mask_interrupts(&mut self) {}
     fn relax(&mut self) {
         self.sched.yield_now(self.id, true);
     }
