@@ -1,9 +1,13 @@
 //! ACCEPT behaviours: hostile ACCEPT statuses, and EPT-violation storms the host never maps.
 
-use super::lab::*;
-use super::verdict::*;
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use accept::abi::{PageLevel, StatusCode, TdxStatus};
+use accept::tdcall::Tdcall;
+
+use super::lab::{g, Lab};
+use super::verdict::{Stop, Verdict};
+use super::{unit_gpa, Behaviour, BUSY_TRIES, K4};
+use crate::module::EntryLockGuard;
+use crate::vmm::ExitAction;
 
 fn run_accept_size_mismatch_every_level(lab: &mut Lab<'_>) -> Verdict {
     lab.cpu.on_accept(Box::new(|_, _, level| {

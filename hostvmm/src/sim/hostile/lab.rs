@@ -2,9 +2,29 @@
 //! scripted vCPU through which a behaviour answers the engine's calls, and the host-side
 //! SEAMCALL sequences behaviours run between the guest's calls.
 
-use super::verdict::*;
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use accept::abi::{
+    page_info, vmcall, GhciStatus, Gpa, GpaRange, MapGpaOutcome, PageLevel, TdxStatus, VeInfo,
+    VpInfo,
+};
+use accept::acceptor::Acceptor;
+use accept::convert::{
+    ConvertFailure, ConvertHooks, Converter, HookError, RangeState, Rollback, Visibility,
+};
+use accept::tdcall::Tdcall;
+use accept::tracker::{LazyTracker, NoInterrupts};
+use accept::ve::{handle_ve, VeCpuState, VeVerdict};
+
+use super::verdict::{stop_of_cause, stop_of_tracker, stop_of_ve, Stop, Verdict};
+use super::{unit_gpa, BYSTANDERS, K4, LAB_EAGER_END, LAB_LAZY_ACCEPTED, MAX_ACCESS_ROUNDS};
+use crate::gmem::Shareability;
+use crate::module::{
+    Access, AccessOutcome, ExtExitQual, SeptState, TdExit, TdcallOutcome, VmcallRegs,
+};
+use crate::sim::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
+use crate::vmm::{ExitAction, Host};
 
 /// How the host answers an EPT-violation exit instead of its fault path.
 pub type ExitHook<'g> = Box<dyn FnMut(&Host, TdExit) -> ExitAction + 'g>;

@@ -1,10 +1,15 @@
 //! MapGPA behaviours: hostile RETRY resume GPAs, success answers that lie, failures midway, and
 //! conversions the host cannot serve.
 
-use super::lab::*;
-use super::verdict::*;
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use accept::abi::{GhciStatus, MapGpaOutcome, PageLevel, StatusCode};
+use accept::convert::Visibility;
+use accept::tdcall::Tdcall;
+
+use super::lab::{answer, g, range, retry, Lab, MapHook, PageTables};
+use super::verdict::{Stop, Verdict};
+use super::{
+    Behaviour, CONV, CONV_SHARED, CONV_TAIL_TOKENS, K4, LAB_MEMORY, M2, NO_PROGRESS, PRIV, SHARED,
+};
 
 /// A to-shared conversion of [`CONV`] whose first MapGPA converts the first 2 MiB chunk and
 /// answers RETRY with `resume(start)`; later calls are honest.

@@ -6,9 +6,10 @@
 //! tracked by a [`LazyTracker`] in 2 MiB units, a few of them accepted, and private tokens
 //! written into pages the guest owns), then misbehaves in one of two ways:
 //!
-//! - as the guest engine sees it: the lab's vCPU ([`Vcpu`], the engine's [`Tdcall`]) answers
-//!   some calls itself instead of the honest host (rewriting MapGPA's R10/R11, answering ACCEPT
-//!   with chosen statuses, replacing VE info), or handles EPT-violation exits by never mapping;
+//! - as the guest engine sees it: the lab's vCPU ([`Vcpu`], the engine's
+//!   [`Tdcall`](accept::tdcall::Tdcall)) answers some calls itself instead of the honest host
+//!   (rewriting MapGPA's R10/R11, answering ACCEPT with chosen statuses, replacing VE info), or
+//!   handles EPT-violation exits by never mapping;
 //! - through the host's own interfaces: direct SEAMCALLs on [`Host::module`] (BLOCK, TRACK,
 //!   REMOVE then AUG to re-add a page; DEMOTE and PROMOTE between the guest's ACCEPTs; holding an
 //!   S-EPT entry lock as a concurrent SEAMCALL would).
@@ -26,36 +27,18 @@
 //! Interleavings with the host are at call granularity (the host acts between two guest calls),
 //! which keeps every row deterministic.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::rc::Rc;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use accept::abi::{
-    page_info, vmcall, GhciStatus, Gpa, GpaRange, MapGpaOutcome, PageLevel, StatusCode, TdxStatus,
-    VeInfo, VpInfo, EXIT_REASON_EPT_VIOLATION,
-};
-use accept::acceptor::{AcceptError, AcceptPolicy, Acceptor};
-use accept::convert::{
-    ConvertCause, ConvertFailure, ConvertHooks, ConvertPolicy, Converter, HookError, MapGpaError,
-    MapGpaErrorKind, RangeState, Rollback, Visibility,
-};
-use accept::tdcall::Tdcall;
-use accept::tracker::{
-    words_needed, LazyTracker, NoInterrupts, TrackerConfig, TrackerError, UnitState,
-};
-use accept::ve::{handle_ve, VeCpuState, VeFatal, VeVerdict};
+use accept::acceptor::{AcceptPolicy, Acceptor};
+use accept::convert::{ConvertPolicy, Converter};
+use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
+use accept::ve::VeCpuState;
 
-use super::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
-use crate::gmem::Shareability;
 use crate::kvm::YieldKicker;
-use crate::module::{
-    Access, AccessOutcome, EntryLockGuard, ExtExitQual, SeptState, TdExit, TdcallOutcome,
-    VmcallRegs,
-};
-use crate::vmm::{ExitAction, Host, HostConfig, SharedBackend};
+use crate::vmm::{Host, HostConfig, SharedBackend};
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
@@ -416,10 +399,13 @@ pub fn markdown() -> String {
 
 #[cfg(test)]
 mod tests {
+    use accept::abi::PageLevel;
+
     use super::lab::{g, range};
     use super::mapgpa::{run_retry_at_start_forever, run_retry_before_start};
     use super::verdict::stop_of_accept;
     use super::*;
+    use crate::gmem::Shareability;
 
     fn behaviour(expected: Verdict, bound: u64, run: fn(&mut Lab<'_>) -> Verdict) -> Behaviour {
         Behaviour {

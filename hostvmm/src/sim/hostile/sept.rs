@@ -1,10 +1,15 @@
 //! Secure-EPT behaviours: the host removes, re-adds, demotes and promotes pages between the
 //! guest's calls.
 
-use super::lab::*;
-use super::verdict::*;
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use accept::tdcall::Tdcall;
+use std::cell::Cell;
+use std::rc::Rc;
+
+use accept::abi::PageLevel;
+
+use super::lab::{g, Lab};
+use super::verdict::{Stop, Verdict};
+use super::{unit_gpa, Behaviour, BYSTANDERS, K4, M2};
 
 fn run_remove_readd_2m(lab: &mut Lab<'_>) -> Verdict {
     let page = BYSTANDERS[3];

@@ -1,9 +1,12 @@
 //! #VE behaviours: VE info the guest engine must not trust.
 
-use super::lab::*;
-use super::verdict::*;
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use accept::abi::{StatusCode, VeInfo, EXIT_REASON_EPT_VIOLATION};
+use accept::tracker::{NoInterrupts, UnitState};
+use accept::ve::{handle_ve, VeVerdict};
+
+use super::lab::Lab;
+use super::verdict::{stop_of_ve, Stop, Verdict};
+use super::{unit_gpa, Behaviour, BYSTANDERS, SHARED};
 
 fn ept_ve(gpa: u64) -> VeInfo {
     VeInfo {

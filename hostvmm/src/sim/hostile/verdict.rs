@@ -1,7 +1,12 @@
 //! Verdicts: the guest engine's answer to a behaviour, reduced to what identifies it.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::fmt;
+
+use accept::abi::{GhciStatus, PageLevel, StatusCode};
+use accept::acceptor::AcceptError;
+use accept::convert::{ConvertCause, MapGpaError, MapGpaErrorKind};
+use accept::tracker::TrackerError;
+use accept::ve::{VeFatal, VeVerdict};
 
 /// Where and why the guest stopped: the engine's error, reduced to what identifies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +102,7 @@ pub enum Stop {
     },
     /// The host stopped the TD: an exit it would not or could not handle (KVM returns to
     /// userspace and the VMM kills the TD), or an instruction that needed more than
-    /// [`MAX_EXITS_PER_INSTRUCTION`] exits.
+    /// [`MAX_EXITS_PER_INSTRUCTION`](crate::sim::vcpu::MAX_EXITS_PER_INSTRUCTION) exits.
     Killed,
     /// #VE while VE info was valid.
     DoubleFault,
