@@ -183,7 +183,18 @@ fn smp_reports<'a>(guest_log: &'a str, host_log: &str, what: &str) -> Result<(&'
 /// What one run reported.
 struct Reports {
     guest: String,
-    counts: String,
+    /// `tdhost`'s `TDMEM-HOST-COUNTS` object.
+    counts: serde_json::Value,
+}
+
+/// The JSON object on `tdhost`'s `TDMEM-HOST-COUNTS` line.
+fn host_counts(line: &str, what: &str) -> Result<serde_json::Value> {
+    let counts: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("{what}: TDMEM-HOST-COUNTS is not JSON: {line}"))?;
+    if !counts.is_object() || counts.get("tdcalls").is_none() {
+        bail!("{what}: TDMEM-HOST-COUNTS is not tdhost's counts object: {line}");
+    }
+    Ok(counts)
 }
 
 fn reports(guest_log: &str, host_log: &str, what: &str) -> Result<Reports> {
@@ -201,7 +212,7 @@ fn reports(guest_log: &str, host_log: &str, what: &str) -> Result<Reports> {
         .with_context(|| format!("{what}: no TDMEM-HOST-COUNTS line"))?;
     Ok(Reports {
         guest: guest.to_string(),
-        counts: counts.to_string(),
+        counts: host_counts(counts, what)?,
     })
 }
 
@@ -495,7 +506,7 @@ fn tdx_qemu_args(final_bin: &Path, serial_log: &Path) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{field, line_after};
+    use super::{field, host_counts, line_after};
 
     #[test]
     fn finds_report_lines() {
@@ -505,6 +516,17 @@ mod tests {
             Some("passed=7 failed=0")
         );
         assert_eq!(line_after(log, "TDMEM-HOST-RESULT "), None);
+    }
+
+    #[test]
+    fn reads_host_counts() {
+        let counts = host_counts(r#"{"tdcalls":3,"ve_injected":1}"#, "t").expect("counts");
+        assert_eq!(counts["ve_injected"], 1);
+        // Key order does not matter when two runs are compared.
+        let same = host_counts(r#"{"ve_injected":1,"tdcalls":3}"#, "t").expect("counts");
+        assert_eq!(counts, same);
+        assert!(host_counts("tdcalls=3", "t").is_err());
+        assert!(host_counts("[1]", "t").is_err());
     }
 
     #[test]

@@ -268,6 +268,8 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    // `RUST_LOG` (e.g. `warn`) shows the host half's log records on stderr.
+    env_logger::Builder::from_default_env().init();
     let cli = Cli::parse();
     let result = match cli.cmd {
         None => run_cmd(&RunArgs::default()),
