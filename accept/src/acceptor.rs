@@ -574,42 +574,17 @@ impl Acceptor {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::abi::{MapGpaOutcome, VeInfo, VpInfo};
     use std::vec::Vec;
 
     const G: u64 = 1 << 30;
     const M2: u64 = 2 << 20;
     const K4: u64 = 4096;
 
-    /// A scripted module: answers ACCEPT by a rule and records every call.
-    pub(crate) struct Script<F: FnMut(Gpa, PageLevel) -> TdxStatus> {
-        pub rule: F,
-        pub calls: Vec<(u64, PageLevel)>,
-    }
+    use crate::testing::ScriptedAccept as Script;
 
-    impl<F: FnMut(Gpa, PageLevel) -> TdxStatus> Script<F> {
-        pub fn new(rule: F) -> Self {
-            Script {
-                rule,
-                calls: Vec::new(),
-            }
-        }
-    }
-
-    impl<F: FnMut(Gpa, PageLevel) -> TdxStatus> Tdcall for Script<F> {
-        fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
-            self.calls.push((gpa.as_u64(), level));
-            (self.rule)(gpa, level)
-        }
-        fn map_gpa(&mut self, _: u64, _: u64) -> MapGpaOutcome {
-            unreachable!("not used by the acceptor")
-        }
-        fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
-            Err(StatusCode::NoValidVeInfo.status())
-        }
-        fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
-            Err(StatusCode::OperandInvalid.status())
-        }
+    /// The ACCEPT calls of `t`, as raw GPAs.
+    fn calls<F: FnMut(Gpa, PageLevel) -> TdxStatus>(t: &Script<F>) -> Vec<(u64, PageLevel)> {
+        t.calls().iter().map(|&(g, l)| (g.as_u64(), l)).collect()
     }
 
     /// A module that caps at 2M, like every public 1.5.x module.
@@ -638,7 +613,7 @@ pub(crate) mod tests {
         let end = 2 * G + M2 + K4;
         a.accept_range(&mut t, range(start, end)).unwrap();
         assert_eq!(
-            t.calls,
+            calls(&t),
             [
                 (start, PageLevel::Size4K),
                 (G - M2, PageLevel::Size2M),
@@ -688,9 +663,9 @@ pub(crate) mod tests {
         assert_eq!(s.level(PageLevel::Size2M).size_mismatch, 1);
         assert_eq!(s.level(PageLevel::Size4K).accepted, 512);
         // Sub-pages in order, and the third chunk is tried at 2M again.
-        assert_eq!(t.calls[2], (M2, PageLevel::Size4K));
-        assert_eq!(t.calls[3], (M2 + K4, PageLevel::Size4K));
-        assert_eq!(*t.calls.last().unwrap(), (2 * M2, PageLevel::Size2M));
+        assert_eq!(calls(&t)[2], (M2, PageLevel::Size4K));
+        assert_eq!(calls(&t)[3], (M2 + K4, PageLevel::Size4K));
+        assert_eq!(*calls(&t).last().unwrap(), (2 * M2, PageLevel::Size2M));
         assert_eq!(s.bytes_accepted, 3 * M2);
     }
 
@@ -759,7 +734,7 @@ pub(crate) mod tests {
                 tries: 11
             }
         );
-        assert_eq!(t.calls.len(), 11);
+        assert_eq!(calls(&t).len(), 11);
     }
 
     #[test]
@@ -776,7 +751,7 @@ pub(crate) mod tests {
         assert_eq!(err.gpa(), Some(Gpa::new_truncate(2 * K4)));
         assert!(matches!(err, AcceptError::AlreadyAccepted { .. }));
         // It stopped there: the page after was not touched.
-        assert_eq!(t.calls.len(), 3);
+        assert_eq!(calls(&t).len(), 3);
     }
 
     #[test]
@@ -826,7 +801,7 @@ pub(crate) mod tests {
             .accept_range(&mut t, range(shared - K4, shared + K4))
             .unwrap_err();
         assert_eq!(err, AcceptError::InvalidRange(AddrError::CrossesSharedBit));
-        assert!(t.calls.is_empty());
+        assert!(calls(&t).is_empty());
         // The same range is private space for a 52-bit TD.
         let a = Acceptor::new(Gpaw::Bits52, AcceptPolicy::default());
         a.accept_range(&mut t, range(shared - K4, shared + K4))
@@ -894,8 +869,8 @@ pub(crate) mod tests {
             let a = Acceptor::new(Gpaw::Bits48, policy);
             let mut t = Script::new(|_, _| TdxStatus::SUCCESS);
             a.accept_range(&mut t, range(G - K4, 2 * G + K4)).unwrap();
-            assert!(t.calls.iter().all(|&(_, l)| l <= top), "{policy:?}");
-            assert!(t.calls.iter().any(|&(_, l)| l == top), "{policy:?}");
+            assert!(calls(&t).iter().all(|&(_, l)| l <= top), "{policy:?}");
+            assert!(calls(&t).iter().any(|&(_, l)| l == top), "{policy:?}");
         }
         // td-shim tolerates ALREADY_ACCEPTED.
         let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::TD_SHIM);
@@ -929,7 +904,7 @@ pub(crate) mod tests {
             a.accept_range(&mut t, range(start, end)).unwrap();
             let mut pages: Vec<u64> = Vec::new();
             let mut last_end = start;
-            let accepted: Vec<(u64, PageLevel)> = t.calls.iter().copied()
+            let accepted: Vec<(u64, PageLevel)> = calls(&t).iter().copied()
                 .filter(|&(gpa, level)| match level {
                     PageLevel::Size1G => false,
                     PageLevel::Size2M => !host_4k_mask[(gpa / M2) as usize % 8],

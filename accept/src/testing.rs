@@ -376,6 +376,92 @@ impl Tdcall for FakeModule {
     }
 }
 
+/// A module whose every ACCEPT answer comes from a rule, recording the calls: for tests that
+/// script the module call by call. Unlike [`FakeModule::on_accept`], the rule may borrow the
+/// test's state. MapGPA answers `TDG.VP.VMCALL_SUBFUNC_UNSUPPORTED`, VEINFO.GET
+/// `TDX_NO_VALID_VE_INFO` and TDG.VP.INFO a 48-bit GPA width.
+///
+/// # Examples
+///
+/// ```
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::testing::ScriptedAccept;
+/// use tdmem_accept::abi::operand;
+/// use tdmem_accept::{GpaRange, Gpaw, PageLevel, StatusCode, TdxStatus};
+///
+/// // BUSY twice, then success.
+/// let mut busy = 2;
+/// let mut module = ScriptedAccept::new(|_, _| {
+///     if busy > 0 {
+///         busy -= 1;
+///         StatusCode::OperandBusy.with_operand(operand::RCX)
+///     } else {
+///         TdxStatus::SUCCESS
+///     }
+/// });
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// acceptor.accept_range(&mut module, GpaRange::new(0, 0x1000)?)?;
+/// assert_eq!(module.calls().len(), 3);
+/// assert_eq!(module.calls()[2].1, PageLevel::Size4K);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ScriptedAccept<F> {
+    rule: F,
+    calls: Vec<(Gpa, PageLevel)>,
+}
+
+impl<F> fmt::Debug for ScriptedAccept<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptedAccept")
+            .field("calls", &self.calls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: FnMut(Gpa, PageLevel) -> TdxStatus> ScriptedAccept<F> {
+    /// A module answering ACCEPT with `rule`.
+    pub fn new(rule: F) -> ScriptedAccept<F> {
+        ScriptedAccept {
+            rule,
+            calls: Vec::new(),
+        }
+    }
+
+    /// The ACCEPT calls so far, in order.
+    pub fn calls(&self) -> &[(Gpa, PageLevel)] {
+        &self.calls
+    }
+}
+
+impl<F: FnMut(Gpa, PageLevel) -> TdxStatus> Tdcall for ScriptedAccept<F> {
+    fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
+        self.calls.push((gpa, level));
+        (self.rule)(gpa, level)
+    }
+
+    fn map_gpa(&mut self, _start: u64, _len: u64) -> MapGpaOutcome {
+        MapGpaOutcome {
+            tdcall: TdxStatus::SUCCESS,
+            status: GhciStatus::SubfuncUnsupported,
+            resume_gpa: 0,
+        }
+    }
+
+    fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
+        Err(StatusCode::NoValidVeInfo.status())
+    }
+
+    fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
+        Ok(VpInfo {
+            gpaw: Gpaw::Bits48,
+            attributes: 0,
+            num_vcpus: 1,
+            max_vcpus: 1,
+            vcpu_index: 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
