@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use accept::abi::PageLevel;
 use clap::{Args, Parser, Subcommand};
 use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{svg, GuestPolicy, HostPolicy, SimConfig};
+use hostvmm::sim::{svg, GuestPolicy, HostPolicy, Mode, SimConfig};
 
 #[derive(Parser)]
 #[command(
@@ -97,6 +97,10 @@ struct RunArgs {
     /// Per-mille chance of a pending interrupt at each TDCALL.
     #[arg(long, default_value_t = 20)]
     irq_per_mille: u32,
+    /// deterministic: coroutines on one thread, exact seed-reproducible counts; parallel: one
+    /// OS thread per vCPU, all running at once (real contention, counts vary).
+    #[arg(long, default_value = "deterministic")]
+    mode: String,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -127,6 +131,7 @@ impl Default for RunArgs {
             traffic: 1,
             switch_every: 4,
             irq_per_mille: 20,
+            mode: "deterministic".into(),
             json: None,
             svg: None,
             timeline: None,
@@ -157,6 +162,8 @@ fn config(a: &RunArgs) -> Result<SimConfig, String> {
         .ok_or_else(|| format!("unknown guest policy {:?}", a.guest_policy))?;
     let host = HostPolicy::from_name(&a.host_policy)
         .ok_or_else(|| format!("unknown host policy {:?}", a.host_policy))?;
+    let mode = Mode::from_name(&a.mode)
+        .ok_or_else(|| format!("mode must be deterministic or parallel, not {:?}", a.mode))?;
     let max_accept_level = match a.max_accept_level.as_str() {
         "2m" | "2M" => PageLevel::Size2M,
         "1g" | "1G" => PageLevel::Size1G,
@@ -173,6 +180,7 @@ fn config(a: &RunArgs) -> Result<SimConfig, String> {
         traffic: a.traffic,
         switch_every: a.switch_every,
         irq_per_mille: a.irq_per_mille,
+        mode,
         ..SimConfig::new(scenario)
     })
 }

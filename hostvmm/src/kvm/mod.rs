@@ -506,6 +506,14 @@ impl PrivateMmu {
         b.get_or_insert(why);
     }
 
+    /// Holds off zaps, splits and merges (KVM's MMU lock taken for read) so that a reader sees
+    /// no range in the middle of a BLOCK .. REMOVE, DEMOTE or PROMOTE sequence. Faults still
+    /// run. Lock order: take the backing's lock (if at all) before this guard, never while
+    /// holding it.
+    pub fn hold_off_zaps(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Number of 2M ranges waiting to be merged.
     pub fn merge_backlog(&self) -> usize {
         self.merge_candidates

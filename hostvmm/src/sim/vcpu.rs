@@ -18,7 +18,7 @@ use accept::tdcall::Tdcall;
 use accept::tracker::CpuHooks;
 use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
-use super::sched::{Rng, Scheduler};
+use super::sched::{Rng, Scheduler, Switch};
 use super::{SimTd, ViolationKind};
 use crate::kvm::MmuStats;
 use crate::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
@@ -48,11 +48,13 @@ pub struct VcpuStats {
 }
 
 /// The guest's CPU hooks on a simulated vCPU: masking is a no-op (the simulator delivers no
-/// asynchronous interrupt to guest code), waiting hands the baton to another vCPU.
+/// asynchronous interrupt to guest code), waiting hands over to another vCPU (deterministic
+/// mode) or yields the OS thread (parallel mode).
 #[derive(Debug)]
 pub struct SimHooks<'a> {
     sched: &'a Scheduler,
     id: usize,
+    switch: Switch<'a>,
 }
 
 impl CpuHooks for SimHooks<'_> {
@@ -61,7 +63,7 @@ impl CpuHooks for SimHooks<'_> {
     }
     fn restore_interrupts(&mut self, _saved: u64) {}
     fn relax(&mut self) {
-        self.sched.yield_now(self.id, true);
+        self.switch.point(self.sched, self.id, true);
     }
 }
 
@@ -71,6 +73,7 @@ pub struct SimVcpu<'a> {
     id: usize,
     td: &'a SimTd<'a>,
     rng: Rng,
+    switch: Switch<'a>,
     ve_state: VeCpuState,
     irq_pending: bool,
     stats: VcpuStats,
@@ -78,11 +81,12 @@ pub struct SimVcpu<'a> {
 }
 
 impl<'a> SimVcpu<'a> {
-    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64) -> SimVcpu<'a> {
+    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64, switch: Switch<'a>) -> SimVcpu<'a> {
         SimVcpu {
             id,
             td,
             rng: Rng::new(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            switch,
             ve_state: VeCpuState::new(),
             irq_pending: false,
             stats: VcpuStats::default(),
@@ -115,12 +119,18 @@ impl<'a> SimVcpu<'a> {
         SimHooks {
             sched: &self.td.sched,
             id: self.id,
+            switch: self.switch,
         }
     }
 
     /// A scheduling point.
     pub fn sched_point(&mut self) {
-        self.td.sched.yield_now(self.id, false);
+        self.switch.point(&self.td.sched, self.id, false);
+    }
+
+    /// A step of a wait loop: lets the other vCPUs run.
+    pub fn wait_point(&mut self) {
+        self.switch.point(&self.td.sched, self.id, true);
     }
 
     fn die(&mut self, why: String) {
@@ -131,6 +141,7 @@ impl<'a> SimVcpu<'a> {
 
     fn charge(&mut self, ns: u64) {
         self.stats.modelled_ns = self.stats.modelled_ns.saturating_add(ns);
+        self.td.sched.set_clock(self.id, self.stats.modelled_ns);
     }
 
     fn maybe_interrupt(&mut self) {
