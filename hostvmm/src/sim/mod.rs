@@ -22,6 +22,7 @@ pub mod report;
 pub mod sabotage;
 pub mod scenario;
 pub mod sched;
+pub mod stress;
 pub mod svg;
 pub mod vcpu;
 
@@ -169,7 +170,12 @@ pub struct SimConfig {
     pub max_accept_level: PageLevel,
     /// Per-mille chance that a vCPU has an interrupt pending at a TDCALL.
     pub irq_per_mille: u32,
-    /// A scheduling point hands over the baton with probability 1 / this.
+    /// Per-mille chance that a host interrupt is pending when the host handles an exit: the
+    /// next DEMOTE or PROMOTE answers INTERRUPTED_RESTARTABLE and the MMU retries it (benign
+    /// fault injection for stress runs).
+    pub host_irq_per_mille: u32,
+    /// A scheduling point switches to a random other vCPU with probability 1 / this
+    /// (deterministic mode).
     pub switch_every: u64,
     /// Scale of the scenario's traffic (1 = default).
     pub traffic: u32,
@@ -192,6 +198,7 @@ impl SimConfig {
             pending_ve: true,
             max_accept_level: PageLevel::Size2M,
             irq_per_mille: 20,
+            host_irq_per_mille: 0,
             switch_every: 4,
             traffic: 1,
             sabotage: None,
@@ -240,6 +247,15 @@ pub enum SimError {
     /// The deterministic scheduler could not start its coroutines.
     #[error("scheduler: {0}")]
     Stack(#[from] sched::StackError),
+}
+
+/// Marks a parallel-mode vCPU finished when dropped (also when its thread panics).
+struct Finish<'s>(&'s Scheduler, usize);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish(self.1);
+    }
 }
 
 /// KVM's kick as the simulator does it: every vCPU inside the TD exits and re-enters
@@ -827,6 +843,7 @@ fn run_inner(
     let body = |id: usize, switch: Switch<'_>| {
         let mut v = SimVcpu::new(&td, id, config.seed, switch);
         let r = plan.run_vcpu(&mut v, progress);
+        v.halt();
         if let Err(e) = r {
             if v.fatal().is_none() {
                 log::error!("vCPU {id}: {e}");
@@ -839,10 +856,14 @@ fn run_inner(
         Mode::Parallel => std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
                 .map(|id| {
-                    let body = &body;
+                    let (body, sched) = (&body, &td.sched);
                     std::thread::Builder::new()
                         .name(format!("vcpu{id}"))
-                        .spawn_scoped(scope, move || body(id, Switch::THREAD))
+                        .spawn_scoped(scope, move || {
+                            // Finished (or panicked), this vCPU no longer paces the others.
+                            let _done = Finish(sched, id);
+                            body(id, Switch::THREAD)
+                        })
                 })
                 .collect();
             handles

@@ -12,10 +12,13 @@
 //!   never reaches a scheduling point, so no host lock is ever held across a switch and no vCPU
 //!   is ever inside the TD when another one runs: TLB tracking always completes without
 //!   waiting.
-//! - **Parallel**: one OS thread per vCPU, all running at once; scheduling points do nothing
-//!   and wait loops yield the OS thread. Lock contention, BUSY answers, TRACK refusals and the
-//!   races between faults, zaps, merges and acceptance happen for real; counts are not
-//!   reproducible.
+//! - **Parallel**: one OS thread per vCPU, all running at once, no baton. Lock contention,
+//!   BUSY answers, TRACK refusals and the races between faults, zaps, merges and acceptance
+//!   happen for real; counts are not reproducible. The only coordination is on modelled time:
+//!   a vCPU more than [`QUANTUM_NS`] ahead of the slowest live vCPU yields its OS thread until
+//!   that one catches up (vCPUs in a wait loop move their clock forward instead of holding the
+//!   others back). Without it, the OS's time slicing (8 threads on 2 cores) would decide which
+//!   vCPU does the work and the modelled time would describe the host machine, not the TD.
 //!
 //! The scheduler's own bookkeeping is O(log N) per switch: a switch picks the vCPU with the
 //! smallest key from an ordered set, or a random one from a vector.
@@ -23,7 +26,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use corosensei::stack::DefaultStack;
@@ -171,6 +174,14 @@ pub struct Scheduler {
     /// A scheduling point switches at random with probability 1 / `switch_every`.
     switch_every: u64,
     switches: AtomicU64,
+    /// Parallel mode: added to each vCPU's clock to make its key (`u64::MAX` once finished).
+    lags: Vec<AtomicU64>,
+    /// Parallel mode: each vCPU may run until its key passes this without looking again.
+    limits: Vec<AtomicU64>,
+    /// Parallel mode: times a vCPU yielded its thread to let a slower one catch up.
+    paces: AtomicU64,
+    /// Parallel mode: the vCPU is in a wait loop (it holds nobody back).
+    waiting: Vec<AtomicBool>,
 }
 
 impl Scheduler {
@@ -194,7 +205,74 @@ impl Scheduler {
             clocks: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             switch_every: switch_every.max(1),
             switches: AtomicU64::new(0),
+            lags: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            limits: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            paces: AtomicU64::new(0),
+            waiting: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    fn key(&self, i: usize) -> u64 {
+        let lag = self
+            .lags
+            .get(i)
+            .map_or(u64::MAX, |l| l.load(Ordering::Relaxed));
+        self.clock(i).saturating_add(lag)
+    }
+
+    /// The smallest key of the live vCPUs other than `me` that are not in a wait loop
+    /// (`u64::MAX` when there is none).
+    fn min_other_key(&self, me: usize) -> u64 {
+        (0..self.lags.len())
+            .filter(|&i| i != me && !self.waiting[i].load(Ordering::Relaxed))
+            .map(|i| self.key(i))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// A scheduling point of `me` in parallel mode: paces `me` against the slowest live vCPU.
+    fn parallel_point(&self, me: usize, wait: bool) {
+        let key = self.key(me);
+        if let Some(w) = self.waiting.get(me) {
+            if w.load(Ordering::Relaxed) != wait {
+                w.store(wait, Ordering::Relaxed);
+            }
+        }
+        if wait {
+            // A waiting vCPU's time passes too: it must not hold back those it waits for.
+            let others = self.min_other_key(me);
+            if others != u64::MAX && others > key {
+                if let Some(l) = self.lags.get(me) {
+                    l.fetch_add(others - key, Ordering::Relaxed);
+                }
+            }
+            std::thread::yield_now();
+            return;
+        }
+        let limit = self
+            .limits
+            .get(me)
+            .map_or(u64::MAX, |l| l.load(Ordering::Relaxed));
+        if key <= limit {
+            return;
+        }
+        loop {
+            let others = self.min_other_key(me);
+            let limit = others.saturating_add(QUANTUM_NS);
+            if key <= limit {
+                if let Some(l) = self.limits.get(me) {
+                    l.store(limit, Ordering::Relaxed);
+                }
+                return;
+            }
+            self.paces.fetch_add(1, Ordering::Relaxed);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Parallel mode: times a vCPU waited for a slower one to catch up in modelled time.
+    pub fn paces(&self) -> u64 {
+        self.paces.load(Ordering::Relaxed)
     }
 
     /// The mode.
@@ -229,6 +307,7 @@ impl Scheduler {
     /// parallel mode.
     pub fn yield_point(&self, me: usize, wait: bool) -> bool {
         if self.mode == Mode::Parallel {
+            self.parallel_point(me, wait);
             return false;
         }
         let clock = self.clock(me);
@@ -262,8 +341,12 @@ impl Scheduler {
         true
     }
 
-    /// `me` is done: the vCPU furthest behind runs next, if any is live.
+    /// `me` is done: the vCPU furthest behind runs next, if any is live. In parallel mode, `me`
+    /// stops holding the others back.
     pub fn finish(&self, me: usize) {
+        if let Some(l) = self.lags.get(me) {
+            l.store(u64::MAX, Ordering::Relaxed);
+        }
         let mut s = self.lock();
         let Some(&i) = s.pos.get(me) else {
             return;
@@ -313,7 +396,7 @@ impl Switch<'_> {
     pub const THREAD: Switch<'static> = Switch(None);
 
     /// A scheduling point of vCPU `me`: in deterministic mode, suspends when `sched` says
-    /// another vCPU runs now; in parallel mode, yields the OS thread when `wait`.
+    /// another vCPU runs now; in parallel mode, paces `me` (see the module docs).
     pub fn point(&self, sched: &Scheduler, me: usize, wait: bool) {
         match self.0 {
             Some(y) => {
@@ -322,9 +405,7 @@ impl Switch<'_> {
                 }
             }
             None => {
-                if wait {
-                    std::thread::yield_now();
-                }
+                sched.yield_point(me, wait);
             }
         }
     }
@@ -476,6 +557,34 @@ mod tests {
         })
         .unwrap();
         assert!(r.iter().all(Option::is_some));
+    }
+
+    /// Parallel mode: threads of different speeds keep their modelled clocks within a quantum
+    /// (plus one step) of each other, and a finished vCPU holds nobody back.
+    #[test]
+    fn parallel_threads_are_paced_on_modelled_time() {
+        let n = 4;
+        let s = Scheduler::new(Mode::Parallel, n, 1, 4);
+        let spread = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for me in 0..n {
+                let (s, spread) = (&s, &spread);
+                scope.spawn(move || {
+                    let step = 1_000 * (me as u64 + 1);
+                    let total = if me == 0 { 1_000_000 } else { 20_000_000 };
+                    let mut clock = 0;
+                    while clock < total {
+                        clock += step;
+                        s.set_clock(me, clock);
+                        Switch::THREAD.point(s, me, false);
+                        let lo = (0..n).map(|i| s.key(i)).min().unwrap_or(0);
+                        spread.fetch_max(clock.saturating_sub(lo), Ordering::Relaxed);
+                    }
+                    s.finish(me);
+                });
+            }
+        });
+        assert!(spread.into_inner() <= QUANTUM_NS + 8_000);
     }
 
     #[test]

@@ -6,9 +6,12 @@
 //! through the emulator: FREE -> exit -> the host maps; PENDING -> #VE delivered to the guest's
 //! handler (the real `accept::ve` handler) on this vCPU, then the access retries.
 //!
-//! The vCPU is inside the TD only for the duration of one module call; guest code between
-//! calls runs "outside" (which is how a kicked vCPU behaves, and what makes TLB tracking
-//! immediate under the deterministic scheduler).
+//! In deterministic mode the vCPU is inside the TD only for the duration of one module call;
+//! guest code between calls runs "outside" (which is how a kicked vCPU behaves, and what makes
+//! TLB tracking immediate under the deterministic scheduler). In parallel mode it stays inside
+//! from its first call until an exit takes it out (EPT violation, VMCALL, the end of its
+//! program), as on hardware: a TRACK while it still runs in the previous epoch is refused, and
+//! the host kicks it.
 
 use accept::abi::{
     page_info, vmcall, GhciStatus, Gpa, MapGpaOutcome, PageLevel, StatusCode, TdxStatus, VeInfo,
@@ -123,6 +126,14 @@ impl<'a> SimVcpu<'a> {
         }
     }
 
+    /// The vCPU's program is over: it leaves the TD if it is inside.
+    pub fn halt(&mut self) {
+        let module = self.td.host.module();
+        if module.vcpu_in_td(self.id) {
+            let _ = module.vcpu_exit(self.id);
+        }
+    }
+
     /// A scheduling point.
     pub fn sched_point(&mut self) {
         self.switch.point(&self.td.sched, self.id, false);
@@ -159,8 +170,30 @@ impl<'a> SimVcpu<'a> {
         }
     }
 
+    fn stays_inside(&self) -> bool {
+        self.td.config.mode == super::Mode::Parallel
+    }
+
+    /// Waits outside the TD while the host holds the vCPUs out (a SEAMCALL that kept getting
+    /// BUSY, as KVM's `wait_for_sept_zap`). Never the case in deterministic mode, where host
+    /// code runs between guest calls.
+    fn gate(&mut self) {
+        if !self.td.host.mmu().vcpus_held_out() {
+            return;
+        }
+        self.halt();
+        while self.td.host.mmu().vcpus_held_out() {
+            self.wait_point();
+        }
+    }
+
     fn enter(&mut self) -> bool {
-        match self.td.host.module().vcpu_enter(self.id) {
+        self.gate();
+        let module = self.td.host.module();
+        if self.stays_inside() && module.vcpu_in_td(self.id) {
+            return true;
+        }
+        match module.vcpu_enter(self.id) {
             Ok(()) => true,
             Err(e) => {
                 self.die(format!("vCPU enter: {e}"));
@@ -170,6 +203,9 @@ impl<'a> SimVcpu<'a> {
     }
 
     fn leave(&mut self) {
+        if self.stays_inside() {
+            return;
+        }
         if let Err(e) = self.td.host.module().vcpu_exit(self.id) {
             self.die(format!("vCPU exit: {e}"));
         }
@@ -182,6 +218,10 @@ impl<'a> SimVcpu<'a> {
         let mmu0 = host.mmu().stats();
         let vmm0 = host.stats();
         let irq = self.irq_pending;
+        let host_irq = u64::from(self.td.config.host_irq_per_mille);
+        if host_irq > 0 && self.rng.chance(host_irq, 1000) {
+            host.module().set_host_interrupt_pending(true);
+        }
         let action = host.handle_exit(exit, regs, &|| irq);
         let cost = self
             .td
