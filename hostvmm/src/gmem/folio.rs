@@ -19,7 +19,9 @@ use super::pool::Hpa;
 /// At 2M folios this is what keeps a TiB of guest memory at a few tens of MB of host memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Bitmap {
-    /// The words, `None` while every bit equals the others (`ones` is 0 or `bits`).
+    /// The words, `None` while every bit equals the others (`ones` is 0 or `bits`). Boxed so
+    /// that the field is one pointer, not a `Vec`'s three words: most maps never allocate.
+    #[allow(clippy::box_collection)]
     words: Option<Box<Vec<u64>>>,
     bits: u32,
     ones: u32,
