@@ -180,6 +180,21 @@ fn ci() -> Result<()> {
     run("cargo doc", c)?;
 
     let (passed, failed) = test_counts()?;
+    // A short bounded stress pass: random parallel-mode runs, non-zero on any violation.
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "hostvmm",
+        "--bin",
+        "tdsim",
+        "--",
+        "stress",
+        "--seconds",
+        "25",
+    ]);
+    run("tdsim stress --seconds 25", c)?;
     e2e::e2e(false)?;
     fuzz_pass()?;
     // The test totals again, as the run's last line.

@@ -37,6 +37,9 @@ use corosensei::{CoroutineResult, ScopedCoroutine, ScopedCoroutineRef, Yielder};
 /// so the vCPUs' clocks stay within a fraction of a percent of each other on long runs.
 pub const QUANTUM_NS: u64 = 100_000;
 
+/// Parallel mode: a paced vCPU yields its thread this many times, then sleeps between looks.
+const PACE_SPINS: u32 = 64;
+
 /// Stack of one vCPU coroutine (the guest engine and the host half run on it).
 pub const COROUTINE_STACK: usize = 1 << 20;
 
@@ -256,6 +259,7 @@ impl Scheduler {
         if key <= limit {
             return;
         }
+        let mut spins = 0u32;
         loop {
             let others = self.min_other_key(me);
             let limit = others.saturating_add(QUANTUM_NS);
@@ -266,7 +270,13 @@ impl Scheduler {
                 return;
             }
             self.paces.fetch_add(1, Ordering::Relaxed);
-            std::thread::yield_now();
+            spins += 1;
+            if spins < PACE_SPINS {
+                std::thread::yield_now();
+            } else {
+                // More threads than cores: let the slow vCPU's thread have one.
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
         }
     }
 
