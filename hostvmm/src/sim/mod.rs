@@ -4,10 +4,11 @@
 //! - [`SimConfig`] describes a run: scenario, memory size, vCPUs, seed, guest and host
 //!   policies, module capabilities.
 //! - [`run`] builds the host and the guest's shared state (acceptor, converter, lazy-accept
-//!   tracker over a Linux-format unaccepted table), starts one thread per vCPU under a
-//!   deterministic scheduler ([`sched`]), runs the scenario ([`scenario`]) and checks the
-//!   invariants, returning a [`Report`].
-//! - Runs are deterministic: the same configuration and seed give identical counts.
+//!   tracker over a Linux-format unaccepted table), runs the vCPUs ([`sched`]: coroutines on
+//!   one thread in [`Mode::Deterministic`], one OS thread each in [`Mode::Parallel`]), runs the
+//!   scenario ([`scenario`]) and checks the invariants, returning a [`Report`].
+//! - Deterministic runs are exact: the same configuration and seed give identical counts.
+//!   Parallel runs are not; they exist for real contention, and [`stress`] loops them.
 //!
 //! What the guest believes (pages it accepted, pages it gave to the host, the content it wrote)
 //! is tracked next to the TD and checked against the module's Secure-EPT and the guest_memfd:
