@@ -108,11 +108,21 @@ fn concurrency_section(tdsim: &Path, repeats: u32) -> Result<String> {
     );
     let _ = writeln!(
         o,
-        "1 TiB boot-eager, our policies, seed {SEED}; wall time is the fastest of {repeats}          runs of `tdsim run --scenario boot-eager --memory 1024G --vcpus V --mode M`.          Deterministic mode runs every vCPU as a coroutine on one thread (exact counts);          parallel mode runs one OS thread per vCPU. Targets (issue 13): deterministic 8 vCPUs          within 1.3x of 1 vCPU; parallel 2 threads at least 1.6x the 1-thread speed on 2          cores. Measured on {} logical CPUs, {}, commit {}; regenerate with          `cargo xtask bench --only concurrency`.
-",
+        "1 TiB boot-eager, our policies, seed {SEED}; wall time is the fastest of {repeats} \
+         runs of `tdsim run --scenario boot-eager --memory 1024G --vcpus V --mode M`. \
+         Deterministic mode runs every vCPU as a coroutine on one thread (exact counts); \
+         parallel mode runs one OS thread per vCPU. Targets (issue 13): deterministic 8 vCPUs \
+         within 1.3x of 1 vCPU; parallel 2 threads at least 1.6x the 1-thread speed on 2 \
+         cores. Measured on {} logical CPUs, {}, commit {}, load average {} before the \
+         run (wall times mean little on a busy machine); regenerate with \
+         `cargo xtask bench --only concurrency`.\n",
         nproc(),
         cpu_model(),
-        commit(&workspace_root())
+        commit(&workspace_root()),
+        fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into())
     );
     let _ = writeln!(
         o,
@@ -148,8 +158,9 @@ fn concurrency_section(tdsim: &Path, repeats: u32) -> Result<String> {
     let _ = writeln!(
         o,
         "
-Peak resident memory of the simulator (`VmHWM`, reported by `tdsim` as          `peak_rss_bytes`) for a TD accepted and mapped at 2M, deterministic mode, 1 vCPU          (target: at most 64 MiB per TiB):
-"
+Peak resident memory of the simulator (`VmHWM`, reported by `tdsim` as \
+         `peak_rss_bytes`) for a TD accepted and mapped at 2M, deterministic mode, 1 vCPU \
+         (target: at most 64 MiB per TiB):\n"
     );
     let _ = writeln!(o, "| memory | peak RSS (MiB) | per TiB (MiB) | wall (s) |");
     let _ = writeln!(o, "|---:|---:|---:|---:|");

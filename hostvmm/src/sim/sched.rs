@@ -172,19 +172,28 @@ impl State {
 pub struct Scheduler {
     mode: Mode,
     state: Mutex<State>,
-    /// Each vCPU's modelled clock (ns), kept current by the vCPU.
-    clocks: Vec<AtomicU64>,
+    /// Per vCPU: modelled clock and, in parallel mode, pacing state.
+    slots: Vec<Slot>,
     /// A scheduling point switches at random with probability 1 / `switch_every`.
     switch_every: u64,
     switches: AtomicU64,
-    /// Parallel mode: added to each vCPU's clock to make its key (`u64::MAX` once finished).
-    lags: Vec<AtomicU64>,
-    /// Parallel mode: each vCPU may run until its key passes this without looking again.
-    limits: Vec<AtomicU64>,
     /// Parallel mode: times a vCPU yielded its thread to let a slower one catch up.
     paces: AtomicU64,
+}
+
+/// One vCPU's scheduling state, on a cache line of its own: a vCPU writes its clock at every
+/// charged event, and in parallel mode the others read it.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot {
+    /// Modelled clock (ns), kept current by the vCPU.
+    clock: AtomicU64,
+    /// Parallel mode: added to the clock to make the key (`u64::MAX` once finished).
+    lag: AtomicU64,
+    /// Parallel mode: the vCPU may run until its key passes this without looking again.
+    limit: AtomicU64,
     /// Parallel mode: the vCPU is in a wait loop (it holds nobody back).
-    waiting: Vec<AtomicBool>,
+    waiting: AtomicBool,
 }
 
 impl Scheduler {
@@ -205,30 +214,33 @@ impl Scheduler {
         Scheduler {
             mode,
             state: Mutex::new(state),
-            clocks: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..vcpus).map(|_| Slot::default()).collect(),
             switch_every: switch_every.max(1),
             switches: AtomicU64::new(0),
-            lags: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
-            limits: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             paces: AtomicU64::new(0),
-            waiting: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
     fn key(&self, i: usize) -> u64 {
         let lag = self
-            .lags
+            .slots
             .get(i)
-            .map_or(u64::MAX, |l| l.load(Ordering::Relaxed));
+            .map_or(u64::MAX, |s| s.lag.load(Ordering::Relaxed));
         self.clock(i).saturating_add(lag)
     }
 
     /// The smallest key of the live vCPUs other than `me` that are not in a wait loop
     /// (`u64::MAX` when there is none).
     fn min_other_key(&self, me: usize) -> u64 {
-        (0..self.lags.len())
-            .filter(|&i| i != me && !self.waiting[i].load(Ordering::Relaxed))
-            .map(|i| self.key(i))
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| i != me && !s.waiting.load(Ordering::Relaxed))
+            .map(|(_, s)| {
+                s.clock
+                    .load(Ordering::Relaxed)
+                    .saturating_add(s.lag.load(Ordering::Relaxed))
+            })
             .min()
             .unwrap_or(u64::MAX)
     }
@@ -236,26 +248,22 @@ impl Scheduler {
     /// A scheduling point of `me` in parallel mode: paces `me` against the slowest live vCPU.
     fn parallel_point(&self, me: usize, wait: bool) {
         let key = self.key(me);
-        if let Some(w) = self.waiting.get(me) {
-            if w.load(Ordering::Relaxed) != wait {
-                w.store(wait, Ordering::Relaxed);
-            }
+        let Some(slot) = self.slots.get(me) else {
+            return;
+        };
+        if slot.waiting.load(Ordering::Relaxed) != wait {
+            slot.waiting.store(wait, Ordering::Relaxed);
         }
         if wait {
             // A waiting vCPU's time passes too: it must not hold back those it waits for.
             let others = self.min_other_key(me);
             if others != u64::MAX && others > key {
-                if let Some(l) = self.lags.get(me) {
-                    l.fetch_add(others - key, Ordering::Relaxed);
-                }
+                slot.lag.fetch_add(others - key, Ordering::Relaxed);
             }
             std::thread::yield_now();
             return;
         }
-        let limit = self
-            .limits
-            .get(me)
-            .map_or(u64::MAX, |l| l.load(Ordering::Relaxed));
+        let limit = slot.limit.load(Ordering::Relaxed);
         if key <= limit {
             return;
         }
@@ -264,9 +272,7 @@ impl Scheduler {
             let others = self.min_other_key(me);
             let limit = others.saturating_add(QUANTUM_NS);
             if key <= limit {
-                if let Some(l) = self.limits.get(me) {
-                    l.store(limit, Ordering::Relaxed);
-                }
+                slot.limit.store(limit, Ordering::Relaxed);
                 return;
             }
             self.paces.fetch_add(1, Ordering::Relaxed);
@@ -296,13 +302,15 @@ impl Scheduler {
 
     /// Records `me`'s modelled clock (nanoseconds).
     pub fn set_clock(&self, me: usize, ns: u64) {
-        if let Some(c) = self.clocks.get(me) {
-            c.store(ns, Ordering::Relaxed);
+        if let Some(s) = self.slots.get(me) {
+            s.clock.store(ns, Ordering::Relaxed);
         }
     }
 
     fn clock(&self, me: usize) -> u64 {
-        self.clocks.get(me).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.slots
+            .get(me)
+            .map_or(0, |s| s.clock.load(Ordering::Relaxed))
     }
 
     /// The vCPU that runs now (deterministic mode); `None` once all finished.
@@ -354,8 +362,8 @@ impl Scheduler {
     /// `me` is done: the vCPU furthest behind runs next, if any is live. In parallel mode, `me`
     /// stops holding the others back.
     pub fn finish(&self, me: usize) {
-        if let Some(l) = self.lags.get(me) {
-            l.store(u64::MAX, Ordering::Relaxed);
+        if let Some(s) = self.slots.get(me) {
+            s.lag.store(u64::MAX, Ordering::Relaxed);
         }
         let mut s = self.lock();
         let Some(&i) = s.pos.get(me) else {
