@@ -2,12 +2,19 @@
 //!
 //! A [`BootJob`] splits each range the way [`Acceptor::accept_range`] would walk it: a 4K head up
 //! to the first 2M boundary, 2M pages up to the first 1G boundary, 1G pages, 2M pages, a 4K tail.
-//! The 2M and 1G pages are *chunks*; workers claim them one at a time with a single atomic
-//! `fetch_add` on a shared cursor (no lock, no allocation) and accept each with the shared
+//! The 2M and 1G pages are *chunks*; workers claim work with a compare-and-swap on one shared
+//! cursor over the body's 2M units (no lock, no allocation) and accept it with the shared
 //! [`Acceptor`] (largest level first, learning a 2M cap, falling back where the host mapped
 //! smaller). The unaligned 4K heads and tails are the boot vCPU's, through
-//! [`BootJob::run_edges`]. Every chunk is claimed by exactly one worker, so every page is
+//! [`BootJob::run_edges`]. Every unit is claimed by exactly one worker, so every page is
 //! accepted exactly once, and the per-level counts do not depend on the number of workers.
+//!
+//! **Load balance.** A claim is a whole 1G chunk while the module may accept at 1G (the
+//! acceptor has not learned a smaller cap): splitting it would cost the 1G mapping. Otherwise a
+//! claim is a run of 2M units that shrinks as the work runs out (a 1/(2N) share of what is
+//! left, at most 1 GiB, at least one 2M page), so that workers running at different speeds
+//! finish within about one 2M ACCEPT of each other. With a 2M-capped module (every public
+//! one) a 1G chunk costs the same calls whole or in units, so nothing is lost by splitting it.
 //!
 //! Progress per worker (bytes, chunks) is readable while the job runs. When a worker fails, it
 //! returns the error and the job is marked failed: other workers stop at their next claim.
@@ -180,8 +187,10 @@ pub struct BootJob<'a> {
     total_chunks: u64,
     chunk_bytes: u64,
     edge_bytes: u64,
+    /// Next 2M unit of the bodies to claim.
     cursor: AtomicU64,
     done_chunks: AtomicU64,
+    done_bytes: AtomicU64,
     edges_done: AtomicU64,
     exited: AtomicU64,
     failed: AtomicBool,
@@ -208,6 +217,7 @@ impl<'a> BootJob<'a> {
             edge_bytes: all.saturating_sub(chunk_bytes),
             cursor: AtomicU64::new(0),
             done_chunks: AtomicU64::new(0),
+            done_bytes: AtomicU64::new(0),
             edges_done: AtomicU64::new(0),
             exited: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -239,7 +249,8 @@ impl<'a> BootJob<'a> {
         self.progress.get(worker)
     }
 
-    /// Chunks accepted so far, all workers.
+    /// Pages accepted so far by the workers, all of them: 1G chunks claimed whole count one,
+    /// 2M units one each (a 1G chunk handed out in 2M units counts 512).
     pub fn done_chunks(&self) -> u64 {
         self.done_chunks.load(Ordering::Acquire)
     }
@@ -263,7 +274,7 @@ impl<'a> BootJob<'a> {
     /// True when every chunk and every edge byte is accepted.
     pub fn is_complete(&self) -> bool {
         !self.failed()
-            && self.done_chunks() == self.total_chunks
+            && self.done_bytes.load(Ordering::Acquire) == self.chunk_bytes
             && self.done_edge_bytes() == self.edge_bytes
     }
 
@@ -317,22 +328,78 @@ impl<'a> BootJob<'a> {
             if self.failed() {
                 return Err(BootError::Aborted);
             }
-            let index = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let Some((gpa, level)) = self.locate(index) else {
+            let Some((start, units, level)) = self.claim(acceptor) else {
                 return Ok(report);
             };
-            // A 1G chunk goes through accept_range so that a learned 2M cap costs no call.
-            let chunk = GpaRange::from_len(gpa, level.size())
+            let bytes = units * PageLevel::Size2M.size();
+            // Runs go through accept_range so that a learned 2M cap costs no 1G call.
+            let run = GpaRange::from_len(start, bytes)
                 .map_err(|e| BootError::Accept(AcceptError::InvalidRange(e)))?;
-            if let Err(e) = acceptor.accept_range(tdcall, chunk) {
+            if let Err(e) = acceptor.accept_range(tdcall, run) {
                 self.failed.store(true, Ordering::Release);
                 return Err(BootError::Accept(e));
             }
-            progress.bytes.fetch_add(level.size(), Ordering::Relaxed);
-            progress.chunks.fetch_add(1, Ordering::Relaxed);
-            self.done_chunks.fetch_add(1, Ordering::AcqRel);
-            report.chunks += 1;
-            report.bytes += level.size();
+            let pieces = if level == PageLevel::Size1G { 1 } else { units };
+            progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+            progress.chunks.fetch_add(pieces, Ordering::Relaxed);
+            self.done_chunks.fetch_add(pieces, Ordering::AcqRel);
+            self.done_bytes.fetch_add(bytes, Ordering::AcqRel);
+            report.chunks += pieces;
+            report.bytes += bytes;
+        }
+    }
+
+    /// The range split holding body unit `unit` (a 2M page index over all ranges' bodies), and
+    /// the unit's index inside that body.
+    fn locate_unit(&self, mut unit: u64) -> Option<(Split, u64)> {
+        for &r in self.ranges {
+            let s = Split::of(r);
+            let n = (s.body_end - s.body_start) / PageLevel::Size2M.size();
+            if unit < n {
+                return Some((s, unit));
+            }
+            unit -= n;
+        }
+        None
+    }
+
+    /// Claims the next piece of work: its first GPA, its length in 2M units, and the level it
+    /// is meant for (1G for a whole 1G chunk, else 2M). `None` when all is claimed.
+    fn claim(&self, acceptor: &Acceptor) -> Option<(u64, u64, PageLevel)> {
+        let m2 = PageLevel::Size2M.size();
+        let per_1g = PageLevel::Size1G.size() / m2;
+        let total = self.chunk_bytes / m2;
+        let workers = (self.progress.len() as u64).max(1);
+        let mut cur = self.cursor.load(Ordering::Acquire);
+        loop {
+            if cur >= total {
+                return None;
+            }
+            let (split, i) = self.locate_unit(cur)?;
+            let gpa = split.body_start + i * m2;
+            let body_left = (split.body_end - gpa) / m2;
+            let may_1g = acceptor.level_cap() >= PageLevel::Size1G;
+            let (units, level) = if may_1g && gpa >= split.g_start && gpa < split.g_end {
+                // Claims inside the 1G part start on 1G boundaries while 1G is possible.
+                (per_1g, PageLevel::Size1G)
+            } else {
+                let share = ((total - cur) / (2 * workers)).clamp(1, per_1g);
+                let mut n = share.min(body_left);
+                if may_1g && gpa < split.g_start {
+                    // Do not run into the 1G part: it is claimed a chunk at a time.
+                    n = n.min((split.g_start - gpa) / m2).max(1);
+                }
+                (n, PageLevel::Size2M)
+            };
+            match self.cursor.compare_exchange_weak(
+                cur,
+                cur + units,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some((gpa, units, level)),
+                Err(now) => cur = now,
+            }
         }
     }
 

@@ -204,6 +204,10 @@ fn ci() -> Result<()> {
 
     let (passed, failed) = test_counts()?;
     linux::linux()?;
+    // A short bounded stress pass: random parallel-mode runs, non-zero on any violation.
+    let mut c = cargo();
+    c.args("run --release -p hostvmm --bin tdsim -- stress --seconds 25".split(' '));
+    run("tdsim stress --seconds 25", c)?;
     e2e::e2e(false)?;
     fuzz_pass()?;
     // The test totals again, as the run's last line.

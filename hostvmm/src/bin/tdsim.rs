@@ -1,8 +1,10 @@
 //! `tdsim`: the simulated TD. Runs a scenario with vCPU threads executing the real guest engine
 //! against the host half and prints what happened.
 //!
-//! `tdsim` alone runs the default scenario (`mixed`, 16 GiB, 8 vCPUs); `tdsim run ...` chooses;
-//! `tdsim scenarios` lists them. The exit status is 0 only when every invariant held.
+//! `tdsim` alone runs the default scenario (`mixed`, 16 GiB, 8 vCPUs); `tdsim run ...` chooses
+//! (`--mode parallel` for one OS thread per vCPU); `tdsim scenarios` lists them; `tdsim stress`
+//! runs random parallel-mode configurations for a while. The exit status is 0 only when every
+//! invariant held.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 use accept::abi::PageLevel;
 use clap::{Args, Parser, Subcommand};
 use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{svg, GuestPolicy, HostPolicy, SimConfig};
+use hostvmm::sim::{svg, GuestPolicy, HostPolicy, Mode, SimConfig};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +34,100 @@ enum Cmd {
     Scenarios,
     /// Run the hostile-host catalogue (or one behaviour of it) and print the verdicts.
     Hostile(HostileArgs),
+    /// Run randomized scenarios in parallel mode until the time is up; exit non-zero on the
+    /// first failing run and write its configuration for replay.
+    Stress(StressArgs),
+}
+
+#[derive(Args)]
+struct StressArgs {
+    /// Stop starting new runs after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Seed of every random choice (the pass is the same sequence of configurations).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// vCPUs of every run (drawn per run from 2 to 8 when absent).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Write the pass's summary (runs, contention, any failure) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where to write a failing run's configuration (with its replay command).
+    #[arg(long, default_value = "tdsim-stress-failure.json")]
+    failure: PathBuf,
+}
+
+fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
+    use hostvmm::sim::stress;
+    let cfg = stress::StressConfig {
+        duration: std::time::Duration::from_secs(a.seconds),
+        seed: a.seed,
+        vcpus: a.vcpus,
+    };
+    println!(
+        "tdsim stress: {} s of random parallel-mode runs, seed {}",
+        a.seconds, a.seed
+    );
+    let summary = stress::stress(&cfg, &mut |r| {
+        let c = &r.config;
+        let verdict = match &r.failure {
+            None => "ok".to_string(),
+            Some(f) => format!("FAILED: {f}"),
+        };
+        let k = r.report.as_ref().map(|rep| &rep.contention);
+        println!(
+            "  #{:<4} {:<13} {:>5} MiB {:>2} vCPUs guest {:<9} host {:<12} {} irq {:>3}/{:>3} x{} {:>6} ms  busy {:>4} kicks {:>3} {}",
+            r.index,
+            c.scenario,
+            c.memory >> 20,
+            c.vcpus,
+            c.guest_policy,
+            c.host_policy,
+            c.max_accept_level,
+            c.irq_per_mille,
+            c.host_irq_per_mille,
+            c.traffic,
+            r.wall_ms,
+            k.map_or(0, |k| k.seamcall_retries + k.accept_busy),
+            k.map_or(0, |k| k.kicks),
+            verdict
+        );
+    });
+    let k = &summary.contention;
+    println!(
+        "{} runs in {:.1} s, {} invariant violations",
+        summary.runs,
+        summary.wall_ms as f64 / 1e3,
+        summary.invariant_violations
+    );
+    let scen: Vec<String> = summary
+        .by_scenario
+        .iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect();
+    println!("  scenarios   {}", scen.join(", "));
+    println!("  contention  {k}");
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(f) = &summary.failure {
+        let text = serde_json::to_string_pretty(&f.config).map_err(|e| e.to_string())?;
+        std::fs::write(&a.failure, text).map_err(|e| format!("{}: {e}", a.failure.display()))?;
+        println!(
+            "FAILED run #{}: {}
+  configuration written to {}
+  replay: {}",
+            f.index,
+            f.failure.as_deref().unwrap_or("?"),
+            a.failure.display(),
+            f.config.command
+        );
+        // A hung run is still on its thread: leave without waiting for it.
+        std::process::exit(1);
+    }
+    Ok(true)
 }
 
 #[derive(Args)]
@@ -97,6 +193,14 @@ struct RunArgs {
     /// Per-mille chance of a pending interrupt at each TDCALL.
     #[arg(long, default_value_t = 20)]
     irq_per_mille: u32,
+    /// Per-mille chance of a pending host interrupt at each exit (DEMOTE and PROMOTE answer
+    /// INTERRUPTED_RESTARTABLE and are retried).
+    #[arg(long, default_value_t = 0)]
+    host_irq_per_mille: u32,
+    /// deterministic: coroutines on one thread, exact seed-reproducible counts; parallel: one
+    /// OS thread per vCPU, all running at once (real contention, counts vary).
+    #[arg(long, default_value = "deterministic")]
+    mode: String,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -127,6 +231,8 @@ impl Default for RunArgs {
             traffic: 1,
             switch_every: 4,
             irq_per_mille: 20,
+            host_irq_per_mille: 0,
+            mode: "deterministic".into(),
             json: None,
             svg: None,
             timeline: None,
@@ -157,6 +263,8 @@ fn config(a: &RunArgs) -> Result<SimConfig, String> {
         .ok_or_else(|| format!("unknown guest policy {:?}", a.guest_policy))?;
     let host = HostPolicy::from_name(&a.host_policy)
         .ok_or_else(|| format!("unknown host policy {:?}", a.host_policy))?;
+    let mode = Mode::from_name(&a.mode)
+        .ok_or_else(|| format!("mode must be deterministic or parallel, not {:?}", a.mode))?;
     let max_accept_level = match a.max_accept_level.as_str() {
         "2m" | "2M" => PageLevel::Size2M,
         "1g" | "1G" => PageLevel::Size1G,
@@ -173,6 +281,8 @@ fn config(a: &RunArgs) -> Result<SimConfig, String> {
         traffic: a.traffic,
         switch_every: a.switch_every,
         irq_per_mille: a.irq_per_mille,
+        host_irq_per_mille: a.host_irq_per_mille,
+        mode,
         ..SimConfig::new(scenario)
     })
 }
@@ -275,6 +385,7 @@ fn main() -> ExitCode {
         None => run_cmd(&RunArgs::default()),
         Some(Cmd::Run(a)) => run_cmd(&a),
         Some(Cmd::Hostile(a)) => hostile_cmd(&a),
+        Some(Cmd::Stress(a)) => stress_cmd(&a),
         Some(Cmd::Scenarios) => {
             println!("scenarios:");
             for (_, name, what) in Scenario::ALL {

@@ -185,15 +185,83 @@ pub struct PoolSnapshot {
     pub retired: Vec<Hpa>,
 }
 
+/// Live allocations as runs of adjacent folios of one level (`start -> (end, level)`): a pool
+/// that hands out folios in address order keeps a TiB of 2M folios in a handful of runs
+/// instead of a map entry per folio.
+#[derive(Debug, Clone, Default)]
+struct LiveRuns {
+    runs: BTreeMap<u64, (u64, PageLevel)>,
+    count: usize,
+}
+
+impl LiveRuns {
+    /// Records a live folio (which must not overlap a live one).
+    fn insert(&mut self, addr: u64, level: PageLevel) {
+        let end = addr.saturating_add(level.size());
+        let (mut start, mut stop) = (addr, end);
+        if let Some((&s, &(e, l))) = self.runs.range(..addr).next_back() {
+            if e == addr && l == level {
+                start = s;
+            }
+        }
+        if let Some(&(e, l)) = self.runs.get(&end) {
+            if l == level {
+                stop = e;
+                self.runs.remove(&end);
+            }
+        }
+        self.runs.insert(start, (stop, level));
+        self.count += 1;
+    }
+
+    /// The level of the live folio starting at `addr`, if there is one.
+    fn level_of(&self, addr: u64) -> Option<PageLevel> {
+        let (&s, &(e, l)) = self.runs.range(..=addr).next_back()?;
+        (addr < e && (addr - s) % l.size() == 0).then_some(l)
+    }
+
+    /// Forgets the live folio starting at `addr`; false when there is none.
+    fn remove(&mut self, addr: u64) -> bool {
+        let Some((&s, &(e, l))) = self.runs.range(..=addr).next_back() else {
+            return false;
+        };
+        if addr >= e || (addr - s) % l.size() != 0 {
+            return false;
+        }
+        self.runs.remove(&s);
+        if s < addr {
+            self.runs.insert(s, (addr, l));
+        }
+        let after = addr + l.size();
+        if after < e {
+            self.runs.insert(after, (e, l));
+        }
+        self.count -= 1;
+        true
+    }
+
+    /// Every live folio, in address order.
+    fn iter(&self) -> impl Iterator<Item = (u64, PageLevel)> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|(&s, &(e, l))| (s..e).step_by(l.size() as usize).map(move |a| (a, l)))
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+}
+
 /// A simulated physical range handing out naturally aligned folios.
 ///
-/// Memory use is O(live allocations + free blocks + retired frames), never O(range size).
+/// Memory use is O(runs of live allocations + free blocks + retired frames), never O(range
+/// size).
 #[derive(Debug, Clone)]
 pub struct FolioPool {
     end: u64,
     fresh: u64,
     free: [BTreeSet<u64>; 3],
-    live: BTreeMap<u64, PageLevel>,
+    live: LiveRuns,
     retired: BTreeSet<u64>,
     injector: FailureInjector,
     stats: PoolStats,
@@ -218,7 +286,7 @@ impl FolioPool {
             end,
             fresh: base,
             free: Default::default(),
-            live: BTreeMap::new(),
+            live: LiveRuns::default(),
             retired: BTreeSet::new(),
             injector: FailureInjector::default(),
             stats: PoolStats::default(),
@@ -252,10 +320,10 @@ impl FolioPool {
     /// [`PoolError::NotAllocated`] when `hpa` is not a live allocation of `level`; nothing is
     /// changed then.
     pub fn free(&mut self, hpa: Hpa, level: PageLevel, poisoned: &[u64]) -> Result<u64, PoolError> {
-        if self.live.get(&hpa.0) != Some(&level) {
+        if self.live.level_of(hpa.0) != Some(level) {
             return Err(PoolError::NotAllocated { hpa, level });
         }
-        self.live.remove(&hpa.0);
+        self.live.remove(hpa.0);
         self.stats.freed.add(level, 1);
         let mut retired = 0;
         for &index in poisoned {
@@ -315,7 +383,7 @@ impl FolioPool {
             free_blocks.add(level, self.free[level.index() as usize].len() as u64);
         }
         PoolSnapshot {
-            live: self.live.iter().map(|(&a, &l)| (Hpa(a), l)).collect(),
+            live: self.live.iter().map(|(a, l)| (Hpa(a), l)).collect(),
             free_blocks,
             fresh: Hpa(self.fresh),
             retired: self.retired.iter().map(|&a| Hpa(a)).collect(),
@@ -413,6 +481,25 @@ impl FolioPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Folios handed out in address order are kept as one run, whatever their number; frees
+    /// in the middle split it, and every folio stays individually checkable.
+    #[test]
+    fn live_folios_are_kept_as_runs() {
+        let m2 = PageLevel::Size2M.size();
+        let mut p = FolioPool::new(0, 1024 * m2).unwrap();
+        let hpas: Vec<Hpa> = (0..1000)
+            .map(|_| p.alloc(PageLevel::Size2M).unwrap())
+            .collect();
+        assert_eq!(p.live.runs.len(), 1);
+        assert_eq!(p.live_folios(), 1000);
+        p.free(hpas[500], PageLevel::Size2M, &[]).unwrap();
+        assert_eq!(p.live.runs.len(), 2);
+        assert!(p.free(hpas[500], PageLevel::Size2M, &[]).is_err());
+        assert!(p.free(hpas[499], PageLevel::Size4K, &[]).is_err());
+        assert_eq!(p.live_folios(), 999);
+        assert_eq!(p.snapshot().live.len(), 999);
+    }
 
     const M2: u64 = PageLevel::Size2M.size();
     const G1: u64 = PageLevel::Size1G.size();

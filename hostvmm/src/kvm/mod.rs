@@ -321,6 +321,14 @@ pub struct MmuStats {
     pub invalidation_retries: u64,
     /// TD exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT (the vCPU is re-entered).
     pub hp_timeouts: u64,
+    /// TDH.MEM.TRACK answers PREVIOUS_TLB_EPOCH_BUSY (a vCPU still in the previous epoch):
+    /// each is followed by a kick and a retry.
+    pub track_refusals: u64,
+    /// SEAMCALLs answered TLB_TRACKING_NOT_DONE (a vCPU inside the TD has not left the epoch
+    /// of the BLOCK yet): each is followed by a kick and a retry.
+    pub tracking_not_done: u64,
+    /// Times a SEAMCALL that kept getting BUSY held the vCPUs out of the TD and kicked them.
+    pub hold_outs: u64,
 }
 
 #[derive(Default)]
@@ -341,6 +349,11 @@ struct Counters {
     poisoned_leaves: AtomicU64,
     invalidation_retries: AtomicU64,
     hp_timeouts: AtomicU64,
+    track_refusals: AtomicU64,
+    tracking_not_done: AtomicU64,
+    hold_outs: AtomicU64,
+    /// BUSY-like answers by (SEAMCALL, raw operand and status detail bits).
+    busy_by: Mutex<std::collections::BTreeMap<(&'static str, u32), u64>>,
 }
 
 fn inc(c: &AtomicU64) {
@@ -374,6 +387,9 @@ impl Counters {
             poisoned_leaves: get(&self.poisoned_leaves),
             invalidation_retries: get(&self.invalidation_retries),
             hp_timeouts: get(&self.hp_timeouts),
+            track_refusals: get(&self.track_refusals),
+            tracking_not_done: get(&self.tracking_not_done),
+            hold_outs: get(&self.hold_outs),
         }
     }
 }
@@ -411,6 +427,8 @@ pub struct PrivateMmu {
     pool: SeptPagePool,
     mmu_lock: RwLock<()>,
     invalidate_seq: AtomicU64,
+    /// SEAMCALLs currently holding the vCPUs out of the TD.
+    held_out: AtomicU64,
     /// 2M ranges (by base GPA) never to be mapped huge again (one-way inhibit policy).
     inhibited: Mutex<BTreeSet<u64>>,
     /// 2M ranges (by base GPA) split at some point: candidates for PROMOTE.
@@ -438,6 +456,23 @@ fn busy_like(status: TdxStatus) -> bool {
 }
 
 const M2: u64 = 2 << 20;
+
+/// BUSY answers in a row to one SEAMCALL before the MMU holds the vCPUs out of the TD and
+/// kicks them (KVM retries once, then does it; a few plain retries first keep host-against-host
+/// contention, which holding vCPUs out cannot help, from stopping the guest).
+pub const BUSY_BEFORE_HOLD_OUT: u32 = 8;
+
+/// Releases a hold on the vCPUs ([`PrivateMmu::vcpus_held_out`]) when dropped.
+struct HoldOut<'m>(&'m AtomicU64);
+
+impl Drop for HoldOut<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Name of TDH.MEM.TRACK in the MMU's retry loop (its refusals are counted on their own).
+const TRACK_CALL: &str = "TRACK";
 
 /// Name of TDH.MEM.RANGE.BLOCK in [`FaultError::Seamcall`].
 const BLOCK_CALL: &str = "TDH.MEM.RANGE.BLOCK";
@@ -471,6 +506,7 @@ impl PrivateMmu {
             pool,
             mmu_lock: RwLock::new(()),
             invalidate_seq: AtomicU64::new(0),
+            held_out: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
             merge_candidates: Mutex::new(BTreeSet::new()),
             given_up: Mutex::new(BTreeSet::new()),
@@ -510,6 +546,27 @@ impl PrivateMmu {
         b.get_or_insert(why);
     }
 
+    /// Holds off zaps, splits and merges (KVM's MMU lock taken for read) so that a reader sees
+    /// no range in the middle of a BLOCK .. REMOVE, DEMOTE or PROMOTE sequence. Faults still
+    /// run. Lock order: take the backing's lock (if at all) before this guard, never while
+    /// holding it.
+    pub fn hold_off_zaps(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// BUSY and INTERRUPTED answers the MMU retried, by SEAMCALL and by the status's operand
+    /// (low 32 bits: which operand was busy, with any detail bits the module sets, such as a
+    /// host-priority marker), in that order.
+    pub fn busy_by_operand(&self) -> Vec<(&'static str, u32, u64)> {
+        self.counters
+            .busy_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(&(call, op), &n)| (call, op, n))
+            .collect()
+    }
+
     /// Number of 2M ranges waiting to be merged.
     pub fn merge_backlog(&self) -> usize {
         self.merge_candidates
@@ -522,19 +579,38 @@ impl PrivateMmu {
 
     /// Runs a SEAMCALL, retrying BUSY and INTERRUPTED_RESTARTABLE (bounded), and kicking vCPUs
     /// while TLB tracking is not done.
+    ///
+    /// After [`BUSY_BEFORE_HOLD_OUT`] BUSY answers in a row it does what KVM's
+    /// `tdh_do_no_vcpus()` does: it holds every vCPU out of the TD (they may not start a guest
+    /// call while [`PrivateMmu::vcpus_held_out`] is true), kicks them out (waiting for guest
+    /// calls in progress to end), and retries; guest TDCALLs can then no longer win the lock.
     fn call(&self, name: &'static str, f: impl Fn() -> SeamcallResult) -> SeamcallResult {
         let mut busy = 0u32;
         let mut kicks = 0u32;
+        let mut hold: Option<HoldOut<'_>> = None;
         loop {
             let r = f();
             if busy_like(r.status) && busy < SEAMCALL_RETRIES {
                 busy += 1;
+                if busy == BUSY_BEFORE_HOLD_OUT && hold.is_none() {
+                    hold = Some(self.hold_out());
+                }
                 inc(&self.counters.busy_retries);
+                if name != TRACK_CALL {
+                    *self
+                        .counters
+                        .busy_by
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry((name, r.status.operand()))
+                        .or_insert(0) += 1;
+                }
                 std::thread::yield_now();
                 continue;
             }
             if r.status.is(StatusCode::TlbTrackingNotDone) && kicks < TRACKING_KICKS {
                 kicks += 1;
+                inc(&self.counters.tracking_not_done);
                 inc(&self.counters.kicks);
                 self.kicker.kick_all();
                 continue;
@@ -546,11 +622,27 @@ impl PrivateMmu {
         }
     }
 
+    /// Holds the vCPUs out of the TD until the guard drops, and kicks them out.
+    fn hold_out(&self) -> HoldOut<'_> {
+        self.held_out.fetch_add(1, Ordering::AcqRel);
+        inc(&self.counters.hold_outs);
+        inc(&self.counters.kicks);
+        self.kicker.kick_all();
+        HoldOut(&self.held_out)
+    }
+
+    /// True while a SEAMCALL that kept getting BUSY holds the vCPUs out of the TD (KVM's
+    /// `wait_for_sept_zap`): a vCPU must not start a guest call (it leaves the TD and waits).
+    pub fn vcpus_held_out(&self) -> bool {
+        self.held_out.load(Ordering::Acquire) > 0
+    }
+
     /// TDH.MEM.TRACK, kicking vCPUs while the previous epoch is still busy.
     fn track(&self) -> Result<(), FaultError> {
-        let r = self.call("TRACK", || {
+        let r = self.call(TRACK_CALL, || {
             let r = self.module.mem_track();
             if r.status.is(StatusCode::PreviousTlbEpochBusy) {
+                inc(&self.counters.track_refusals);
                 self.kicker.kick_all();
                 inc(&self.counters.kicks);
                 // Reported as BUSY-like so that `call` retries it.

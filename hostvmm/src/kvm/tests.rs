@@ -49,6 +49,10 @@ struct Td {
 }
 
 fn td(policy: MmuPolicy) -> Td {
+    td_kicked_by(policy, Arc::new(YieldKicker))
+}
+
+fn td_kicked_by(policy: MmuPolicy, kicker: Arc<dyn Kicker>) -> Td {
     let module = Arc::new(
         TdxModule::new(ModuleConfig {
             vcpus: 2,
@@ -61,7 +65,7 @@ fn td(policy: MmuPolicy) -> Td {
     let mmu = PrivateMmu::new(
         module.clone(),
         backing.clone(),
-        Arc::new(YieldKicker),
+        kicker,
         policy,
         SeptPagePool::new(1 << 44, 1 << 20),
     );
@@ -441,4 +445,65 @@ fn a_fault_below_a_blocked_page_table_retries() {
         SeptState::Free,
         "nothing mapped"
     );
+}
+
+/// A vCPU that sits in a guest call holding an entry lock (and the tree lock shared) until it
+/// is kicked: the kick takes effect when the call ends, as an IPI does.
+struct KickReleases {
+    kicked: std::sync::atomic::AtomicBool,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl Kicker for KickReleases {
+    fn kick_all(&self) {
+        self.kicked.store(true, Ordering::Release);
+        while !self.released.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Regression (found by `tdsim stress` in parallel mode): a zap's BLOCK kept getting
+/// BUSY|SEPT_TREE from guest calls on other vCPUs until the retry bound ran out, and the MMU
+/// declared itself bugged. Now, as KVM's tdh_do_no_vcpus(), after a few BUSY answers it holds
+/// the vCPUs out of the TD, kicks them and retries.
+#[test]
+fn a_busy_block_holds_the_vcpus_out_kicks_them_and_succeeds() {
+    let kicker = Arc::new(KickReleases {
+        kicked: false.into(),
+        released: false.into(),
+    });
+    let t = td_kicked_by(MmuPolicy::OURS, kicker.clone());
+    let module = t.module.clone();
+    assert_eq!(t.accept(0, PageLevel::Size2M, 4).0, TdxStatus::SUCCESS);
+    let range = GpaRange::from_len(0, M2).unwrap();
+    let held = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (k, module, held) = (kicker.clone(), &module, &held);
+        s.spawn(move || {
+            let guard = module.hold_entry_lock(g(0), 2).expect("the 1G-level entry");
+            held.store(true, Ordering::Release);
+            // Without the kick the MMU gives up long before this (and the test then fails on
+            // its assertions instead of hanging).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !k.kicked.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            drop(guard);
+            k.released.store(true, Ordering::Release);
+        });
+        while !held.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let before = t.mmu.stats();
+        let report = t.mmu.zap(range);
+        assert_eq!(report.removed, 1);
+        assert!(report.poisoned.is_empty());
+        let after = t.mmu.stats();
+        assert_eq!(after.hold_outs - before.hold_outs, 1);
+        assert!(after.busy_retries - before.busy_retries >= u64::from(BUSY_BEFORE_HOLD_OUT));
+    });
+    assert_eq!(t.mmu.bugged(), None);
+    assert!(!t.mmu.vcpus_held_out());
+    assert_eq!(t.module.leaf(g(0)).state, SeptState::Free);
 }

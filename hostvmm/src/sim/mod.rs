@@ -4,10 +4,11 @@
 //! - [`SimConfig`] describes a run: scenario, memory size, vCPUs, seed, guest and host
 //!   policies, module capabilities.
 //! - [`run`] builds the host and the guest's shared state (acceptor, converter, lazy-accept
-//!   tracker over a Linux-format unaccepted table), starts one thread per vCPU under a
-//!   deterministic scheduler ([`sched`]), runs the scenario ([`scenario`]) and checks the
-//!   invariants, returning a [`Report`].
-//! - Runs are deterministic: the same configuration and seed give identical counts.
+//!   tracker over a Linux-format unaccepted table), runs the vCPUs ([`sched`]: coroutines on
+//!   one thread in [`Mode::Deterministic`], one OS thread each in [`Mode::Parallel`]), runs the
+//!   scenario ([`scenario`]) and checks the invariants, returning a [`Report`].
+//! - Deterministic runs are exact: the same configuration and seed give identical counts.
+//!   Parallel runs are not; they exist for real contention, and [`stress`] loops them.
 //!
 //! What the guest believes (pages it accepted, pages it gave to the host, the content it wrote)
 //! is tracked next to the TD and checked against the module's Secure-EPT and the guest_memfd:
@@ -22,6 +23,7 @@ pub mod report;
 pub mod sabotage;
 pub mod scenario;
 pub mod sched;
+pub mod stress;
 pub mod svg;
 pub mod vcpu;
 
@@ -38,14 +40,15 @@ use accept::parallel::{BootJob, WorkerProgress};
 use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
 use accept::unaccepted::{build_table, UnacceptedTable};
 
-use crate::kvm::{MmuPolicy, MmuStats, YieldKicker};
-use crate::module::{Access, SeptState};
+use crate::kvm::{Kicker, MmuPolicy, MmuStats};
+use crate::module::{Access, SeptState, TdxModule};
 use crate::vmm::{Host, HostConfig, VmmStats};
 
 use cost::CostTable;
 pub use report::Report;
 use scenario::Scenario;
-use sched::Scheduler;
+pub use sched::Mode;
+use sched::{Scheduler, Switch};
 use vcpu::SimVcpu;
 
 /// Guest acceptance policies: this engine, and baselines that behave like other guests
@@ -202,12 +205,19 @@ pub struct SimConfig {
     pub max_accept_level: PageLevel,
     /// Per-mille chance that a vCPU has an interrupt pending at a TDCALL.
     pub irq_per_mille: u32,
-    /// A scheduling point hands over the baton with probability 1 / this.
+    /// Per-mille chance that a host interrupt is pending when the host handles an exit: the
+    /// next DEMOTE or PROMOTE answers INTERRUPTED_RESTARTABLE and the MMU retries it (benign
+    /// fault injection for stress runs).
+    pub host_irq_per_mille: u32,
+    /// A scheduling point switches to a random other vCPU with probability 1 / this
+    /// (deterministic mode).
     pub switch_every: u64,
     /// Scale of the scenario's traffic (1 = default).
     pub traffic: u32,
     /// A deliberate breakage, to check the checker (`None` in every normal run).
     pub sabotage: Option<sabotage::Sabotage>,
+    /// Deterministic (coroutines, exact counts) or parallel (one OS thread per vCPU).
+    pub mode: Mode,
 }
 
 impl SimConfig {
@@ -223,9 +233,11 @@ impl SimConfig {
             pending_ve: true,
             max_accept_level: PageLevel::Size2M,
             irq_per_mille: 20,
+            host_irq_per_mille: 0,
             switch_every: 4,
             traffic: 1,
             sabotage: None,
+            mode: Mode::Deterministic,
         }
     }
 }
@@ -267,6 +279,42 @@ pub enum SimError {
     /// The host could not be built.
     #[error("host: {0}")]
     Host(#[from] crate::vmm::HostError),
+    /// The deterministic scheduler could not start its coroutines.
+    #[error("scheduler: {0}")]
+    Stack(#[from] sched::StackError),
+}
+
+/// Marks a parallel-mode vCPU finished when dropped (also when its thread panics).
+struct Finish<'s>(&'s Scheduler, usize);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish(self.1);
+    }
+}
+
+/// KVM's kick as the simulator does it: every vCPU inside the TD exits and re-enters
+/// ([`TdxModule::kick_all`]), waiting for a guest call in progress to finish, as an IPI takes
+/// effect at an instruction boundary.
+#[derive(Debug, Default)]
+pub struct ModuleKicker {
+    module: std::sync::OnceLock<Arc<TdxModule>>,
+}
+
+impl ModuleKicker {
+    /// Connects the kicker to the module once the host is built.
+    pub fn connect(&self, module: Arc<TdxModule>) {
+        let _ = self.module.set(module);
+    }
+}
+
+impl Kicker for ModuleKicker {
+    fn kick_all(&self) {
+        match self.module.get() {
+            Some(m) => m.kick_all(),
+            None => std::thread::yield_now(),
+        }
+    }
 }
 
 /// What the guest believes, next to the TD.
@@ -566,7 +614,22 @@ impl<'g> SimTd<'g> {
         }
     }
 
+    /// As [`SimTd::check_range`], limited to the parts of `range` that vCPU `vcpu` owns (see
+    /// [`scenario`]) in parallel mode, where other vCPUs may be converting or writing theirs
+    /// right now. The whole range in deterministic mode.
+    pub fn check_range_of(&self, range: GpaRange, vcpu: usize) {
+        if self.config.mode == Mode::Deterministic {
+            self.check_range(range);
+            return;
+        }
+        for part in scenario::owned_parts(range, vcpu, self.config.vcpus) {
+            self.check_range(part);
+        }
+    }
+
     fn check_parts(&self, accepted: &[(u64, u64)], shared: &[(u64, u64)], shadow: &[(u64, u64)]) {
+        // No zap, split or merge in flight while the Secure-EPT is read (parallel mode).
+        let hold = self.host.mmu().hold_off_zaps();
         let module = self.host.module();
         for &(s, e) in accepted {
             let mut cur = s;
@@ -612,6 +675,8 @@ impl<'g> SimTd<'g> {
                 );
             }
         }
+        // Lock order: the backing before the MMU lock.
+        drop(hold);
         if self.host.gmem().poisoned_pages() > 0 {
             let g = self.host.gmem();
             for &(s, e) in accepted {
@@ -733,7 +798,9 @@ fn run_inner(
     if config.sabotage == Some(sabotage::Sabotage::IgnoreSplit) {
         host_config.mmu.fault_split = crate::kvm::FaultSplit::Ignore;
     }
-    let host = Host::new(host_config, Arc::new(YieldKicker))?;
+    let kicker = Arc::new(ModuleKicker::default());
+    let host = Host::new(host_config, kicker.clone())?;
+    kicker.connect(host.module().clone());
     let gpaw = host_config.module.gpaw;
 
     // Firmware side: what is accepted eagerly, and the Linux-format table for the rest.
@@ -782,7 +849,12 @@ fn run_inner(
 
     let td = SimTd {
         host,
-        sched: Scheduler::new(config.vcpus as usize, config.seed, config.switch_every),
+        sched: Scheduler::new(
+            config.mode,
+            config.vcpus as usize,
+            config.seed,
+            config.switch_every,
+        ),
         cost: CostTable::DEFAULT,
         config: *config,
         guest: Guest {
@@ -803,37 +875,49 @@ fn run_inner(
     let job = BootJob::new(&boot_ranges, &boot_progress);
     let plan = scenario::Plan::new(&td, &job);
     let n = config.vcpus as usize;
-    let results: Vec<(vcpu::VcpuStats, Option<String>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..n)
-            .map(|id| {
-                let td = &td;
-                let plan = &plan;
-                scope.spawn(move || {
-                    let mut v = SimVcpu::new(td, id, config.seed);
-                    td.sched.wait_turn(id);
-                    let r = plan.run_vcpu(&mut v, progress);
-                    if let Err(e) = r {
-                        if v.fatal().is_none() {
-                            log::error!("vCPU {id}: {e}");
-                        }
-                    }
-                    td.sched.finish(id);
-                    (v.stats(), v.fatal().map(str::to_string).or(plan.error(id)))
+    let body = |id: usize, switch: Switch<'_>| {
+        let mut v = SimVcpu::new(&td, id, config.seed, switch);
+        let r = plan.run_vcpu(&mut v, progress);
+        v.halt();
+        if let Err(e) = r {
+            if v.fatal().is_none() {
+                log::error!("vCPU {id}: {e}");
+            }
+        }
+        (v.stats(), v.fatal().map(str::to_string).or(plan.error(id)))
+    };
+    let outcomes: Vec<Option<(vcpu::VcpuStats, Option<String>)>> = match config.mode {
+        Mode::Deterministic => sched::run_coroutines(&td.sched, n, body)?,
+        Mode::Parallel => std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|id| {
+                    let (body, sched) = (&body, &td.sched);
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{id}"))
+                        .spawn_scoped(scope, move || {
+                            // Finished (or panicked), this vCPU no longer paces the others.
+                            let _done = Finish(sched, id);
+                            body(id, Switch::THREAD)
+                        })
                 })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.ok().and_then(|h| h.join().ok()))
+                .collect()
+        }),
+    };
+    let results: Vec<(vcpu::VcpuStats, Option<String>)> = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                (
+                    vcpu::VcpuStats::default(),
+                    Some("vCPU panicked or could not start".into()),
+                )
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    (
-                        vcpu::VcpuStats::default(),
-                        Some("vCPU thread panicked".into()),
-                    )
-                })
-            })
-            .collect()
-    });
+        })
+        .collect();
     td.host.merge_pass();
     td.maybe_sample(plan.steps_done(), plan.pool(), true);
     td.check_all();

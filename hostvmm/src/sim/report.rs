@@ -88,6 +88,84 @@ pub struct Counts {
     pub poisoned_pages: u64,
 }
 
+/// BUSY answers a SEAMCALL got, for one operand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BusyCount {
+    /// The SEAMCALL (as the private MMU names it).
+    pub call: String,
+    /// The status's low 32 bits: the busy operand, with any detail bits the module sets.
+    pub operand: u32,
+    /// Answers.
+    pub count: u64,
+}
+
+/// What the vCPUs and the host ran into from each other. Mostly zero in deterministic mode
+/// (no vCPU is inside the TD while host code runs); real contention in parallel mode.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Contention {
+    /// BUSY (and INTERRUPTED) answers to the private MMU's SEAMCALLs, by call and operand.
+    pub seamcall_busy: Vec<BusyCount>,
+    /// All of those, retried.
+    pub seamcall_retries: u64,
+    /// ACCEPT executions answered OPERAND_BUSY (an entry locked by the host, including host
+    /// priority), which the guest engine retries.
+    pub accept_busy: u64,
+    /// TDH.MEM.TRACK refused while a vCPU was still in the previous TLB epoch.
+    pub track_refusals: u64,
+    /// SEAMCALLs refused with TLB_TRACKING_NOT_DONE (a vCPU still in the TD in the epoch of
+    /// the BLOCK).
+    pub tracking_not_done: u64,
+    /// vCPU kicks (every vCPU in the TD exits and re-enters).
+    pub kicks: u64,
+    /// Times a SEAMCALL that kept getting BUSY held every vCPU out of the TD and retried.
+    pub hold_outs: u64,
+    /// Faults that raced a zap, split or merge and let the guest retry.
+    pub fault_retries: u64,
+    /// Fault-path splits (DEMOTE for a smaller ACCEPT).
+    pub fault_splits: u64,
+    /// Parallel mode: times a vCPU waited for a slower one to catch up in modelled time.
+    pub paces: u64,
+}
+
+impl std::fmt::Display for Contention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let busy: Vec<String> = self
+            .seamcall_busy
+            .iter()
+            .map(|b| format!("{} op {:#x}: {}", b.call, b.operand, b.count))
+            .collect();
+        write!(
+            f,
+            "{} SEAMCALL BUSY retried [{}], {} ACCEPT BUSY, {} TRACK refused, {} tracking not done, {} kicks, {} hold-outs, {} fault retries, {} fault-path splits, {} paces",
+            self.seamcall_retries,
+            busy.join(", "),
+            self.accept_busy,
+            self.track_refusals,
+            self.tracking_not_done,
+            self.kicks,
+            self.hold_outs,
+            self.fault_retries,
+            self.fault_splits,
+            self.paces
+        )
+    }
+}
+
+/// Peak resident set of this process so far (`VmHWM` of `/proc/self/status`), in bytes;
+/// `None` where the file does not exist.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 /// One vCPU's figures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VcpuReport {
@@ -105,6 +183,9 @@ pub struct VcpuReport {
 pub struct Report {
     /// Scenario name.
     pub scenario: String,
+    /// How the vCPUs ran: "deterministic" (exact, seed-reproducible counts) or "parallel"
+    /// (one OS thread per vCPU; counts vary from run to run).
+    pub mode: String,
     /// Guest memory.
     pub memory_bytes: u64,
     /// vCPUs.
@@ -134,8 +215,13 @@ pub struct Report {
     pub modelled_time_us: u64,
     /// Simulator wall time (milliseconds, measured).
     pub wall_ms: u64,
-    /// Baton hand-overs of the deterministic scheduler.
+    /// vCPU switches of the deterministic scheduler (0 in parallel mode).
     pub schedule_switches: u64,
+    /// Contention between vCPUs and the host.
+    pub contention: Contention,
+    /// Peak resident set of the simulator process at the end of the run (bytes, measured;
+    /// includes earlier runs in the same process).
+    pub peak_rss_bytes: Option<u64>,
     /// Per vCPU.
     pub per_vcpu: Vec<VcpuReport>,
     /// Errors that stopped a vCPU's program or the TD.
@@ -165,10 +251,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "tdsim: {} on a {:.1} GiB TD with {} vCPUs (seed {}, guest {}, host {})",
+            "tdsim: {} on a {:.1} GiB TD with {} vCPUs, {} mode (seed {}, guest {}, host {})",
             self.scenario,
             gib(self.memory_bytes),
             self.vcpus,
+            self.mode,
             self.seed,
             self.guest_policy,
             self.host_policy
@@ -219,6 +306,14 @@ impl Report {
             self.modelled_time_us as f64 / 1e6,
             self.wall_ms as f64 / 1e3
         );
+        let _ = writeln!(out, "  contend  {}", self.contention);
+        if let Some(rss) = self.peak_rss_bytes {
+            let _ = writeln!(
+                out,
+                "  rss      {:.1} MiB peak (simulator process)",
+                rss as f64 / f64::from(1u32 << 20)
+            );
+        }
         let _ = write!(
             out,
             "  checks   {} invariant violations",
@@ -299,6 +394,7 @@ pub(crate) fn build(
         .collect();
     Report {
         scenario: config.scenario.name().to_string(),
+        mode: config.mode.name().to_string(),
         memory_bytes: config.memory,
         vcpus: config.vcpus,
         seed: config.seed,
@@ -319,6 +415,28 @@ pub(crate) fn build(
             / 1000,
         wall_ms: wall.as_millis() as u64,
         schedule_switches: td.sched.switches(),
+        contention: Contention {
+            seamcall_busy: host
+                .mmu()
+                .busy_by_operand()
+                .into_iter()
+                .map(|(call, operand, count)| BusyCount {
+                    call: call.to_string(),
+                    operand,
+                    count,
+                })
+                .collect(),
+            seamcall_retries: mmu.busy_retries,
+            accept_busy: module.status(CallKind::Accept, StatusCode::OperandBusy),
+            track_refusals: mmu.track_refusals,
+            tracking_not_done: mmu.tracking_not_done,
+            kicks: mmu.kicks,
+            hold_outs: mmu.hold_outs,
+            fault_retries: mmu.invalidation_retries,
+            fault_splits: mmu.fault_splits,
+            paces: td.sched.paces(),
+        },
+        peak_rss_bytes: peak_rss_bytes(),
         per_vcpu,
         errors,
     }

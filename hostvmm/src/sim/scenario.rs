@@ -28,6 +28,26 @@ const M2: u64 = 2 << 20;
 /// chunks.
 const REGION_BLOCKS: u64 = 4;
 
+/// The parts of `range` that vCPU `vcpu` of `vcpus` owns (whole ownership regions, clipped).
+pub(crate) fn owned_parts(range: GpaRange, vcpu: usize, vcpus: u32) -> Vec<GpaRange> {
+    let region = M2 * REGION_BLOCKS;
+    let n = u64::from(vcpus.max(1));
+    let (s, e) = (range.start().as_u64(), range.end().as_u64());
+    let mut parts = Vec::new();
+    let mut r = s / region;
+    while r * region < e {
+        if r % n == vcpu as u64 {
+            let lo = (r * region).max(s);
+            let hi = ((r + 1) * region).min(e);
+            if let Ok(p) = GpaRange::new(lo, hi) {
+                parts.push(p);
+            }
+        }
+        r += 1;
+    }
+    parts
+}
+
 /// A scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scenario {
@@ -132,11 +152,19 @@ impl ConvertHooks for PageTables {
     }
 }
 
+/// One phase barrier.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    arrived: u32,
+    claimed: bool,
+    released: bool,
+}
+
 /// A scenario ready to run: the shared boot job and phase barriers.
 pub struct Plan<'p, 'g> {
     td: &'p SimTd<'g>,
     job: &'p BootJob<'p>,
-    arrived: Mutex<Vec<u32>>,
+    arrived: Mutex<Vec<Phase>>,
     finished: AtomicU32,
     steps_done: AtomicU64,
     steps_total: u64,
@@ -240,27 +268,43 @@ impl<'p, 'g> Plan<'p, 'g> {
         (start, end)
     }
 
-    /// Waits until every vCPU reaches phase barrier `phase`, handing the baton around.
-    fn barrier(&self, v: &mut SimVcpu<'_>, phase: usize) {
+    /// Waits until every vCPU reaches phase barrier `phase` (or stopped), letting the others
+    /// run meanwhile. `at_quiescence` runs once, on one vCPU, when all have arrived and before
+    /// any leaves: no vCPU is running guest code then, in either mode.
+    fn barrier(&self, v: &mut SimVcpu<'_>, phase: usize, at_quiescence: impl FnOnce()) {
         let n = self.td.config().vcpus;
         {
             let mut a = self.arrived.lock().unwrap_or_else(PoisonError::into_inner);
             if a.len() <= phase {
-                a.resize(phase + 1, 0);
+                a.resize(phase + 1, Phase::default());
             }
-            a[phase] += 1;
+            a[phase].arrived += 1;
         }
+        let mut action = Some(at_quiescence);
         loop {
-            let all = self
-                .arrived
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(phase)
-                .is_some_and(|&c| c + self.finished.load(Ordering::Acquire) >= n);
-            if all {
+            let run = {
+                let mut a = self.arrived.lock().unwrap_or_else(PoisonError::into_inner);
+                let finished = self.finished.load(Ordering::Acquire);
+                match a.get_mut(phase) {
+                    Some(p) if p.released => return,
+                    Some(p) if p.arrived + finished >= n && !p.claimed => {
+                        p.claimed = true;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if run {
+                if let Some(f) = action.take() {
+                    f();
+                }
+                let mut a = self.arrived.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(p) = a.get_mut(phase) {
+                    p.released = true;
+                }
                 return;
             }
-            self.td.sched.yield_now(v.id(), true);
+            v.wait_point();
         }
     }
 
@@ -309,14 +353,13 @@ impl<'p, 'g> Plan<'p, 'g> {
                 .run(v.id(), v, g.acceptor)
                 .map_err(|e| format!("boot: {e:?}"))
         })();
-        self.barrier(v, 0);
-        boot?;
-        self.step(progress);
-        if v.id() == 0 {
+        self.barrier(v, 0, || {
             if let Ok(r) = GpaRange::new(0, g.eager_end) {
                 td.check_range(r);
             }
-        }
+        });
+        boot?;
+        self.step(progress);
 
         match td.config().scenario {
             Scenario::BootEager => self.data_check(v, 64)?,
@@ -324,7 +367,7 @@ impl<'p, 'g> Plan<'p, 'g> {
             Scenario::VeSplit => self.touches(v, traffic.touches, progress)?,
             Scenario::Swiotlb => {
                 self.pool_setup(v)?;
-                self.barrier(v, 1);
+                self.barrier(v, 1, || {});
                 self.bounces(v, traffic.bounces, progress)?;
             }
             Scenario::ConvertStorm => self.storms(v, traffic.storms, progress)?,
@@ -332,7 +375,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 self.allocations(v, traffic.allocations, progress)?;
                 self.touches(v, traffic.touches, progress)?;
                 self.pool_setup(v)?;
-                self.barrier(v, 1);
+                self.barrier(v, 1, || {});
                 let (mut b, mut s) = (traffic.bounces, traffic.storms);
                 while b + s > 0 {
                     if b > 0 && (s == 0 || v.rng().chance(b, b + s)) {
@@ -346,7 +389,7 @@ impl<'p, 'g> Plan<'p, 'g> {
             }
         }
         if let Some(s) = td.config().sabotage {
-            self.barrier(v, 2);
+            self.barrier(v, 2, || {});
             if v.id() == 0 {
                 let what = super::sabotage::apply(td, v, s);
                 log::warn!("sabotage {s:?}: {what}");
@@ -448,7 +491,7 @@ impl<'p, 'g> Plan<'p, 'g> {
             let t = Self::token(v);
             v.touch(gpa, Access::Write(t))?;
             if let Ok(r) = GpaRange::new(start, end) {
-                td.check_range(r);
+                td.check_range_of(r, v.id());
             }
             self.step(progress);
         }
@@ -479,7 +522,7 @@ impl<'p, 'g> Plan<'p, 'g> {
             }
             Self::write_and_check(v, gpa)?;
             if let Ok(r) = GpaRange::from_len(b * M2, M2) {
-                td.check_range(r);
+                td.check_range_of(r, v.id());
             }
             self.step(progress);
         }
@@ -553,7 +596,10 @@ impl<'p, 'g> Plan<'p, 'g> {
                     "neighbour {neighbour:#x}: wrote {keep:#x}, read {back:#x}"
                 ));
             }
-            td.check_range(GpaRange::from_len(b * M2, M2).map_err(|e| e.to_string())?);
+            td.check_range_of(
+                GpaRange::from_len(b * M2, M2).map_err(|e| e.to_string())?,
+                v.id(),
+            );
             if i % 16 == 15 {
                 td.host().merge_pass();
             }
@@ -599,13 +645,16 @@ impl<'p, 'g> Plan<'p, 'g> {
             g.converter
                 .convert(v, g.acceptor, range, Visibility::Shared, &mut pt)
                 .map_err(|e| format!("storm to shared: {e}"))?;
-            td.check_range(range);
+            td.check_range_of(range, v.id());
             g.converter
                 .convert(v, g.acceptor, range, Visibility::Private, &mut pt)
                 .map_err(|e| format!("storm to private: {e}"))?;
             let t = Self::token(v);
             v.touch(range.start().as_u64(), Access::Write(t))?;
-            td.check_range(GpaRange::from_len(base, region).map_err(|e| e.to_string())?);
+            td.check_range_of(
+                GpaRange::from_len(base, region).map_err(|e| e.to_string())?,
+                v.id(),
+            );
             if i % 16 == 15 {
                 td.host().merge_pass();
             }

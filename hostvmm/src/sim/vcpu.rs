@@ -6,9 +6,12 @@
 //! through the emulator: FREE -> exit -> the host maps; PENDING -> #VE delivered to the guest's
 //! handler (the real `accept::ve` handler) on this vCPU, then the access retries.
 //!
-//! The vCPU is inside the TD only for the duration of one module call; guest code between
-//! calls runs "outside" (which is how a kicked vCPU behaves, and what makes TLB tracking
-//! immediate under the deterministic scheduler).
+//! In deterministic mode the vCPU is inside the TD only for the duration of one module call;
+//! guest code between calls runs "outside" (which is how a kicked vCPU behaves, and what makes
+//! TLB tracking immediate under the deterministic scheduler). In parallel mode it stays inside
+//! from its first call until an exit takes it out (EPT violation, VMCALL, the end of its
+//! program), as on hardware: a TRACK while it still runs in the previous epoch is refused, and
+//! the host kicks it.
 
 use accept::abi::{
     page_info, vmcall, GhciStatus, Gpa, MapGpaOutcome, PageLevel, StatusCode, TdxStatus, VeInfo,
@@ -18,7 +21,7 @@ use accept::tdcall::Tdcall;
 use accept::tracker::CpuHooks;
 use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
-use super::sched::{Rng, Scheduler};
+use super::sched::{Rng, Scheduler, Switch};
 use super::{SimTd, ViolationKind};
 use crate::kvm::MmuStats;
 use crate::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
@@ -48,18 +51,20 @@ pub struct VcpuStats {
 }
 
 /// The guest's CPU hooks on a simulated vCPU: masking is a no-op (the simulator delivers no
-/// asynchronous interrupt to guest code), waiting hands the baton to another vCPU.
+/// asynchronous interrupt to guest code), waiting hands over to another vCPU (deterministic
+/// mode) or yields the OS thread (parallel mode).
 #[derive(Debug)]
 pub struct SimHooks<'a> {
     sched: &'a Scheduler,
     id: usize,
+    switch: Switch<'a>,
 }
 
 impl CpuHooks for SimHooks<'_> {
     type IrqGuard = ();
     fn mask_interrupts(&mut self) {}
     fn relax(&mut self) {
-        self.sched.yield_now(self.id, true);
+        self.switch.point(self.sched, self.id, true);
     }
 }
 
@@ -69,6 +74,7 @@ pub struct SimVcpu<'a> {
     id: usize,
     td: &'a SimTd<'a>,
     rng: Rng,
+    switch: Switch<'a>,
     ve_state: VeCpuState,
     irq_pending: bool,
     stats: VcpuStats,
@@ -76,11 +82,12 @@ pub struct SimVcpu<'a> {
 }
 
 impl<'a> SimVcpu<'a> {
-    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64) -> SimVcpu<'a> {
+    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64, switch: Switch<'a>) -> SimVcpu<'a> {
         SimVcpu {
             id,
             td,
             rng: Rng::new(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            switch,
             ve_state: VeCpuState::new(),
             irq_pending: false,
             stats: VcpuStats::default(),
@@ -113,12 +120,26 @@ impl<'a> SimVcpu<'a> {
         SimHooks {
             sched: &self.td.sched,
             id: self.id,
+            switch: self.switch,
+        }
+    }
+
+    /// The vCPU's program is over: it leaves the TD if it is inside.
+    pub fn halt(&mut self) {
+        let module = self.td.host.module();
+        if module.vcpu_in_td(self.id) {
+            let _ = module.vcpu_exit(self.id);
         }
     }
 
     /// A scheduling point.
     pub fn sched_point(&mut self) {
-        self.td.sched.yield_now(self.id, false);
+        self.switch.point(&self.td.sched, self.id, false);
+    }
+
+    /// A step of a wait loop: lets the other vCPUs run.
+    pub fn wait_point(&mut self) {
+        self.switch.point(&self.td.sched, self.id, true);
     }
 
     fn die(&mut self, why: String) {
@@ -129,6 +150,7 @@ impl<'a> SimVcpu<'a> {
 
     fn charge(&mut self, ns: u64) {
         self.stats.modelled_ns = self.stats.modelled_ns.saturating_add(ns);
+        self.td.sched.set_clock(self.id, self.stats.modelled_ns);
     }
 
     fn maybe_interrupt(&mut self) {
@@ -146,8 +168,30 @@ impl<'a> SimVcpu<'a> {
         }
     }
 
+    fn stays_inside(&self) -> bool {
+        self.td.config.mode == super::Mode::Parallel
+    }
+
+    /// Waits outside the TD while the host holds the vCPUs out (a SEAMCALL that kept getting
+    /// BUSY, as KVM's `wait_for_sept_zap`). Never the case in deterministic mode, where host
+    /// code runs between guest calls.
+    fn gate(&mut self) {
+        if !self.td.host.mmu().vcpus_held_out() {
+            return;
+        }
+        self.halt();
+        while self.td.host.mmu().vcpus_held_out() {
+            self.wait_point();
+        }
+    }
+
     fn enter(&mut self) -> bool {
-        match self.td.host.module().vcpu_enter(self.id) {
+        self.gate();
+        let module = self.td.host.module();
+        if self.stays_inside() && module.vcpu_in_td(self.id) {
+            return true;
+        }
+        match module.vcpu_enter(self.id) {
             Ok(()) => true,
             Err(e) => {
                 self.die(format!("vCPU enter: {e}"));
@@ -157,6 +201,9 @@ impl<'a> SimVcpu<'a> {
     }
 
     fn leave(&mut self) {
+        if self.stays_inside() {
+            return;
+        }
         if let Err(e) = self.td.host.module().vcpu_exit(self.id) {
             self.die(format!("vCPU exit: {e}"));
         }
@@ -169,6 +216,10 @@ impl<'a> SimVcpu<'a> {
         let mmu0 = host.mmu().stats();
         let vmm0 = host.stats();
         let irq = self.irq_pending;
+        let host_irq = u64::from(self.td.config.host_irq_per_mille);
+        if host_irq > 0 && self.rng.chance(host_irq, 1000) {
+            host.module().set_host_interrupt_pending(true);
+        }
         let action = host.handle_exit(exit, regs, &|| irq);
         let cost = self
             .td
