@@ -180,6 +180,39 @@ impl Split {
 }
 
 /// A boot acceptance job shared by every worker vCPU. `Sync`.
+///
+/// # Examples
+///
+/// Four workers accept 3 GiB + 12 KiB: the boot vCPU takes the unaligned edges, then every
+/// worker claims chunks from one cursor until none is left. Each worker has its own
+/// [`Tdcall`]; here each is a thread with a fake module of its own.
+///
+/// ```
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::parallel::{BootJob, WorkerProgress};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::{GpaRange, Gpaw};
+///
+/// let ranges = [GpaRange::new(0x10_0000 - 0x3000, 0xC010_0000)?];
+/// let progress: [WorkerProgress; 4] = Default::default();
+/// let job = BootJob::new(&ranges, &progress);
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+///
+/// let mut boot_vcpu = FakeModule::new();
+/// job.run_edges(&mut boot_vcpu, &acceptor)?;
+/// std::thread::scope(|s| {
+///     for worker in 0..4 {
+///         let (job, acceptor) = (&job, &acceptor);
+///         s.spawn(move || job.run(worker, &mut FakeModule::new(), acceptor));
+///     }
+/// });
+///
+/// assert!(job.is_complete());
+/// assert_eq!(job.workers_exited(), 4);
+/// let bytes: u64 = progress.iter().map(|p| p.bytes()).sum();
+/// assert_eq!(bytes + job.done_edge_bytes(), ranges[0].len());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct BootJob<'a> {
     ranges: &'a [GpaRange],
