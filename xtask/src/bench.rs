@@ -38,7 +38,8 @@ pub(crate) struct BenchArgs {
     jobs: usize,
     /// Run one part only and update its section of BENCHMARKS.md: `concurrency` (1 TiB
     /// boot-eager wall time in deterministic mode at 1, 8, 64 vCPUs and in parallel mode at 1,
-    /// 2, 8 threads, and peak RSS per memory size; a few minutes).
+    /// 2, 8 threads, and peak RSS per memory size; a few minutes) or `gmem` (conversion and
+    /// hole-punch rates of the guest_memfd model and the kernel's guest_memfd; seconds).
     #[arg(long)]
     only: Option<String>,
     /// Runs of each concurrency cell (the fastest wall time is reported).
@@ -181,9 +182,15 @@ Peak resident memory of the simulator (`VmHWM`, reported by `tdsim` as \
 
 /// `text` with its concurrency section replaced by `section` (appended when absent).
 fn splice_concurrency(text: &str, section: &str) -> String {
-    match (text.find(CONC_BEGIN), text.find(CONC_END)) {
+    splice_section(text, CONC_BEGIN, CONC_END, section)
+}
+
+/// `text` with the section between the markers `begin` and `end` replaced by `section`, which
+/// carries the markers itself (appended when absent).
+pub(crate) fn splice_section(text: &str, begin: &str, end_marker: &str, section: &str) -> String {
+    match (text.find(begin), text.find(end_marker)) {
         (Some(b), Some(e)) if b < e => {
-            let end = e + CONC_END.len();
+            let end = e + end_marker.len();
             let rest = text[end..].strip_prefix('\n').unwrap_or(&text[end..]);
             format!("{}{section}{rest}", &text[..b])
         }
@@ -565,7 +572,8 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
     match args.only.as_deref() {
         None => {}
         Some("concurrency") => return bench_concurrency(args),
-        Some(other) => bail!("--only takes `concurrency`, not {other:?}"),
+        Some("gmem") => return crate::bench_gmem::bench_gmem(),
+        Some(other) => bail!("--only takes `concurrency` or `gmem`, not {other:?}"),
     }
     let started = Instant::now();
     let root = workspace_root();
@@ -727,6 +735,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         elapsed_s: started.elapsed().as_secs_f64(),
     });
     let md = splice_concurrency(&md, &concurrency_section(&tdsim, args.repeats)?);
+    let md = crate::bench_gmem::splice(&md, &crate::bench_gmem::section()?);
     fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
     eprintln!(
         "==> BENCHMARKS.md and bench/ written in {:.0} s",

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_gmem;
 mod e2e;
 mod linux;
 mod publish;
