@@ -120,10 +120,7 @@ fn concurrency_section(tdsim: &Path, repeats: u32) -> Result<String> {
         nproc(),
         cpu_model(),
         commit(&workspace_root()),
-        fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().map(str::to_string))
-            .unwrap_or_else(|| "unknown".into())
+        load_average()
     );
     let _ = writeln!(
         o,
@@ -433,6 +430,14 @@ fn how(k: &Key, sizes: &[u64]) -> Option<How> {
         return Some(How::Skipped(SKIP_BASELINE_GUEST_1T));
     }
     Some(How::Run)
+}
+
+/// The 1-minute load average, as `/proc/loadavg` gives it.
+pub(crate) fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn workspace_root() -> PathBuf {

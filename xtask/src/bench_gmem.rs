@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::splice_section;
+use crate::bench::{load_average, splice_section};
 use crate::{cargo, e2e::root as workspace_root};
 
 const BEGIN: &str = "<!-- gmem:begin -->";
@@ -17,6 +17,7 @@ const END: &str = "<!-- gmem:end -->";
 /// Runs the measurement and returns the section, markers included.
 pub(crate) fn section() -> Result<String> {
     eprintln!("==> gmem_bench (model and kernel guest_memfd)");
+    let load = load_average();
     let out = cargo()
         .args([
             "run",
@@ -47,7 +48,8 @@ pub(crate) fn section() -> Result<String> {
          so the private MMU and the emulator cost nothing here). The kernel backend keeps private \
          memory in a real guest_memfd and shared memory in a memfd, converting with \
          `fallocate` and `FALLOC_FL_PUNCH_HOLE`; the model only updates its range maps. Wall \
-         time, best of 5 rounds; regenerate with `cargo xtask bench --only gmem`.\n"
+         time, best of 5 rounds, load average {load} before the run (the ratio is the figure to \
+         read on a busy machine); regenerate with `cargo xtask bench --only gmem`.\n"
     );
     s.push_str(table.trim_end());
     let _ = writeln!(s, "\n{END}");
