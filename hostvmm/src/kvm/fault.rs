@@ -203,11 +203,7 @@ impl PrivateMmu {
                 Ok(FaultOutcome::Ignored)
             }
             FaultSplit::Demote => {
-                let _w = self
-                    .mmu_lock
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+                let _w = self.lock_for_invalidation();
                 let base = gpa.align_down(level);
                 // Re-check under the exclusive lock: another vCPU may have split it already.
                 let e = self.module.leaf(gpa);
@@ -222,11 +218,7 @@ impl PrivateMmu {
                 Ok(FaultOutcome::Split)
             }
             FaultSplit::Inhibit => {
-                let _w = self
-                    .mmu_lock
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+                let _w = self.lock_for_invalidation();
                 let base = gpa.align_down(level);
                 self.inhibited
                     .lock()

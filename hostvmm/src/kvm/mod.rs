@@ -47,7 +47,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use accept::abi::{Gpa, PageLevel, TdxStatus};
@@ -321,6 +321,18 @@ impl PrivateMmu {
     /// holding it.
     pub fn hold_off_zaps(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the MMU lock exclusively for a change that invalidates mappings (zap, split,
+    /// inhibit, retiring a given-up leaf) and bumps the invalidation sequence, so that a fault
+    /// that looked its page up before the change retries.
+    fn lock_for_invalidation(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        let w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        w
     }
 }
 

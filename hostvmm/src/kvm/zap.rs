@@ -9,7 +9,6 @@
 //! Not here: recording error pages in the backing (the caller does, holding the backing's
 //! lock), the DEMOTE sequence (`split.rs`) and the SEAMCALL retry loop (`seamcall.rs`).
 
-use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use accept::abi::{Gpa, GpaRange, PageLevel};
@@ -39,11 +38,7 @@ impl PrivateMmu {
     /// that straddle the range are demoted first, so that only the range loses its mappings.
     /// Cannot fail: leaves that cannot be removed are reported to the backing as error pages.
     pub fn zap(&self, range: GpaRange) -> ZapReport {
-        let _w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let _w = self.lock_for_invalidation();
         let mut report = ZapReport::default();
 
         // Pass 1: demote the huge leaves straddling either edge (at most one per edge and
@@ -160,11 +155,7 @@ impl PrivateMmu {
     /// # Errors
     /// The failing BLOCK's status; the leaves blocked before it are unblocked again.
     pub fn block_range(&self, range: GpaRange) -> Result<Vec<(Gpa, PageLevel)>, FaultError> {
-        let _w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let _w = self.lock_for_invalidation();
         let mut blocked = Vec::new();
         for (gpa, level) in self.leaves_overlapping(range) {
             let r = self.block(gpa, level);
@@ -262,11 +253,7 @@ impl PrivateMmu {
     /// Tries again to REMOVE a leaf an earlier zap gave up on (its pages stay error pages in
     /// the backing; only the Secure-EPT entry is reclaimed).
     pub(super) fn retire_given_up(&self, base: Gpa, level: PageLevel) {
-        let _w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
+        let _w = self.lock_for_invalidation();
         if self.block_track_remove(&[(base, level)]).removed > 0 {
             self.forget_given_up(base, level);
         }
