@@ -1,12 +1,16 @@
 //! Private MMU flows against the module emulator, checking S-EPT states and SEAMCALL counts.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use accept::abi::page_info;
+use accept::abi::{page_info, GpaRange, StatusCode};
 
 use super::*;
-use crate::module::{Access, AccessOutcome, CallKind, CallOutcome, ModuleConfig, TdcallOutcome};
+use crate::module::{
+    Access, AccessOutcome, CallKind, CallOutcome, ExtExitQual, ModuleConfig, SeptState,
+    TdcallOutcome,
+};
 
 const K4: u64 = 4096;
 /// Guest memory is backed at HPA = GPA + this (contiguous, 1G aligned).
