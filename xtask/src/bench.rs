@@ -22,7 +22,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use hostvmm::sim::cost::CostTable;
+use hostvmm::sim::Report;
+
+/// Reads a `tdsim --json` report.
+fn read_report(path: &Path) -> Result<Report> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing the tdsim report {}", path.display()))
+}
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
@@ -84,14 +92,8 @@ fn run_boot(
     if !status.success() {
         bail!("tdsim boot-eager {gib} GiB {vcpus} vCPUs {mode}: exit {status}");
     }
-    let v: Value = serde_json::from_str(&fs::read_to_string(json).context("reading tdsim json")?)
-        .context("parsing tdsim json")?;
-    let get = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Ok((
-        get("wall_ms"),
-        get("peak_rss_bytes"),
-        get("modelled_time_us"),
-    ))
+    let r = read_report(json)?;
+    Ok((r.wall_ms, r.peak_rss_bytes.unwrap_or(0), r.modelled_time_us))
 }
 
 /// Measures the concurrency section: wall times by mode and vCPUs at 1 TiB, peak RSS by size.
@@ -315,52 +317,45 @@ struct Rep {
     wall_ms: Option<u64>,
     violations: u64,
     errors: usize,
+    /// The cost table the report's modelled time came from.
+    cost: CostTable,
 }
 
 impl Rep {
-    fn from_json(v: &Value) -> Result<Rep> {
-        let u = |path: &[&str]| -> Result<u64> {
-            let mut cur = v;
-            for p in path {
-                cur = cur
-                    .get(p)
-                    .with_context(|| format!("report has no {}", path.join(".")))?;
-            }
-            cur.as_u64()
-                .with_context(|| format!("{} is not a number", path.join(".")))
-        };
-        let seamcalls = v
-            .pointer("/counts/seamcalls")
-            .and_then(Value::as_object)
-            .context("report has no counts.seamcalls")?
-            .values()
-            .filter_map(Value::as_u64)
-            .sum();
-        Ok(Rep {
-            accept_calls: u(&["counts", "accept_calls"])?,
-            k4: u(&["counts", "accept_by_level", "4k"])?,
-            m2: u(&["counts", "accept_by_level", "2m"])?,
-            g1: u(&["counts", "accept_by_level", "1g"])?,
-            size_mismatch: u(&["counts", "accept_size_mismatch"])?,
-            exits: u(&["counts", "ept_violation_exits"])?,
-            ve: u(&["counts", "ve_injected"])?,
-            map_gpa: u(&["counts", "map_gpa_calls"])?,
-            seamcalls,
-            demote: u(&["counts", "seamcalls", "demote"])?,
-            promote: u(&["counts", "seamcalls", "promote"])?,
-            splits: u(&["counts", "fault_splits"])? + u(&["counts", "zap_splits"])?,
-            merges: u(&["counts", "merges"])?,
-            private: u(&["private_bytes"])?,
-            huge: u(&["huge_private_bytes"])?,
-            optimal: u(&["optimal_huge_private_bytes"])?,
-            modelled_us: u(&["modelled_time_us"])?,
-            wall_ms: Some(u(&["wall_ms"])?),
-            violations: u(&["invariant_violations"])?,
-            errors: v
-                .get("errors")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len),
-        })
+    fn from_report(r: &Report) -> Rep {
+        let c = &r.counts;
+        let s = &c.seamcalls;
+        Rep {
+            accept_calls: c.accept_calls,
+            k4: c.accept_by_level.k4,
+            m2: c.accept_by_level.m2,
+            g1: c.accept_by_level.g1,
+            size_mismatch: c.accept_size_mismatch,
+            exits: c.ept_violation_exits,
+            ve: c.ve_injected,
+            map_gpa: c.map_gpa_calls,
+            seamcalls: s.add
+                + s.sept_add
+                + s.aug
+                + s.block
+                + s.track
+                + s.unblock
+                + s.remove
+                + s.demote
+                + s.promote,
+            demote: s.demote,
+            promote: s.promote,
+            splits: c.fault_splits + c.zap_splits,
+            merges: c.merges,
+            private: r.private_bytes,
+            huge: r.huge_private_bytes,
+            optimal: r.optimal_huge_private_bytes,
+            modelled_us: r.modelled_time_us,
+            wall_ms: Some(r.wall_ms),
+            violations: r.invariant_violations as u64,
+            errors: r.errors.len(),
+            cost: r.cost_table,
+        }
     }
 
     /// boot-eager at `to_gib` from the same cell at `from_gib`: counts and bytes scale with
@@ -390,6 +385,7 @@ impl Rep {
             wall_ms: None,
             violations: self.violations,
             errors: self.errors,
+            cost: self.cost,
         }
     }
 
@@ -479,9 +475,7 @@ fn run_cell(tdsim: &Path, k: &Key, json_dir: &Path) -> Result<Rep> {
     if !(status.success() || status.code() == Some(1)) {
         bail!("{} failed ({status})", k.command_line());
     }
-    let text = fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
-    let v: Value = serde_json::from_str(&text).context("parsing the tdsim report")?;
-    Rep::from_json(&v)
+    Ok(Rep::from_report(&read_report(&json)?))
 }
 
 /// One timeline row: (step, whole-TD huge, whole-TD optimal, pool huge, pool optimal).
@@ -550,26 +544,6 @@ fn cpu_model() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
-}
-
-/// The cost table's constants, read from its source file (name, nanoseconds).
-fn cost_table(root: &Path) -> Vec<(String, u64)> {
-    let text = fs::read_to_string(root.join("hostvmm/src/sim/cost.rs")).unwrap_or_default();
-    let Some(start) = text.find("pub const DEFAULT") else {
-        return Vec::new();
-    };
-    text[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.trim().starts_with("};"))
-        .filter_map(|l| {
-            let (n, v) = l.trim().trim_end_matches(',').split_once(':')?;
-            Some((
-                n.trim().to_string(),
-                v.trim().replace('_', "").parse().ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// Runs the matrix and writes `BENCHMARKS.md` and `bench/`.
@@ -1185,13 +1159,19 @@ fn report(c: &Ctx<'_>) -> String {
     let _ = writeln!(o, "## Cost table\n");
     let _ = writeln!(
         o,
-        "From `hostvmm/src/sim/cost.rs` (`CostTable::DEFAULT`), where each constant names its \
+        "As the reports give it: `hostvmm/src/sim/cost.rs` (`CostTable::DEFAULT`), where each constant names its \
          source (public figures collected in the spec notes, section 9: DEMOTE ~10 us on \
          Sapphire Rapids; EPT violation + AUG ~8 us idle; eager 4K accept ~12-15 us per page \
          including exit and AUG; \"model\" marks values chosen where no public figure exists).\n"
     );
     let _ = writeln!(o, "| event | ns |\n|---|---:|");
-    for (n, v) in cost_table(c.root) {
+    let cost = c
+        .results
+        .values()
+        .next()
+        .map(|r| r.cost)
+        .unwrap_or_default();
+    for (n, v) in cost.entries() {
         let _ = writeln!(o, "| `{n}` | {v} |");
     }
     let _ = writeln!(

@@ -4,22 +4,63 @@
 //! `tdsim` alone runs the default scenario (`mixed`, 16 GiB, 8 vCPUs); `tdsim run ...` chooses
 //! (`--mode parallel` for one OS thread per vCPU); `tdsim scenarios` lists them; `tdsim stress`
 //! runs random parallel-mode configurations for a while. The exit status is 0 only when every
-//! invariant held.
+//! invariant held, 1 when one did not, 2 when the run could not start.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use accept::abi::PageLevel;
 use clap::{Args, Parser, Subcommand};
 use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{svg, GuestPolicy, HostPolicy, Mode, SimConfig};
+use hostvmm::sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
+
+const MAIN_HELP: &str =
+    "Without a command, tdsim runs the default scenario: `tdsim run` with its defaults
+(mixed, 16 GiB, 8 vCPUs, seed 1, guest and host policy ours, deterministic mode, gmem model).
+
+Exit codes:
+  0  every invariant held (every run, every behaviour)
+  1  an invariant was broken, a run failed or a hostile behaviour was not caught
+  2  the run could not start: bad arguments, unusable configuration, an unwritable output,
+     or `--gmem kernel` where /dev/kvm offers no guest_memfd";
+
+const RUN_HELP: &str =
+    "Defaults: mixed, 16 GiB, 8 vCPUs, seed 1, guest and host policy ours, max accept level 2m,
+#VE on pending pages, traffic 1, switch every 4, irq 20/1000, host irq 0/1000, deterministic
+mode, gmem model. `--json -` writes the report to stdout and the summary to stderr; the report
+holds every input, so `tdsim run` can repeat it.
+
+Exit codes:
+  0  every invariant held
+  1  an invariant was broken or a vCPU stopped with an error
+  2  the run could not start: bad arguments, unusable configuration, an unwritable output,
+     or `--gmem kernel` where /dev/kvm offers no guest_memfd";
+
+const SCENARIOS_HELP: &str = "Exit codes:
+  0  always";
+
+const HOSTILE_HELP: &str = "Default: every behaviour of the catalogue.
+
+Exit codes:
+  0  every behaviour was caught as expected
+  1  a behaviour was not
+  2  unknown behaviour name or an unwritable output";
+
+const STRESS_HELP: &str =
+    "Default: 60 s of random parallel-mode runs from seed 1, 2 to 8 vCPUs each.
+
+Exit codes:
+  0  every run passed
+  1  a run failed (its configuration is written to --failure)
+  2  an unwritable output";
 
 #[derive(Parser)]
 #[command(
     name = "tdsim",
-    about = "A simulated Intel TDX TD: guest acceptance engine against the host half"
+    version,
+    about = "A simulated Intel TDX TD: guest acceptance engine against the host half",
+    after_help = MAIN_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,13 +70,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one scenario.
+    #[command(after_help = RUN_HELP)]
     Run(RunArgs),
     /// List the scenarios and policies.
+    #[command(after_help = SCENARIOS_HELP)]
     Scenarios,
     /// Run the hostile-host catalogue (or one behaviour of it) and print the verdicts.
+    #[command(after_help = HOSTILE_HELP)]
     Hostile(HostileArgs),
     /// Run randomized scenarios in parallel mode until the time is up; exit non-zero on the
     /// first failing run and write its configuration for replay.
+    #[command(after_help = STRESS_HELP)]
     Stress(StressArgs),
 }
 
@@ -50,7 +95,8 @@ struct StressArgs {
     /// vCPUs of every run (drawn per run from 2 to 8 when absent).
     #[arg(long)]
     vcpus: Option<u32>,
-    /// Write the pass's summary (runs, contention, any failure) as JSON here.
+    /// Write the pass's summary (runs, contention, any failure) as JSON here (`-`: stdout,
+    /// and the progress lines go to stderr).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Where to write a failing run's configuration (with its replay command).
@@ -58,17 +104,55 @@ struct StressArgs {
     failure: PathBuf,
 }
 
+/// Where the human-readable lines go: stdout, or stderr when the JSON goes to stdout.
+#[derive(Clone, Copy)]
+struct Human {
+    to_stderr: bool,
+}
+
+impl Human {
+    fn new(json: Option<&PathBuf>) -> Human {
+        Human {
+            to_stderr: json.is_some_and(|p| is_stdout(p)),
+        }
+    }
+
+    fn say(self, text: impl std::fmt::Display) {
+        if self.to_stderr {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+fn is_stdout(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Writes `value` as pretty JSON to `path`, or to stdout for `-`.
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    if is_stdout(path) {
+        println!("{text}");
+        Ok(())
+    } else {
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
 fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
     use hostvmm::sim::stress;
+    let out = Human::new(a.json.as_ref());
     let cfg = stress::StressConfig {
         duration: std::time::Duration::from_secs(a.seconds),
         seed: a.seed,
         vcpus: a.vcpus,
     };
-    println!(
+    out.say(format_args!(
         "tdsim stress: {} s of random parallel-mode runs, seed {}",
         a.seconds, a.seed
-    );
+    ));
     let summary = stress::stress(&cfg, &mut |r| {
         let c = &r.config;
         let verdict = match &r.failure {
@@ -76,7 +160,7 @@ fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
             Some(f) => format!("FAILED: {f}"),
         };
         let k = r.report.as_ref().map(|rep| &rep.contention);
-        println!(
+        out.say(format_args!(
             "  #{:<4} {:<13} {:>5} MiB {:>2} vCPUs guest {:<9} host {:<12} {} irq {:>3}/{:>3} x{} {:>6} ms  busy {:>4} kicks {:>3} {}",
             r.index,
             c.scenario,
@@ -92,30 +176,29 @@ fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
             k.map_or(0, |k| k.seamcall_retries + k.accept_busy),
             k.map_or(0, |k| k.kicks),
             verdict
-        );
+        ));
     });
     let k = &summary.contention;
-    println!(
+    out.say(format_args!(
         "{} runs in {:.1} s, {} invariant violations",
         summary.runs,
         summary.wall_ms as f64 / 1e3,
         summary.invariant_violations
-    );
+    ));
     let scen: Vec<String> = summary
         .by_scenario
         .iter()
         .map(|(s, n)| format!("{s} {n}"))
         .collect();
-    println!("  scenarios   {}", scen.join(", "));
-    println!("  contention  {k}");
+    out.say(format_args!("  scenarios   {}", scen.join(", ")));
+    out.say(format_args!("  contention  {k}"));
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json(path, &summary)?;
     }
     if let Some(f) = &summary.failure {
         let text = serde_json::to_string_pretty(&f.config).map_err(|e| e.to_string())?;
         std::fs::write(&a.failure, text).map_err(|e| format!("{}: {e}", a.failure.display()))?;
-        println!(
+        out.say(format_args!(
             "FAILED run #{}: {}
   configuration written to {}
   replay: {}",
@@ -123,7 +206,7 @@ fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
             f.failure.as_deref().unwrap_or("?"),
             a.failure.display(),
             f.config.command
-        );
+        ));
         // A hung run is still on its thread: leave without waiting for it.
         std::process::exit(1);
     }
@@ -134,7 +217,7 @@ fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
 struct HostileArgs {
     /// One behaviour's name; all of them when absent.
     name: Option<String>,
-    /// Write the rows as JSON here.
+    /// Write the rows as JSON here (`-`: stdout, and the table goes to stderr).
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -146,22 +229,23 @@ fn hostile_cmd(a: &HostileArgs) -> Result<bool, String> {
             .ok_or_else(|| format!("unknown behaviour {name:?} (see `tdsim hostile`)"))?],
         None => hostile::run_all(),
     };
-    print!("{}", hostile::table(&rows));
+    let out = Human::new(a.json.as_ref());
+    let table = hostile::table(&rows);
+    out.say(table.trim_end_matches('\n'));
     for r in rows.iter().filter(|r| !r.passed || a.name.is_some()) {
-        println!("{}: {}", r.name, r.detail);
+        out.say(format_args!("{}: {}", r.name, r.detail));
     }
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json(path, &rows)?;
     }
     Ok(rows.iter().all(|r| r.passed))
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Scenario name (see `tdsim scenarios`).
-    #[arg(long, default_value = "mixed")]
-    scenario: String,
+    /// Scenario (see `tdsim scenarios`).
+    #[arg(long, value_enum, default_value_t = Scenario::Mixed)]
+    scenario: Scenario,
     /// Guest memory, e.g. 16G, 512M, 1T (binary units).
     #[arg(long, default_value = "16G", value_parser = parse_size)]
     memory: u64,
@@ -172,14 +256,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Guest policy.
-    #[arg(long, default_value = "ours")]
-    guest_policy: String,
+    #[arg(long, value_enum, default_value_t = GuestPolicy::Ours)]
+    guest_policy: GuestPolicy,
     /// Host policy.
-    #[arg(long, default_value = "ours")]
-    host_policy: String,
+    #[arg(long, value_enum, default_value_t = HostPolicy::Ours)]
+    host_policy: HostPolicy,
     /// The module's largest ACCEPT level: 2m (every public module) or 1g (a future one).
-    #[arg(long, default_value = "2m")]
-    max_accept_level: String,
+    #[arg(long, value_enum, default_value_t = AcceptLevel::M2)]
+    max_accept_level: AcceptLevel,
     /// Run with #VE on pending pages disabled (SEPT_VE_DISABLE), as every existing guest does.
     #[arg(long)]
     no_pending_ve: bool,
@@ -199,9 +283,13 @@ struct RunArgs {
     host_irq_per_mille: u32,
     /// deterministic: coroutines on one thread, exact seed-reproducible counts; parallel: one
     /// OS thread per vCPU, all running at once (real contention, counts vary).
-    #[arg(long, default_value = "deterministic")]
-    mode: String,
-    /// Write the report as JSON here.
+    #[arg(long, value_enum, default_value_t = Mode::Deterministic)]
+    mode: Mode,
+    /// The host half's conversion backend: model (the in-memory guest_memfd model) or kernel
+    /// (the kernel's guest_memfd from /dev/kvm; exit code 2 where there is none).
+    #[arg(long, value_enum, default_value_t = GmemBackend::Model)]
+    gmem: GmemBackend,
+    /// Write the report as JSON here (`-`: stdout, and the summary goes to stderr).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw the TD's memory as SVG here.
@@ -220,19 +308,20 @@ struct RunArgs {
 impl Default for RunArgs {
     fn default() -> Self {
         RunArgs {
-            scenario: "mixed".into(),
+            scenario: Scenario::Mixed,
             memory: 16 << 30,
             vcpus: 8,
             seed: 1,
-            guest_policy: "ours".into(),
-            host_policy: "ours".into(),
-            max_accept_level: "2m".into(),
+            guest_policy: GuestPolicy::Ours,
+            host_policy: HostPolicy::Ours,
+            max_accept_level: AcceptLevel::M2,
             no_pending_ve: false,
             traffic: 1,
             switch_every: 4,
             irq_per_mille: 20,
             host_irq_per_mille: 0,
-            mode: "deterministic".into(),
+            mode: Mode::Deterministic,
+            gmem: GmemBackend::Model,
             json: None,
             svg: None,
             timeline: None,
@@ -256,39 +345,27 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("too large: {s}"))
 }
 
-fn config(a: &RunArgs) -> Result<SimConfig, String> {
-    let scenario = Scenario::from_name(&a.scenario)
-        .ok_or_else(|| format!("unknown scenario {:?} (see `tdsim scenarios`)", a.scenario))?;
-    let guest = GuestPolicy::from_name(&a.guest_policy)
-        .ok_or_else(|| format!("unknown guest policy {:?}", a.guest_policy))?;
-    let host = HostPolicy::from_name(&a.host_policy)
-        .ok_or_else(|| format!("unknown host policy {:?}", a.host_policy))?;
-    let mode = Mode::from_name(&a.mode)
-        .ok_or_else(|| format!("mode must be deterministic or parallel, not {:?}", a.mode))?;
-    let max_accept_level = match a.max_accept_level.as_str() {
-        "2m" | "2M" => PageLevel::Size2M,
-        "1g" | "1G" => PageLevel::Size1G,
-        other => return Err(format!("max accept level must be 2m or 1g, not {other}")),
-    };
-    Ok(SimConfig {
+fn config(a: &RunArgs) -> SimConfig {
+    SimConfig {
         memory: a.memory,
         vcpus: a.vcpus,
         seed: a.seed,
-        guest,
-        host,
+        guest: a.guest_policy,
+        host: a.host_policy,
         pending_ve: !a.no_pending_ve,
-        max_accept_level,
+        max_accept_level: a.max_accept_level.level(),
         traffic: a.traffic,
         switch_every: a.switch_every,
         irq_per_mille: a.irq_per_mille,
         host_irq_per_mille: a.host_irq_per_mille,
-        mode,
-        ..SimConfig::new(scenario)
-    })
+        mode: a.mode,
+        gmem: a.gmem,
+        ..SimConfig::new(a.scenario)
+    }
 }
 
 fn run_cmd(a: &RunArgs) -> Result<bool, String> {
-    let cfg = config(a)?;
+    let cfg = config(a);
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(1);
         b.set_style(
@@ -346,10 +423,9 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    println!("{}", report.summary());
+    Human::new(a.json.as_ref()).say(report.summary());
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json(path, &report)?;
     }
     if let (Some(path), Some(svg)) = (&a.svg, svg_out) {
         std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;

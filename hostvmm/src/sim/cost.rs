@@ -3,7 +3,7 @@
 //! result as modelled: it is arithmetic over counts, not a measurement.
 
 /// Modelled cost of each event, in nanoseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CostTable {
     /// A TDCALL round trip into the module and back (ACCEPT bookkeeping, VEINFO.GET, ...).
     /// Model: chosen so that a 4K EPT exit + AUG + ACCEPT totals ~12.4 us, inside the
@@ -42,6 +42,22 @@ impl CostTable {
         seamcall: 1_000,
         map_gpa_chunk: 5_000,
     };
+}
+
+impl CostTable {
+    /// Every constant with its field name, in declaration order (for tables of the costs).
+    pub fn entries(&self) -> [(&'static str, u64); 8] {
+        [
+            ("tdcall", self.tdcall),
+            ("zero_4k", self.zero_4k),
+            ("ept_exit", self.ept_exit),
+            ("ve", self.ve),
+            ("demote", self.demote),
+            ("promote", self.promote),
+            ("seamcall", self.seamcall),
+            ("map_gpa_chunk", self.map_gpa_chunk),
+        ]
+    }
 }
 
 impl Default for CostTable {

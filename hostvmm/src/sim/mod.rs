@@ -45,7 +45,7 @@ use crate::module::{Access, SeptState, TdxModule};
 use crate::vmm::{Host, HostConfig, VmmStats};
 
 use cost::CostTable;
-pub use report::Report;
+pub use report::{Report, SCHEMA_VERSION};
 use scenario::Scenario;
 pub use sched::Mode;
 use sched::{Scheduler, Switch};
@@ -53,7 +53,7 @@ use vcpu::SimVcpu;
 
 /// Guest acceptance policies: this engine, and baselines that behave like other guests
 /// (presets of [`AcceptPolicy`], written from their described behaviour).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum GuestPolicy {
     /// This project's engine: 1G -> 2M -> 4K, learns the module's cap, strict.
     Ours,
@@ -140,11 +140,12 @@ impl GuestPolicy {
 }
 
 /// Host policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum HostPolicy {
     /// This project's host: 2M at the guest's accept level, DEMOTE on demand, PROMOTE back.
     Ours,
     /// Mainline KVM: 4K private mappings only.
+    #[value(name = "kvm-4k")]
     Kvm4k,
     /// The KVM TDX huge-page series: 2M, split in the zap path, one-way inhibit, no merge.
     KvmHugepage,
@@ -184,6 +185,79 @@ impl HostPolicy {
     }
 }
 
+/// The module's largest ACCEPT level, as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum AcceptLevel {
+    /// 2M: every public module.
+    #[default]
+    #[value(name = "2m", alias = "2M")]
+    M2,
+    /// 1G: a future module.
+    #[value(name = "1g", alias = "1G")]
+    G1,
+}
+
+impl AcceptLevel {
+    /// The page level.
+    pub fn level(self) -> PageLevel {
+        match self {
+            AcceptLevel::M2 => PageLevel::Size2M,
+            AcceptLevel::G1 => PageLevel::Size1G,
+        }
+    }
+
+    /// The level's command-line name ("1g" for 1G, "2m" for anything smaller).
+    pub fn name_of(level: PageLevel) -> &'static str {
+        match level {
+            PageLevel::Size1G => "1g",
+            _ => "2m",
+        }
+    }
+
+    /// Parses a command-line name ("2m", "2M", "1g", "1G").
+    pub fn from_name(name: &str) -> Option<AcceptLevel> {
+        match name {
+            "2m" | "2M" => Some(AcceptLevel::M2),
+            "1g" | "1G" => Some(AcceptLevel::G1),
+            _ => None,
+        }
+    }
+}
+
+/// The conversion backend under the host half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum GmemBackend {
+    /// The in-memory guest_memfd model
+    #[default]
+    Model,
+    /// The kernel's guest_memfd from /dev/kvm (feature kernel-gmem)
+    Kernel,
+}
+
+impl GmemBackend {
+    /// Both backends with their command-line names.
+    pub const ALL: [(GmemBackend, &'static str); 2] = [
+        (GmemBackend::Model, "model"),
+        (GmemBackend::Kernel, "kernel"),
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GmemBackend::Model => "model",
+            GmemBackend::Kernel => "kernel",
+        }
+    }
+
+    /// Parses a command-line name.
+    pub fn from_name(name: &str) -> Option<GmemBackend> {
+        GmemBackend::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(b, _)| *b)
+    }
+}
+
 /// One simulation run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimConfig {
@@ -218,6 +292,8 @@ pub struct SimConfig {
     pub sabotage: Option<sabotage::Sabotage>,
     /// Deterministic (coroutines, exact counts) or parallel (one OS thread per vCPU).
     pub mode: Mode,
+    /// The conversion backend: the guest_memfd model or the kernel's guest_memfd.
+    pub gmem: GmemBackend,
 }
 
 impl SimConfig {
@@ -238,12 +314,15 @@ impl SimConfig {
             traffic: 1,
             sabotage: None,
             mode: Mode::Deterministic,
+            gmem: GmemBackend::Model,
         }
     }
 }
 
 /// A broken invariant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum ViolationKind {
     /// A page was accepted twice without being given up in between.
     DoubleAccept,
@@ -262,7 +341,7 @@ pub enum ViolationKind {
 }
 
 /// One violation, with where it was seen.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Violation {
     /// Which invariant.
     pub kind: ViolationKind,
@@ -774,6 +853,26 @@ pub fn run_sampled(
     run_inner(config, progress, Some(Sampler { every, sink }), inspect)
 }
 
+/// A host over the kernel's guest_memfd.
+#[cfg(feature = "kernel-gmem")]
+fn kernel_host(config: HostConfig, kicker: Arc<ModuleKicker>) -> Result<Host, SimError> {
+    let backend = crate::gmem::KernelBackend::new(config.memory, crate::vmm::GUEST_HPA_BASE)
+        .map_err(|e| SimError::Config(format!("--gmem kernel: {e}")))?;
+    Ok(Host::with_backend(
+        config,
+        kicker,
+        Arc::new(Mutex::new(backend)),
+    )?)
+}
+
+/// Without the `kernel-gmem` feature there is no kernel backend.
+#[cfg(not(feature = "kernel-gmem"))]
+fn kernel_host(_config: HostConfig, _kicker: Arc<ModuleKicker>) -> Result<Host, SimError> {
+    Err(SimError::Config(
+        "--gmem kernel: hostvmm was built without the `kernel-gmem` feature".into(),
+    ))
+}
+
 fn run_inner(
     config: &SimConfig,
     progress: &(dyn Fn(u64, u64) + Sync),
@@ -799,7 +898,10 @@ fn run_inner(
         host_config.mmu.fault_split = crate::kvm::FaultSplit::Ignore;
     }
     let kicker = Arc::new(ModuleKicker::default());
-    let host = Host::new(host_config, kicker.clone())?;
+    let host = match config.gmem {
+        GmemBackend::Model => Host::new(host_config, kicker.clone())?,
+        GmemBackend::Kernel => kernel_host(host_config, kicker.clone())?,
+    };
     kicker.connect(host.module().clone());
     let gpaw = host_config.module.gpaw;
 

@@ -7,15 +7,20 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use accept::abi::{PageLevel, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::cost::CostTable;
+use super::scenario::Scenario;
 use super::vcpu::VcpuStats;
-use super::{MappingTotals, SimTd, Violation, ViolationKind, ViolationLog};
+use super::{
+    AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, MappingTotals, Mode, SimConfig, SimTd,
+    Violation, ViolationKind, ViolationLog,
+};
 use crate::kvm::MmuStats;
 use crate::module::{AccessKind, CallKind, CallOutcome};
 
 /// ACCEPT TDCALLs the guest made, by level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ByLevel {
     /// 4K.
     #[serde(rename = "4k")]
@@ -29,7 +34,7 @@ pub struct ByLevel {
 }
 
 /// SEAMCALLs by kind (every call, whatever its outcome).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Seamcalls {
     /// TDH.MEM.PAGE.ADD.
     pub add: u64,
@@ -52,7 +57,7 @@ pub struct Seamcalls {
 }
 
 /// Exact counts of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counts {
     /// ACCEPT TDCALLs the guest engine issued (a re-execution after an exit is the same call).
     pub accept_calls: u64,
@@ -89,7 +94,7 @@ pub struct Counts {
 }
 
 /// BUSY answers a SEAMCALL got, for one operand.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusyCount {
     /// The SEAMCALL (as the private MMU names it).
     pub call: String,
@@ -101,7 +106,7 @@ pub struct BusyCount {
 
 /// What the vCPUs and the host ran into from each other. Mostly zero in deterministic mode
 /// (no vCPU is inside the TD while host code runs); real contention in parallel mode.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Contention {
     /// BUSY (and INTERRUPTED) answers to the private MMU's SEAMCALLs, by call and operand.
     pub seamcall_busy: Vec<BusyCount>,
@@ -167,7 +172,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// One vCPU's figures.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuReport {
     /// Index.
     pub vcpu: usize,
@@ -178,9 +183,16 @@ pub struct VcpuReport {
     pub fatal: Option<String>,
 }
 
-/// The report of one run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The version of the report's JSON layout, in its `schema_version` key. Raised whenever a
+/// key is renamed, removed or changes meaning (adding a key does not raise it).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The report of one run. Its inputs (scenario to gmem backend) rebuild the run's
+/// [`SimConfig`] ([`Report::config`]) and command line ([`Report::command`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// The JSON layout's version ([`SCHEMA_VERSION`]).
+    pub schema_version: u32,
     /// Scenario name.
     pub scenario: String,
     /// How the vCPUs ran: "deterministic" (exact, seed-reproducible counts) or "parallel"
@@ -196,6 +208,23 @@ pub struct Report {
     pub guest_policy: String,
     /// Host policy name.
     pub host_policy: String,
+    /// The module's largest ACCEPT level: "2m" or "1g".
+    pub max_accept_level: String,
+    /// #VE on pending pages as configured (`false` for `--no-pending-ve`; a Linux guest runs
+    /// with SEPT_VE_DISABLE whatever this says).
+    pub pending_ve: bool,
+    /// Scale of the scenario's traffic.
+    pub traffic: u32,
+    /// Deterministic mode: a scheduling point switches vCPU with probability 1 / this.
+    pub switch_every: u64,
+    /// Per-mille chance of a pending guest interrupt at each TDCALL.
+    pub irq_per_mille: u32,
+    /// Per-mille chance of a pending host interrupt at each exit.
+    pub host_irq_per_mille: u32,
+    /// The conversion backend: "model" or "kernel".
+    pub gmem: String,
+    /// The cost table that turned counts into modelled time (nanoseconds per event).
+    pub cost_table: CostTable,
     /// Exact counts.
     pub counts: Counts,
     /// Private bytes mapped and accepted (MAPPED leaves).
@@ -229,6 +258,65 @@ pub struct Report {
 }
 
 impl Report {
+    /// The configuration that produced this report (no sabotage).
+    ///
+    /// # Errors
+    /// A name in the report that this build does not know.
+    pub fn config(&self) -> Result<SimConfig, String> {
+        let scenario = Scenario::from_name(&self.scenario)
+            .ok_or_else(|| format!("unknown scenario {:?}", self.scenario))?;
+        Ok(SimConfig {
+            memory: self.memory_bytes,
+            vcpus: self.vcpus,
+            seed: self.seed,
+            guest: GuestPolicy::from_name(&self.guest_policy)
+                .ok_or_else(|| format!("unknown guest policy {:?}", self.guest_policy))?,
+            host: HostPolicy::from_name(&self.host_policy)
+                .ok_or_else(|| format!("unknown host policy {:?}", self.host_policy))?,
+            pending_ve: self.pending_ve,
+            max_accept_level: AcceptLevel::from_name(&self.max_accept_level)
+                .ok_or_else(|| format!("unknown accept level {:?}", self.max_accept_level))?
+                .level(),
+            irq_per_mille: self.irq_per_mille,
+            host_irq_per_mille: self.host_irq_per_mille,
+            switch_every: self.switch_every,
+            traffic: self.traffic,
+            sabotage: None,
+            mode: Mode::from_name(&self.mode)
+                .ok_or_else(|| format!("unknown mode {:?}", self.mode))?,
+            gmem: GmemBackend::from_name(&self.gmem)
+                .ok_or_else(|| format!("unknown gmem backend {:?}", self.gmem))?,
+            ..SimConfig::new(scenario)
+        })
+    }
+
+    /// The `tdsim run` arguments that repeat this run (every input spelled out).
+    pub fn command(&self) -> String {
+        format!(
+            "tdsim run --scenario {} --memory {}M --vcpus {} --seed {} --guest-policy {} \
+             --host-policy {} --max-accept-level {}{} --traffic {} --switch-every {} \
+             --irq-per-mille {} --host-irq-per-mille {} --mode {} --gmem {}",
+            self.scenario,
+            self.memory_bytes >> 20,
+            self.vcpus,
+            self.seed,
+            self.guest_policy,
+            self.host_policy,
+            self.max_accept_level,
+            if self.pending_ve {
+                ""
+            } else {
+                " --no-pending-ve"
+            },
+            self.traffic,
+            self.switch_every,
+            self.irq_per_mille,
+            self.host_irq_per_mille,
+            self.mode,
+            self.gmem
+        )
+    }
+
     /// True when the run had no violation and no error.
     pub fn passed(&self) -> bool {
         self.invariant_violations == 0 && self.errors.is_empty()
@@ -393,6 +481,7 @@ pub(crate) fn build(
         .filter_map(|v| v.fatal.as_ref().map(|f| format!("vCPU {}: {f}", v.vcpu)))
         .collect();
     Report {
+        schema_version: SCHEMA_VERSION,
         scenario: config.scenario.name().to_string(),
         mode: config.mode.name().to_string(),
         memory_bytes: config.memory,
@@ -400,6 +489,14 @@ pub(crate) fn build(
         seed: config.seed,
         guest_policy: config.guest.name().to_string(),
         host_policy: config.host.name().to_string(),
+        max_accept_level: AcceptLevel::name_of(config.max_accept_level).to_string(),
+        pending_ve: config.pending_ve,
+        traffic: config.traffic,
+        switch_every: config.switch_every,
+        irq_per_mille: config.irq_per_mille,
+        host_irq_per_mille: config.host_irq_per_mille,
+        gmem: config.gmem.name().to_string(),
+        cost_table: td.cost,
         counts,
         private_bytes: totals.private,
         huge_private_bytes: totals.huge,
@@ -439,5 +536,42 @@ pub(crate) fn build(
         peak_rss_bytes: peak_rss_bytes(),
         per_vcpu,
         errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_round_trips_and_rebuilds_its_configuration() {
+        let config = SimConfig {
+            memory: 64 << 20,
+            vcpus: 2,
+            seed: 7,
+            guest: GuestPolicy::TdShim,
+            host: HostPolicy::KvmHugepage,
+            pending_ve: false,
+            max_accept_level: accept::abi::PageLevel::Size1G,
+            irq_per_mille: 30,
+            host_irq_per_mille: 10,
+            switch_every: 3,
+            traffic: 2,
+            ..SimConfig::new(Scenario::Swiotlb)
+        };
+        let report = super::super::run(&config, &|_, _| {}).expect("valid configuration");
+        assert_eq!(report.schema_version, SCHEMA_VERSION);
+        assert_eq!(report.cost_table, CostTable::DEFAULT);
+        let text = serde_json::to_string(&report).expect("serializes");
+        let back: Report = serde_json::from_str(&text).expect("deserializes");
+        assert_eq!(back, report);
+        assert_eq!(back.config(), Ok(config));
+        assert_eq!(
+            report.command(),
+            "tdsim run --scenario swiotlb --memory 64M --vcpus 2 --seed 7 --guest-policy td-shim \
+             --host-policy kvm-hugepage --max-accept-level 1g --no-pending-ve --traffic 2 \
+             --switch-every 3 --irq-per-mille 30 --host-irq-per-mille 10 --mode deterministic \
+             --gmem model"
+        );
     }
 }

@@ -49,7 +49,7 @@ pub(crate) fn owned_parts(range: GpaRange, vcpu: usize, vcpus: u32) -> Vec<GpaRa
 }
 
 /// A scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Scenario {
     /// Parallel eager acceptance of all memory, then a data check.
     BootEager,

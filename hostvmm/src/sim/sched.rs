@@ -85,7 +85,7 @@ impl Rng {
 }
 
 /// How the vCPUs of a run execute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Mode {
     /// Coroutines on one thread, seeded interleaving, exact counts.
     #[default]

@@ -36,7 +36,7 @@ pub const MAX_EXITS_PER_INSTRUCTION: u32 = 64;
 pub const TD_KILLED: TdxStatus = StatusCode::NonRecoverableTd.status();
 
 /// Counters of one vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct VcpuStats {
     /// TD exits taken (EPT violations and VMCALLs).
     pub exits: u64,
