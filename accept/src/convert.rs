@@ -450,11 +450,13 @@ pub struct ConvertStats {
 /// acceptor.accept_range(&mut module, buffer)?;
 ///
 /// let mut pt = PageTables::default();
-/// converter.convert(&mut module, &acceptor, buffer, Visibility::Shared, &mut pt)?;
+/// // SAFETY: the fake has no memory behind the GPAs; a kernel would own `buffer` here.
+/// unsafe { converter.convert(&mut module, &acceptor, buffer, Visibility::Shared, &mut pt) }?;
 /// assert!(module.is_shared(Gpa::try_new(0x10_1000)?));
 /// assert_eq!(pt.shared, [buffer]);
 ///
-/// converter.convert(&mut module, &acceptor, buffer, Visibility::Private, &mut pt)?;
+/// // SAFETY: as above.
+/// unsafe { converter.convert(&mut module, &acceptor, buffer, Visibility::Private, &mut pt) }?;
 /// assert!(module.is_accepted(Gpa::try_new(0x10_1000)?));
 /// assert!(pt.shared.is_empty());
 /// assert_eq!(converter.stats().conversions, 2);
@@ -591,10 +593,11 @@ impl Converter {
     /// Converts `range` to `to`: page tables, TLB, MapGPA and (to private) ACCEPT, in Linux's
     /// order, rolling back on failure.
     ///
-    /// # Contract
+    /// # Safety
     ///
-    /// The engine never reads or writes the range itself; it changes who can see it. What the
-    /// caller guarantees, which the engine cannot check:
+    /// The engine never reads or writes the range itself; it changes who can see it, which
+    /// erases or exposes memory behind the back of every reference into it. The caller
+    /// guarantees, and the engine cannot check:
     ///
     /// - **Ownership.** Nothing else uses the range during the call: no other CPU reads or
     ///   writes it, no device DMAs to it, no other conversion or lazy acceptance covers it
@@ -610,12 +613,13 @@ impl Converter {
     ///   used as before; `Restored` parts are zeroed; `HostConverted` and `Unknown` parts must
     ///   not be used until a later conversion settles them.
     ///
-    /// A kernel exposing this to its own code should do so as an `unsafe fn` with these
-    /// points as its `# Safety` section (asterinas ostd's `unprotect_gpa_range` is one).
+    /// Hence an `unsafe fn`, as asterinas ostd's `unprotect_gpa_range` is. In a simulated TD
+    /// (no real memory behind the GPAs) the points hold trivially.
     ///
     /// # Errors
     /// [`ConvertFailure`] with the first cause, the rollback outcome and the resulting states.
-    pub fn convert<T: Tdcall + ?Sized, H: ConvertHooks + ?Sized>(
+    #[allow(unsafe_code)]
+    pub unsafe fn convert<T: Tdcall + ?Sized, H: ConvertHooks + ?Sized>(
         &self,
         tdcall: &mut T,
         acceptor: &Acceptor,
@@ -936,6 +940,21 @@ impl Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`Converter::convert`] on the fakes of these tests.
+    #[allow(unsafe_code)]
+    fn convert_on<T: Tdcall + ?Sized, H: ConvertHooks + ?Sized>(
+        c: &Converter,
+        tdcall: &mut T,
+        acceptor: &Acceptor,
+        range: GpaRange,
+        to: Visibility,
+        hooks: &mut H,
+    ) -> Result<(), ConvertFailure<H::Error>> {
+        // SAFETY: no memory stands behind the fakes' GPAs, so nothing can see it erased or
+        // exposed, and nothing else converts it.
+        unsafe { c.convert(tdcall, acceptor, range, to, hooks) }
+    }
     use crate::abi::{MapGpaOutcome, PageLevel, StatusCode, VeInfo, VpInfo};
     use crate::acceptor::AcceptPolicy;
     use std::boxed::Box;
@@ -1235,9 +1254,7 @@ mod tests {
             fail: None,
         };
         let r = range(SHARED48 - K4, SHARED48 + K4);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap_err();
         assert_eq!(
             f.cause,
             ConvertCause::InvalidRange(AddrError::CrossesSharedBit)
@@ -1281,8 +1298,7 @@ mod tests {
         let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
         let (mut t, mut h, log) = setup(chunked(), accept_all(), None);
         let r = range(0, 2 * M2);
-        c.convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap();
+        convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap();
         assert_eq!(
             *log.borrow(),
             vec![
@@ -1307,8 +1323,7 @@ mod tests {
         );
         let (mut t, mut h, log) = setup(chunked(), accept_all(), None);
         let r = range(M2, 2 * M2 + K4);
-        c.convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap();
+        convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap();
         assert_eq!(
             *log.borrow(),
             vec![
@@ -1353,9 +1368,7 @@ mod tests {
             None,
         );
         let r = range(0, 4 * M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap_err();
         assert_eq!(f.rollback, Rollback::Disabled);
         let parts: Vec<_> = f.states.iter().collect();
         assert_eq!(
@@ -1395,9 +1408,7 @@ mod tests {
             None,
         );
         let r = range(0, 3 * M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap_err();
         assert_eq!(f.rollback, Rollback::Complete);
         // The converted prefix is back but zeroed; the rest never left and kept its content.
         assert_eq!(
@@ -1449,9 +1460,7 @@ mod tests {
         });
         let (mut t, mut h, _) = setup(map, accept_all(), None);
         let r = range(0, 2 * M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap_err();
         assert_eq!(f.rollback, Rollback::Complete);
         assert_eq!(f.states, RangeStates::whole(r, RangeState::Restored));
     }
@@ -1462,9 +1471,7 @@ mod tests {
         let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
         let (mut t, mut h, log) = setup(chunked(), accept_all(), Some(Visibility::Shared));
         let r = range(0, M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Shared, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Shared, &mut h).unwrap_err();
         assert_eq!(f.cause, ConvertCause::PageTable(HookError(-12)));
         assert_eq!(f.rollback, Rollback::NotNeeded);
         assert_eq!(f.states, RangeStates::whole(r, RangeState::Original));
@@ -1503,8 +1510,7 @@ mod tests {
         });
         let (mut t, mut h, log) = setup(Box::new(|_, _| ok()), accept, None);
         let r = range(0, 3 * M2);
-        c.convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap();
+        convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap();
         assert!(shared_maps(&log).is_empty());
         assert!(log
             .borrow()
@@ -1524,9 +1530,7 @@ mod tests {
         });
         let (mut t, mut h, log) = setup(Box::new(|_, _| ok()), accept, None);
         let r = range(0, 4 * M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap_err();
         assert!(matches!(
             f.cause,
             ConvertCause::Accept(AcceptError::Module { .. })
@@ -1558,9 +1562,7 @@ mod tests {
             None,
         );
         let r = range(0, 4 * M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap_err();
         assert_eq!(f.rollback, Rollback::Complete);
         let parts: Vec<_> = f.states.iter().collect();
         assert_eq!(
@@ -1593,8 +1595,7 @@ mod tests {
         let a = acceptor_2m();
         let (mut t, _) = fake(Box::new(|_, _| ok()));
         let mut h = Order(Vec::new());
-        c.convert(&mut t, &a, range(0, M2), Visibility::Shared, &mut h)
-            .unwrap();
+        convert_on(&c, &mut t, &a, range(0, M2), Visibility::Shared, &mut h).unwrap();
         assert_eq!(h.0, ["caches", "page tables", "tlb"]);
     }
 
@@ -1615,9 +1616,7 @@ mod tests {
             accept_all(),
             None,
         );
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap_err();
         assert_eq!(
             f.states,
             RangeStates::split(
@@ -1629,9 +1628,7 @@ mod tests {
         );
         // The page-table hook fails after a complete accept.
         let (mut t, mut h, _) = setup(chunked(), accept_all(), Some(Visibility::Private));
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap_err();
         assert_eq!(f.cause, ConvertCause::PageTable(HookError(-12)));
         assert_eq!(f.states, RangeStates::whole(r, RangeState::HostConverted));
     }
@@ -1646,9 +1643,7 @@ mod tests {
             None,
         );
         let r = range(0, M2);
-        let f = c
-            .convert(&mut t, &a, r, Visibility::Private, &mut h)
-            .unwrap_err();
+        let f = convert_on(&c, &mut t, &a, r, Visibility::Private, &mut h).unwrap_err();
         assert!(matches!(
             f.rollback,
             Rollback::Failed(ConvertCause::MapGpa(_))

@@ -236,15 +236,18 @@ mod tests {
         let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
         let mut tdcall = FakeModule::new();
         let range = GpaRange::new(0x20_0000, 0x20_1000).unwrap();
-        let f = converter
-            .convert(
+        // SAFETY: the fake has no memory behind the GPAs.
+        #[allow(unsafe_code)]
+        let f = unsafe {
+            converter.convert(
                 &mut tdcall,
                 &acceptor,
                 range,
                 Visibility::Shared,
                 &mut Kernel,
             )
-            .unwrap_err();
+        }
+        .unwrap_err();
         assert_eq!(
             f.cause,
             ConvertCause::PageTable(PteError::NoMemory { level: 2 })

@@ -7,6 +7,7 @@
 //! on either side shows up here.
 #![cfg(linux_code)]
 
+use hostvmm::sim::convert::convert_simulated;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -1120,7 +1121,8 @@ fn to_private_conversion_makes_linuxs_tdcalls() {
         drop(s);
         let mut ours = host();
         let c = linux_converter();
-        let o = c.convert(
+        let o = convert_simulated(
+            &c,
             &mut ours,
             &linux_acceptor(),
             range(start, end),
@@ -1151,15 +1153,15 @@ fn to_shared_conversion_makes_linuxs_tdcalls() {
     assert!(s.tdx_map_gpa(M2, 5 * M2, false).expect("no panic"));
     drop(s);
     let mut ours = scripted_host(script);
-    linux_converter()
-        .convert(
-            &mut ours,
-            &linux_acceptor(),
-            range(M2, 5 * M2),
-            Visibility::Shared,
-            &mut NoPageTables,
-        )
-        .expect("converted");
+    convert_simulated(
+        &linux_converter(),
+        &mut ours,
+        &linux_acceptor(),
+        range(M2, 5 * M2),
+        Visibility::Shared,
+        &mut NoPageTables,
+    )
+    .expect("converted");
     let l = linux.lock().expect("model");
     assert_eq!(l.calls, ours.calls);
     assert_eq!(
@@ -1195,7 +1197,8 @@ fn conversions_on_the_emulator() {
     ours.calls.clear();
     let c = linux_converter();
     for to in [Visibility::Shared, Visibility::Private] {
-        c.convert(
+        convert_simulated(
+            &c,
             &mut ours,
             &linux_acceptor(),
             range(start, end),

@@ -12,6 +12,7 @@
 //! twice, every call returns, conversions complete, and the final states agree: the model,
 //! the tracker and the converted range.
 
+use hostvmm::sim::convert::convert_simulated;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -283,12 +284,24 @@ fn convert_while_lazily_accepting() {
     let a = range(M2 + 16 * K4, M2 + 48 * K4);
     let t0 = shuttle::thread::spawn(move || {
         let mut t = td(w);
-        w.converter
-            .convert(&mut t, &w.acceptor, a, Visibility::Shared, &mut Hooks)
-            .map_err(|e| e.to_string())?;
-        w.converter
-            .convert(&mut t, &w.acceptor, a, Visibility::Private, &mut Hooks)
-            .map_err(|e| e.to_string())
+        convert_simulated(
+            &w.converter,
+            &mut t,
+            &w.acceptor,
+            a,
+            Visibility::Shared,
+            &mut Hooks,
+        )
+        .map_err(|e| e.to_string())?;
+        convert_simulated(
+            &w.converter,
+            &mut t,
+            &w.acceptor,
+            a,
+            Visibility::Private,
+            &mut Hooks,
+        )
+        .map_err(|e| e.to_string())
     });
     let t1 = shuttle::thread::spawn(move || {
         w.tracker
@@ -325,12 +338,24 @@ fn adjacent_conversions_and_accept() {
         shuttle::thread::spawn(move || {
             let mut t = td(w);
             let r = range(s, e);
-            w.converter
-                .convert(&mut t, &w.acceptor, r, Visibility::Shared, &mut Hooks)
-                .map_err(|e| e.to_string())?;
-            w.converter
-                .convert(&mut t, &w.acceptor, r, Visibility::Private, &mut Hooks)
-                .map_err(|e| e.to_string())
+            convert_simulated(
+                &w.converter,
+                &mut t,
+                &w.acceptor,
+                r,
+                Visibility::Shared,
+                &mut Hooks,
+            )
+            .map_err(|e| e.to_string())?;
+            convert_simulated(
+                &w.converter,
+                &mut t,
+                &w.acceptor,
+                r,
+                Visibility::Private,
+                &mut Hooks,
+            )
+            .map_err(|e| e.to_string())
         })
     };
     let t0 = conv(0, 8 * K4);
@@ -362,12 +387,24 @@ fn convert_unaccepted_unit_while_lazily_accepting_it() {
         w.tracker
             .prepare_conversion(0, &mut t, &mut Cpu, a)
             .map_err(|e| e.to_string())?;
-        w.converter
-            .convert(&mut t, &w.acceptor, a, Visibility::Shared, &mut Hooks)
-            .map_err(|e| e.to_string())?;
-        w.converter
-            .convert(&mut t, &w.acceptor, a, Visibility::Private, &mut Hooks)
-            .map_err(|e| e.to_string())
+        convert_simulated(
+            &w.converter,
+            &mut t,
+            &w.acceptor,
+            a,
+            Visibility::Shared,
+            &mut Hooks,
+        )
+        .map_err(|e| e.to_string())?;
+        convert_simulated(
+            &w.converter,
+            &mut t,
+            &w.acceptor,
+            a,
+            Visibility::Private,
+            &mut Hooks,
+        )
+        .map_err(|e| e.to_string())
     });
     let t1 = shuttle::thread::spawn(move || {
         w.tracker
@@ -412,8 +449,7 @@ fn conversion_behind_the_trackers_back_leaves_the_unit_usable() {
             let a = range(2 * M2 + 16 * K4, 2 * M2 + 48 * K4);
             let mut t = td(w);
             for to in [Visibility::Shared, Visibility::Private] {
-                w.converter
-                    .convert(&mut t, &w.acceptor, a, to, &mut Hooks)
+                convert_simulated(&w.converter, &mut t, &w.acceptor, a, to, &mut Hooks)
                     .expect("converted");
             }
             w.tracker
@@ -502,19 +538,25 @@ fn to_private_over_a_partly_private_range_keeps_the_private_pages() {
             let w = world(UNITS, 1);
             let mut t = td(w);
             let shared_part = range(M2, M2 + 8 * K4);
-            w.converter
-                .convert(
-                    &mut t,
-                    &w.acceptor,
-                    shared_part,
-                    Visibility::Shared,
-                    &mut Hooks,
-                )
-                .expect("to shared");
+            convert_simulated(
+                &w.converter,
+                &mut t,
+                &w.acceptor,
+                shared_part,
+                Visibility::Shared,
+                &mut Hooks,
+            )
+            .expect("to shared");
             let whole = range(M2, M2 + 16 * K4);
-            w.converter
-                .convert(&mut t, &w.acceptor, whole, Visibility::Private, &mut Hooks)
-                .expect("the private pages count as converted");
+            convert_simulated(
+                &w.converter,
+                &mut t,
+                &w.acceptor,
+                whole,
+                Visibility::Private,
+                &mut Hooks,
+            )
+            .expect("the private pages count as converted");
             let mut m = w.model.lock().expect("model");
             // The private pages were asked once each and answered ALREADY_ACCEPTED.
             assert_eq!(m.bad_requests.len(), 8, "{:?}", m.bad_requests);

@@ -10,7 +10,9 @@
 //! The firmware glue itself (HOB walk, boot plan, unaccepted table) is `tdmem-firmware`
 //! (`td-shim-ext/`).
 #![no_std]
-#![forbid(unsafe_code)]
+// One unsafe block: the self-test's call of the engine's `unsafe fn` conversion
+// (`selftest::convert_owned`).
+#![deny(unsafe_code)]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)

@@ -278,14 +278,16 @@ impl<'s> Smp<'s> {
             let range = crate::selftest::range(CONVERT.0, CONVERT.1);
             let wrote = m.touch(CONVERT.0 + 0x1000, Some(token(4, cpu)), &mut ve);
             let mut hooks = NoPageTables { platform: &mut *m };
-            let shared = conv.convert(
+            let shared = crate::selftest::convert_owned(
+                &conv,
                 &mut td,
                 self.acceptor,
                 range,
                 Visibility::Shared,
                 &mut hooks,
             );
-            let back = conv.convert(
+            let back = crate::selftest::convert_owned(
+                &conv,
                 &mut td,
                 self.acceptor,
                 range,

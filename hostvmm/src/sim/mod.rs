@@ -16,6 +16,7 @@
 //! private-accepted is MAPPED; private content survives DEMOTE/PROMOTE; poisoned pages are never
 //! mapped again; no livelock (bounded exits per instruction).
 
+pub mod convert;
 pub mod cost;
 pub mod hostile;
 pub mod ranges;

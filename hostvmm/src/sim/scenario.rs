@@ -10,6 +10,7 @@
 //! `r % vcpus == i`, so the expected content of every page is well defined under any
 //! interleaving (lazy acceptance itself is shared: the tracker serialises it).
 
+use crate::sim::convert::convert_simulated;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -574,9 +575,15 @@ impl<'p, 'g> Plan<'p, 'g> {
             };
             let keep = Self::token(v);
             v.touch(neighbour, Access::Write(keep))?;
-            g.converter
-                .convert(v, g.acceptor, range, Visibility::Shared, &mut pt)
-                .map_err(|e| format!("to shared: {e}"))?;
+            convert_simulated(
+                g.converter,
+                v,
+                g.acceptor,
+                range,
+                Visibility::Shared,
+                &mut pt,
+            )
+            .map_err(|e| format!("to shared: {e}"))?;
             let dma = Self::token(v);
             td.shared_access(start | shared_bit, Access::Write(dma));
             let seen = v.touch(start | shared_bit, Access::Read)?;
@@ -585,9 +592,15 @@ impl<'p, 'g> Plan<'p, 'g> {
                     "shared {start:#x}: device wrote {dma:#x}, guest read {seen:#x}"
                 ));
             }
-            g.converter
-                .convert(v, g.acceptor, range, Visibility::Private, &mut pt)
-                .map_err(|e| format!("to private: {e}"))?;
+            convert_simulated(
+                g.converter,
+                v,
+                g.acceptor,
+                range,
+                Visibility::Private,
+                &mut pt,
+            )
+            .map_err(|e| format!("to private: {e}"))?;
             let t = Self::token(v);
             v.touch(start, Access::Write(t))?;
             let back = v.touch(neighbour, Access::Read)?;
@@ -642,13 +655,25 @@ impl<'p, 'g> Plan<'p, 'g> {
             let first = v.rng().below(region_pages - pages + 1);
             let range =
                 GpaRange::from_len(base + first * K4, pages * K4).map_err(|e| e.to_string())?;
-            g.converter
-                .convert(v, g.acceptor, range, Visibility::Shared, &mut pt)
-                .map_err(|e| format!("storm to shared: {e}"))?;
+            convert_simulated(
+                g.converter,
+                v,
+                g.acceptor,
+                range,
+                Visibility::Shared,
+                &mut pt,
+            )
+            .map_err(|e| format!("storm to shared: {e}"))?;
             td.check_range_of(range, v.id());
-            g.converter
-                .convert(v, g.acceptor, range, Visibility::Private, &mut pt)
-                .map_err(|e| format!("storm to private: {e}"))?;
+            convert_simulated(
+                g.converter,
+                v,
+                g.acceptor,
+                range,
+                Visibility::Private,
+                &mut pt,
+            )
+            .map_err(|e| format!("storm to private: {e}"))?;
             let t = Self::token(v);
             v.touch(range.start().as_u64(), Access::Write(t))?;
             td.check_range_of(

@@ -571,7 +571,14 @@ impl<'g> Lab<'g> {
     pub(super) fn convert(&mut self, (start, end): (u64, u64), to: Visibility) -> Verdict {
         let (converter, acceptor) = (self.converter, self.acceptor);
         let r = range(start, end);
-        let result = converter.convert(&mut self.cpu, acceptor, r, to, &mut PageTables);
+        let result = crate::sim::convert::convert_simulated(
+            converter,
+            &mut self.cpu,
+            acceptor,
+            r,
+            to,
+            &mut PageTables,
+        );
         let verdict = self.verdict_of_convert(r, to, result);
         if verdict == Verdict::Completes {
             if let Err(e) = self.check_side(r, to) {
