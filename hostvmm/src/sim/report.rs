@@ -17,7 +17,7 @@ use super::{
     Violation, ViolationKind, ViolationLog,
 };
 use crate::kvm::MmuStats;
-use crate::module::{AccessKind, CallKind, CallOutcome};
+use crate::module::{AccessKind, CallKind, CallOutcome, Stats};
 
 /// ACCEPT TDCALLs the guest made, by level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -54,6 +54,24 @@ pub struct Seamcalls {
     pub demote: u64,
     /// TDH.MEM.PAGE.PROMOTE.
     pub promote: u64,
+}
+
+impl Seamcalls {
+    /// The SEAMCALL counts of a module's statistics.
+    pub fn from_stats(stats: &Stats) -> Seamcalls {
+        let total = |k: CallKind| stats.total(k);
+        Seamcalls {
+            add: total(CallKind::PageAdd),
+            sept_add: total(CallKind::SeptAdd),
+            aug: total(CallKind::PageAug),
+            block: total(CallKind::RangeBlock),
+            track: total(CallKind::MemTrack),
+            unblock: total(CallKind::RangeUnblock),
+            remove: total(CallKind::PageRemove),
+            demote: total(CallKind::PageDemote),
+            promote: total(CallKind::PagePromote),
+        }
+    }
 }
 
 /// Exact counts of a run.
@@ -451,17 +469,7 @@ pub(crate) fn build(
         accept_interrupted: module.get(CallKind::Accept, CallOutcome::Interrupted),
         map_gpa_calls: conv.map_gpa_calls,
         map_gpa_retries: conv.map_gpa_retries,
-        seamcalls: Seamcalls {
-            add: total(CallKind::PageAdd),
-            sept_add: total(CallKind::SeptAdd),
-            aug: total(CallKind::PageAug),
-            block: total(CallKind::RangeBlock),
-            track: total(CallKind::MemTrack),
-            unblock: total(CallKind::RangeUnblock),
-            remove: total(CallKind::PageRemove),
-            demote: total(CallKind::PageDemote),
-            promote: total(CallKind::PagePromote),
-        },
+        seamcalls: Seamcalls::from_stats(&module),
         fault_splits: mmu.fault_splits,
         zap_splits: mmu.zap_demotes,
         merges: module.status(CallKind::PagePromote, StatusCode::Success),

@@ -115,17 +115,7 @@ impl Exec {
                 .filter(|&&k| total(k) != 0)
                 .map(|&k| (format!("{k:?}"), total(k)))
                 .collect(),
-            seamcalls: Seamcalls {
-                add: total(CallKind::PageAdd),
-                sept_add: total(CallKind::SeptAdd),
-                aug: total(CallKind::PageAug),
-                block: total(CallKind::RangeBlock),
-                track: total(CallKind::MemTrack),
-                unblock: total(CallKind::RangeUnblock),
-                remove: total(CallKind::PageRemove),
-                demote: total(CallKind::PageDemote),
-                promote: total(CallKind::PagePromote),
-            },
+            seamcalls: Seamcalls::from_stats(&st),
             accept_executions: total(CallKind::Accept),
             accept_outcomes: ByLevel {
                 k4: outcomes(PageLevel::Size4K),
