@@ -783,6 +783,26 @@ impl VeInfo {
     }
 }
 
+/// A TDCALL's output registers as the guest sees them: what the module writes back, for the
+/// calls that return data (the emulator's raw-register forms, the e2e image's trap path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TdcallRegs {
+    /// RAX: the completion status.
+    pub rax: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
+}
+
 /// The outputs of TDG.VP.INFO that the engine uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VpInfo {

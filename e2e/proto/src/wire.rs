@@ -310,24 +310,8 @@ impl Request {
     }
 }
 
-/// TDCALL output registers carried by [`Answer::Regs`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Regs {
-    /// RAX (status).
-    pub rax: u64,
-    /// RCX.
-    pub rcx: u64,
-    /// RDX.
-    pub rdx: u64,
-    /// R8.
-    pub r8: u64,
-    /// R9.
-    pub r9: u64,
-    /// R10.
-    pub r10: u64,
-    /// R11.
-    pub r11: u64,
-}
+/// TDCALL output registers carried by [`Answer::Regs`]: the ABI's register block.
+pub type Regs = accept::abi::TdcallRegs;
 
 /// What the host answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -334,25 +334,7 @@ pub enum TdcallOutcome {
     Interrupted,
 }
 
-/// A TDCALL's output registers as the guest sees them (the raw-register form of the calls that
-/// return data).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TdcallRegs {
-    /// RAX: the completion status.
-    pub rax: u64,
-    /// RCX.
-    pub rcx: u64,
-    /// RDX.
-    pub rdx: u64,
-    /// R8.
-    pub r8: u64,
-    /// R9.
-    pub r9: u64,
-    /// R10.
-    pub r10: u64,
-    /// R11.
-    pub r11: u64,
-}
+pub use accept::abi::TdcallRegs;
 
 /// A guest memory access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
