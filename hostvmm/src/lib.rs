@@ -18,6 +18,7 @@
 // conversion (`sim::convert`), whose contract a simulated TD keeps trivially.
 #![deny(unsafe_code)]
 
+mod counters;
 pub mod gmem;
 pub mod kvm;
 pub mod module;

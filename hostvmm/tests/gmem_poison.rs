@@ -116,9 +116,33 @@ impl Run {
         hook
     }
 
+    /// The fault path's one-step lookup agrees with `get_pfn` and `max_private_level`.
+    fn fault_pfn(&mut self, p: u64) -> bool {
+        let level = self.g.max_private_level(gpa(p));
+        match self.g.fault_pfn(gpa(p)) {
+            Ok((info, got)) => {
+                self.handed_out(info.hpa, PageLevel::Size4K);
+                assert_eq!(level, Ok(got), "max_private_level of page {p}");
+                let after = self.g.snapshot();
+                assert_eq!(self.g.get_pfn(gpa(p)), Ok(info), "get_pfn of page {p}");
+                assert_eq!(
+                    self.g.snapshot(),
+                    after,
+                    "get_pfn after fault_pfn changed the file"
+                );
+                false
+            }
+            Err(e) => {
+                assert_eq!(self.g.get_pfn(gpa(p)), Err(e), "get_pfn of page {p}");
+                true
+            }
+        }
+    }
+
     fn apply(&mut self, op: &Op) {
         let before = self.g.snapshot();
         let failed = match op {
+            Op::Fault(p) if p % 2 == 1 => self.fault_pfn(*p),
             Op::Fault(p) => match self.g.get_pfn(gpa(*p)) {
                 Ok(info) => {
                     self.handed_out(info.hpa, PageLevel::Size4K);

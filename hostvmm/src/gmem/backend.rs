@@ -77,6 +77,17 @@ pub trait ConversionBackend: Send {
     /// As [`ConversionBackend::get_pfn`].
     fn max_private_level(&self, at: Gpa) -> Result<PageLevel, GmemError>;
 
+    /// What the fault path asks in one step: [`ConversionBackend::get_pfn`], then
+    /// [`ConversionBackend::max_private_level`] of the same page. A backend whose lookups are
+    /// costly answers both from one lookup.
+    ///
+    /// # Errors
+    /// As [`ConversionBackend::get_pfn`].
+    fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
+        let pfn = self.get_pfn(at)?;
+        Ok((pfn, self.max_private_level(at)?))
+    }
+
     /// Records the page holding `at` as an error page; `Ok(true)` when it was not one yet.
     ///
     /// # Errors
@@ -130,6 +141,9 @@ impl ConversionBackend for GuestMemfd {
     }
     fn max_private_level(&self, at: Gpa) -> Result<PageLevel, GmemError> {
         GuestMemfd::max_private_level(self, at)
+    }
+    fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
+        GuestMemfd::fault_pfn(self, at)
     }
     fn poison(&mut self, at: Gpa) -> Result<bool, GmemError> {
         GuestMemfd::poison(self, at)

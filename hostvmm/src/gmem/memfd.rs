@@ -1,6 +1,8 @@
 //! [`GuestMemfd`]: one TD's guest_memfd, offsets equal to private GPAs.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use accept::abi::{Gpa, GpaRange, PageLevel};
@@ -541,21 +543,76 @@ impl GuestMemfd {
     /// [`GmemError::OutOfRange`], [`GmemError::ConversionPending`],
     /// [`GmemError::WrongShareability`] (the page is shared), [`GmemError::Poisoned`].
     pub fn max_private_level(&self, at: Gpa) -> Result<PageLevel, GmemError> {
+        let (page, run) = self.private_page(at)?;
+        let base = self.folio_base(page);
+        let folio = self.folios.get(&base);
+        if folio.is_some_and(|f| f.poison.get((page - base) / PAGE)) {
+            return Err(GmemError::Poisoned { gpa: gpa(page) });
+        }
+        Ok(self.largest_level(page, run, base, folio))
+    }
+
+    /// [`GuestMemfd::get_pfn`] and [`GuestMemfd::max_private_level`] of the same page, from one
+    /// lookup of the attributes and of the folio (the fault path's question). Nothing changes on
+    /// error.
+    ///
+    /// # Errors
+    /// As [`GuestMemfd::get_pfn`].
+    pub fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
+        let (page, run) = self.private_page(at)?;
+        let base = self.folio_base(page);
+        let index = (page - base) / PAGE;
+        let folio = match self.folios.entry(base) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let hpa =
+                    self.pool
+                        .alloc(self.folio_level)
+                        .map_err(|source| GmemError::NoMemory {
+                            gpa: gpa(page),
+                            source,
+                        })?;
+                self.stats.folios_allocated.add(self.folio_level, 1);
+                v.insert(Folio::new(hpa, self.folio_level))
+            }
+        };
+        if folio.poison.get(index) {
+            return Err(GmemError::Poisoned { gpa: gpa(page) });
+        }
+        folio.present.set(index);
+        let pfn = PfnInfo {
+            hpa: folio.hpa_of(index),
+            folio_level: self.folio_level,
+            folio_base: gpa(base),
+        };
+        let folio = self.folios.get(&base);
+        Ok((pfn, self.largest_level(page, run, base, folio)))
+    }
+
+    /// The private, not pending page holding `at`, and its run of private pages.
+    fn private_page(&self, at: Gpa) -> Result<(u64, Range<u64>), GmemError> {
         let page = self.page_of(at)?;
         if self.pending.contains(&page) {
             return Err(GmemError::ConversionPending { gpa: gpa(page) });
         }
-        if self.attrs.get(page) != Some(Shareability::Private) {
-            return Err(GmemError::WrongShareability {
+        match self.attrs.run_at(page) {
+            Some((start, end, Shareability::Private)) => Ok((page, start..end)),
+            _ => Err(GmemError::WrongShareability {
                 gpa: gpa(page),
                 expected: Shareability::Private,
-            });
+            }),
         }
-        if self.is_poisoned(at) {
-            return Err(GmemError::Poisoned { gpa: gpa(page) });
-        }
-        let folio_base = self.folio_base(page);
-        let folio = self.folios.get(&folio_base);
+    }
+
+    /// The largest level whose aligned range around the private `page` lies in its private
+    /// `run` and, free of poison, in the folio at `base`.
+    fn largest_level(
+        &self,
+        page: u64,
+        run: Range<u64>,
+        base: u64,
+        folio: Option<&Folio>,
+    ) -> PageLevel {
         let mut best = PageLevel::Size4K;
         for level in [PageLevel::Size2M, PageLevel::Size1G] {
             if level > self.folio_level {
@@ -565,18 +622,18 @@ impl GuestMemfd {
             let Some(end) = start.checked_add(level.size()) else {
                 break;
             };
-            if !self.attrs.is_uniform(start, end, Shareability::Private) {
+            if start < run.start || end > run.end {
                 break;
             }
             if let Some(f) = folio {
-                let first = (start - folio_base) / PAGE;
+                let first = (start - base) / PAGE;
                 if f.poison.any_in(first, first + level.pages_4k()) {
                     break;
                 }
             }
             best = level;
         }
-        Ok(best)
+        best
     }
 
     /// Records that the frame backing `at` could not be removed from (or split in) the

@@ -15,7 +15,7 @@ use std::sync::PoisonError;
 use accept::abi::{Gpa, PageLevel, StatusCode};
 
 use super::split::AfterFailure;
-use super::stats::inc;
+use super::stats::Ev;
 use super::{BackingError, FaultError, FaultSplit, PrivateMmu};
 use crate::module::{ExitType, ExtExitQual, SeptState};
 
@@ -45,7 +45,7 @@ impl PrivateMmu {
         gpa: u64,
         ext: ExtExitQual,
     ) -> Result<FaultOutcome, FaultError> {
-        inc(&self.counters.faults);
+        self.counters.inc(Ev::Faults);
         if let Some(why) = self.bugged() {
             return Err(FaultError::Bugged(why));
         }
@@ -68,7 +68,7 @@ impl PrivateMmu {
         };
         let guard = self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner);
         if self.invalidate_seq.load(Ordering::Acquire) != seq {
-            inc(&self.counters.invalidation_retries);
+            self.counters.inc(Ev::InvalidationRetries);
             return Ok(FaultOutcome::Retry);
         }
 
@@ -130,7 +130,7 @@ impl PrivateMmu {
         self.ensure_levels(base, level)?;
         let r = self.call("AUG", || self.module.page_aug(base, level, hpa));
         if r.status.is_success() {
-            inc(&self.counters.maps[level.index() as usize]);
+            self.counters.inc(Ev::map(level));
             if level == PageLevel::Size4K && self.policy.merge && pfn.max_level >= PageLevel::Size2M
             {
                 self.add_merge_candidate(g.align_down(PageLevel::Size2M));
@@ -173,7 +173,7 @@ impl PrivateMmu {
                 self.module.sept_add(entry_gpa, e.level, page)
             });
             if r.status.is_success() {
-                inc(&self.counters.sept_adds);
+                self.counters.inc(Ev::SeptAdds);
                 continue;
             }
             self.pool.free(page);
@@ -189,6 +189,10 @@ impl PrivateMmu {
     }
 
     fn is_inhibited(&self, gpa: Gpa) -> bool {
+        // Set before the first insertion, under the MMU lock this fault holds for read.
+        if !self.any_inhibited.load(Ordering::Acquire) {
+            return false;
+        }
         self.inhibited
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -199,7 +203,7 @@ impl PrivateMmu {
     fn fault_split(&self, gpa: Gpa, level: PageLevel) -> Result<FaultOutcome, FaultError> {
         match self.policy.fault_split {
             FaultSplit::Ignore => {
-                inc(&self.counters.ignored_splits);
+                self.counters.inc(Ev::IgnoredSplits);
                 Ok(FaultOutcome::Ignored)
             }
             FaultSplit::Demote => {
@@ -211,7 +215,7 @@ impl PrivateMmu {
                     return Ok(FaultOutcome::Retry);
                 }
                 self.demote(base, level, AfterFailure::Restore)?;
-                inc(&self.counters.fault_splits);
+                self.counters.inc(Ev::FaultSplits);
                 if self.policy.merge {
                     self.add_merge_candidate(base);
                 }
@@ -220,6 +224,7 @@ impl PrivateMmu {
             FaultSplit::Inhibit => {
                 let _w = self.lock_for_invalidation();
                 let base = gpa.align_down(level);
+                self.any_inhibited.store(true, Ordering::Release);
                 self.inhibited
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -235,7 +240,7 @@ impl PrivateMmu {
                 for (gpa, level) in poisoned {
                     self.backing.poison(gpa, level);
                 }
-                inc(&self.counters.inhibits);
+                self.counters.inc(Ev::Inhibits);
                 Ok(FaultOutcome::Inhibited)
             }
         }

@@ -10,7 +10,7 @@ use std::sync::PoisonError;
 
 use accept::abi::{Gpa, GpaRange, PageLevel};
 
-use super::stats::inc;
+use super::stats::Ev;
 use super::{PrivateMmu, M2};
 use crate::module::SeptState;
 
@@ -79,10 +79,10 @@ impl PrivateMmu {
         });
         if r.status.is_success() {
             self.pool.free(r.rcx);
-            inc(&self.counters.promotes);
+            self.counters.inc(Ev::Promotes);
             MergeOutcome::Promoted
         } else {
-            inc(&self.counters.promote_refused);
+            self.counters.inc(Ev::PromoteRefused);
             self.restore(base, PageLevel::Size2M);
             MergeOutcome::NotReady
         }

@@ -47,8 +47,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use accept::abi::{Gpa, PageLevel, TdxStatus};
 
@@ -66,7 +66,7 @@ pub use fault::FaultOutcome;
 pub use merge::MergeOutcome;
 pub use pool::SeptPagePool;
 pub use seamcall::{BUSY_BEFORE_HOLD_OUT, SEAMCALL_RETRIES, TRACKING_KICKS};
-pub use stats::MmuStats;
+pub use stats::{thread_stats, MmuStats};
 pub use zap::ZapReport;
 
 use stats::Counters;
@@ -239,13 +239,15 @@ pub struct PrivateMmu {
     held_out: AtomicU64,
     /// 2M ranges (by base GPA) never to be mapped huge again (one-way inhibit policy).
     inhibited: Mutex<BTreeSet<u64>>,
+    /// Whether `inhibited` holds anything: the fault path's check without the lock.
+    any_inhibited: AtomicBool,
     /// 2M ranges (by base GPA) split at some point: candidates for PROMOTE.
     merge_candidates: Mutex<BTreeSet<u64>>,
     /// Leaves (base GPA, level) whose removal or split failed: left blocked, their pages are
     /// error pages. Never split or unblocked again.
     given_up: Mutex<BTreeSet<(u64, u8)>>,
     /// Set when a failure left an unsafe mapping: every later fault fails.
-    bugged: Mutex<Option<&'static str>>,
+    bugged: OnceLock<&'static str>,
     counters: Counters,
 }
 
@@ -282,9 +284,10 @@ impl PrivateMmu {
             invalidate_seq: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
+            any_inhibited: AtomicBool::new(false),
             merge_candidates: Mutex::new(BTreeSet::new()),
             given_up: Mutex::new(BTreeSet::new()),
-            bugged: Mutex::new(None),
+            bugged: OnceLock::new(),
             counters: Counters::default(),
         }
     }
@@ -306,13 +309,13 @@ impl PrivateMmu {
 
     /// Why the MMU stopped serving faults, if it did (see [`FaultError::Bugged`]).
     pub fn bugged(&self) -> Option<&'static str> {
-        *self.bugged.lock().unwrap_or_else(PoisonError::into_inner)
+        self.bugged.get().copied()
     }
 
     fn bug(&self, why: &'static str) {
         log::error!("private MMU bugged: {why}");
-        let mut b = self.bugged.lock().unwrap_or_else(PoisonError::into_inner);
-        b.get_or_insert(why);
+        // The first reason stays.
+        let _ = self.bugged.set(why);
     }
 
     /// Holds off zaps, splits and merges (KVM's MMU lock taken for read) so that a reader sees

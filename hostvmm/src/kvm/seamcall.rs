@@ -15,7 +15,7 @@ use std::sync::PoisonError;
 
 use accept::abi::{Gpa, PageLevel, StatusCode, TdxStatus};
 
-use super::stats::inc;
+use super::stats::Ev;
 use super::{FaultError, PrivateMmu};
 use crate::module::SeamcallResult;
 
@@ -70,7 +70,7 @@ impl PrivateMmu {
                 if busy == BUSY_BEFORE_HOLD_OUT && hold.is_none() {
                     hold = Some(self.hold_out());
                 }
-                inc(&self.counters.busy_retries);
+                self.counters.inc(Ev::BusyRetries);
                 if name != TRACK_CALL {
                     *self
                         .counters
@@ -85,8 +85,8 @@ impl PrivateMmu {
             }
             if r.status.is(StatusCode::TlbTrackingNotDone) && kicks < TRACKING_KICKS {
                 kicks += 1;
-                inc(&self.counters.tracking_not_done);
-                inc(&self.counters.kicks);
+                self.counters.inc(Ev::TrackingNotDone);
+                self.counters.inc(Ev::Kicks);
                 self.kicker.kick_all();
                 continue;
             }
@@ -100,8 +100,8 @@ impl PrivateMmu {
     /// Holds the vCPUs out of the TD until the guard drops, and kicks them out.
     fn hold_out(&self) -> HoldOut<'_> {
         self.held_out.fetch_add(1, Ordering::AcqRel);
-        inc(&self.counters.hold_outs);
-        inc(&self.counters.kicks);
+        self.counters.inc(Ev::HoldOuts);
+        self.counters.inc(Ev::Kicks);
         self.kicker.kick_all();
         HoldOut(&self.held_out)
     }
@@ -117,9 +117,9 @@ impl PrivateMmu {
         let r = self.call(TRACK_CALL, || {
             let r = self.module.mem_track();
             if r.status.is(StatusCode::PreviousTlbEpochBusy) {
-                inc(&self.counters.track_refusals);
+                self.counters.inc(Ev::TrackRefusals);
                 self.kicker.kick_all();
-                inc(&self.counters.kicks);
+                self.counters.inc(Ev::Kicks);
                 // Reported as BUSY-like so that `call` retries it.
                 return SeamcallResult::status(StatusCode::OperandBusy.status());
             }
@@ -131,7 +131,7 @@ impl PrivateMmu {
                 status: r.status,
             });
         }
-        inc(&self.counters.tracks);
+        self.counters.inc(Ev::Tracks);
         Ok(())
     }
 
@@ -166,7 +166,7 @@ impl PrivateMmu {
     /// async_tdexit_internal: VCPU_READY, LAST_EXIT_ASYNC_TRAP), so nothing needs mapping:
     /// the host yields to let its SEAMCALL through and re-enters the guest.
     pub fn handle_host_priority_timeout(&self) {
-        inc(&self.counters.hp_timeouts);
+        self.counters.inc(Ev::HpTimeouts);
         std::thread::yield_now();
     }
 }

@@ -1,12 +1,15 @@
-//! The private MMU's counters: atomics bumped by every flow and read as an [`MmuStats`]
-//! snapshot, and a map of the BUSY answers retried, by SEAMCALL and operand.
+//! The private MMU's counters: striped atomics bumped by every flow (and counted per thread,
+//! [`thread_stats`]) and read as an [`MmuStats`] snapshot, and a map of the BUSY answers
+//! retried, by SEAMCALL and operand.
 //!
 //! Not here: what is counted when (each flow bumps its own counters).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use accept::abi::PageLevel;
+
 use super::PrivateMmu;
+use crate::counters::{Local, Striped};
 
 /// Exact counters of the MMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -53,67 +56,111 @@ pub struct MmuStats {
     pub hold_outs: u64,
 }
 
+/// What the MMU counts: one index per counter of [`MmuStats`], in its order.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ev {
+    Faults,
+    Map4K,
+    Map2M,
+    Map1G,
+    SeptAdds,
+    FaultSplits,
+    IgnoredSplits,
+    Inhibits,
+    ZapDemotes,
+    Remove4K,
+    Remove2M,
+    Remove1G,
+    Promotes,
+    PromoteRefused,
+    Tracks,
+    Kicks,
+    BusyRetries,
+    PoisonedLeaves,
+    InvalidationRetries,
+    HpTimeouts,
+    TrackRefusals,
+    TrackingNotDone,
+    HoldOuts,
+}
+
+const N: usize = Ev::HoldOuts as usize + 1;
+
+impl Ev {
+    /// The leaf-mapped counter of `level`.
+    pub(super) fn map(level: PageLevel) -> Ev {
+        match level {
+            PageLevel::Size4K => Ev::Map4K,
+            PageLevel::Size2M => Ev::Map2M,
+            PageLevel::Size1G => Ev::Map1G,
+        }
+    }
+
+    /// The leaf-removed counter of `level`.
+    pub(super) fn remove(level: PageLevel) -> Ev {
+        match level {
+            PageLevel::Size4K => Ev::Remove4K,
+            PageLevel::Size2M => Ev::Remove2M,
+            PageLevel::Size1G => Ev::Remove1G,
+        }
+    }
+}
+
+thread_local! {
+    static THREAD: Local<N> = Local::new();
+}
+
 #[derive(Default)]
 pub(super) struct Counters {
-    pub(super) faults: AtomicU64,
-    pub(super) maps: [AtomicU64; 3],
-    pub(super) sept_adds: AtomicU64,
-    pub(super) fault_splits: AtomicU64,
-    pub(super) ignored_splits: AtomicU64,
-    pub(super) inhibits: AtomicU64,
-    pub(super) zap_demotes: AtomicU64,
-    pub(super) removes: [AtomicU64; 3],
-    pub(super) promotes: AtomicU64,
-    pub(super) promote_refused: AtomicU64,
-    pub(super) tracks: AtomicU64,
-    pub(super) kicks: AtomicU64,
-    pub(super) busy_retries: AtomicU64,
-    pub(super) poisoned_leaves: AtomicU64,
-    pub(super) invalidation_retries: AtomicU64,
-    pub(super) hp_timeouts: AtomicU64,
-    pub(super) track_refusals: AtomicU64,
-    pub(super) tracking_not_done: AtomicU64,
-    pub(super) hold_outs: AtomicU64,
+    counts: Striped<N>,
     /// BUSY-like answers by (SEAMCALL, raw operand and status detail bits).
     pub(super) busy_by: Mutex<std::collections::BTreeMap<(&'static str, u32), u64>>,
 }
 
-pub(super) fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-fn get(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
-}
-
 impl Counters {
+    pub(super) fn inc(&self, e: Ev) {
+        self.counts.add(e as usize, 1);
+        // Gone only while the thread is being torn down: nothing reads its counts then.
+        let _ = THREAD.try_with(|t| t.add(e as usize, 1));
+    }
+
     pub(super) fn snapshot(&self) -> MmuStats {
+        MmuStats::from_counts(self.counts.sum())
+    }
+}
+
+impl MmuStats {
+    fn from_counts(c: [u64; N]) -> MmuStats {
+        let g = |e: Ev| c[e as usize];
         MmuStats {
-            faults: get(&self.faults),
-            maps: [get(&self.maps[0]), get(&self.maps[1]), get(&self.maps[2])],
-            sept_adds: get(&self.sept_adds),
-            fault_splits: get(&self.fault_splits),
-            ignored_splits: get(&self.ignored_splits),
-            inhibits: get(&self.inhibits),
-            zap_demotes: get(&self.zap_demotes),
-            removes: [
-                get(&self.removes[0]),
-                get(&self.removes[1]),
-                get(&self.removes[2]),
-            ],
-            promotes: get(&self.promotes),
-            promote_refused: get(&self.promote_refused),
-            tracks: get(&self.tracks),
-            kicks: get(&self.kicks),
-            busy_retries: get(&self.busy_retries),
-            poisoned_leaves: get(&self.poisoned_leaves),
-            invalidation_retries: get(&self.invalidation_retries),
-            hp_timeouts: get(&self.hp_timeouts),
-            track_refusals: get(&self.track_refusals),
-            tracking_not_done: get(&self.tracking_not_done),
-            hold_outs: get(&self.hold_outs),
+            faults: g(Ev::Faults),
+            maps: [g(Ev::Map4K), g(Ev::Map2M), g(Ev::Map1G)],
+            sept_adds: g(Ev::SeptAdds),
+            fault_splits: g(Ev::FaultSplits),
+            ignored_splits: g(Ev::IgnoredSplits),
+            inhibits: g(Ev::Inhibits),
+            zap_demotes: g(Ev::ZapDemotes),
+            removes: [g(Ev::Remove4K), g(Ev::Remove2M), g(Ev::Remove1G)],
+            promotes: g(Ev::Promotes),
+            promote_refused: g(Ev::PromoteRefused),
+            tracks: g(Ev::Tracks),
+            kicks: g(Ev::Kicks),
+            busy_retries: g(Ev::BusyRetries),
+            poisoned_leaves: g(Ev::PoisonedLeaves),
+            invalidation_retries: g(Ev::InvalidationRetries),
+            hp_timeouts: g(Ev::HpTimeouts),
+            track_refusals: g(Ev::TrackRefusals),
+            tracking_not_done: g(Ev::TrackingNotDone),
+            hold_outs: g(Ev::HoldOuts),
         }
     }
+}
+
+/// The events of every [`PrivateMmu`] that the calling thread caused since it started. Read it
+/// before and after a call (an exit handled on a vCPU's thread) to learn what that call did,
+/// while other threads work on the same MMU.
+pub fn thread_stats() -> MmuStats {
+    MmuStats::from_counts(THREAD.try_with(Local::get).unwrap_or([0; N]))
 }
 
 impl PrivateMmu {

@@ -14,7 +14,7 @@ use std::sync::PoisonError;
 use accept::abi::{Gpa, GpaRange, PageLevel};
 
 use super::split::AfterFailure;
-use super::stats::inc;
+use super::stats::Ev;
 use super::{FaultError, PrivateMmu};
 
 /// What one zap did.
@@ -87,7 +87,7 @@ impl PrivateMmu {
                 }
                 match result {
                     Ok(()) => {
-                        inc(&self.counters.zap_demotes);
+                        self.counters.inc(Ev::ZapDemotes);
                         report.demoted += 1;
                         if self.policy.merge {
                             self.add_merge_candidate(base.align_down(PageLevel::Size2M));
@@ -225,7 +225,7 @@ impl PrivateMmu {
         for (gpa, level) in blocked {
             let r = self.call("REMOVE", || self.module.page_remove(gpa, level));
             if r.status.is_success() {
-                inc(&self.counters.removes[level.index() as usize]);
+                self.counters.inc(Ev::remove(level));
                 report.removed += 1;
             } else {
                 self.poison(gpa, level, &mut report);
@@ -235,7 +235,7 @@ impl PrivateMmu {
     }
 
     fn poison(&self, gpa: Gpa, level: PageLevel, report: &mut ZapReport) {
-        inc(&self.counters.poisoned_leaves);
+        self.counters.inc(Ev::PoisonedLeaves);
         report.poisoned.push((gpa, level));
         self.given_up
             .lock()

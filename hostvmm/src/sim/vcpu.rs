@@ -213,17 +213,21 @@ impl<'a> SimVcpu<'a> {
     fn host_exit(&mut self, exit: TdExit, regs: &mut VmcallRegs) -> ExitAction {
         self.stats.exits += 1;
         let host = &self.td.host;
-        let mmu0 = host.mmu().stats();
-        let vmm0 = host.stats();
+        // This thread's own counts: in parallel mode other vCPUs' exits run meanwhile.
+        let mmu0 = crate::kvm::thread_stats();
+        let vmm0 = crate::vmm::thread_stats();
         let irq = self.irq_pending;
         let host_irq = u64::from(self.td.config.host_irq_per_mille);
         if host_irq > 0 && self.rng.chance(host_irq, 1000) {
             host.module().set_host_interrupt_pending(true);
         }
         let action = host.handle_exit(exit, regs, &|| irq);
-        let cost = self
-            .td
-            .host_cost(&mmu0, &host.mmu().stats(), &vmm0, &host.stats());
+        let cost = self.td.host_cost(
+            &mmu0,
+            &crate::kvm::thread_stats(),
+            &vmm0,
+            &crate::vmm::thread_stats(),
+        );
         self.charge(cost);
         action
     }

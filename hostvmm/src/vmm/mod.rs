@@ -20,11 +20,11 @@
 //! Not here: vCPU scheduling and guest code (see the simulator), shared-memory mappings.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
 
+use crate::counters::{Local, Striped};
 use crate::gmem::{
     ConversionBackend, ConvertError, ConvertMode, ConvertReport, FolioPool, GmemConfig, GmemError,
     GuestMemfd, HookError, InvalidateCtx, InvalidateHook, InvalidateReason, PunchReport,
@@ -127,9 +127,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PrivateBacking for GmemBacking {
     fn get_pfn(&self, gpa: Gpa) -> Result<Pfn, BackingError> {
-        let mut g = lock(&self.gmem);
-        let pfn = g.get_pfn(gpa).map_err(backing_error)?;
-        let max_level = g.max_private_level(gpa).map_err(backing_error)?;
+        let (pfn, max_level) = lock(&self.gmem).fault_pfn(gpa).map_err(backing_error)?;
         Ok(Pfn {
             hpa: pfn.hpa.as_u64(),
             max_level,
@@ -251,19 +249,55 @@ pub struct VmmStats {
     pub fault_errors: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    map_gpa_calls: AtomicU64,
-    map_gpa_chunks: AtomicU64,
-    map_gpa_retries: AtomicU64,
-    map_gpa_errors: AtomicU64,
-    map_gpa_eagain: AtomicU64,
-    ept_violations: AtomicU64,
-    fault_errors: AtomicU64,
+/// What the handlers count: one index per counter of [`VmmStats`], in its order.
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    MapGpaCalls,
+    MapGpaChunks,
+    MapGpaRetries,
+    MapGpaErrors,
+    MapGpaEagain,
+    EptViolations,
+    FaultErrors,
 }
 
-fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+const N: usize = Ev::FaultErrors as usize + 1;
+
+thread_local! {
+    static THREAD: Local<N> = Local::new();
+}
+
+#[derive(Debug, Default)]
+struct Counters(Striped<N>);
+
+impl Counters {
+    fn inc(&self, e: Ev) {
+        self.0.add(e as usize, 1);
+        // Gone only while the thread is being torn down: nothing reads its counts then.
+        let _ = THREAD.try_with(|t| t.add(e as usize, 1));
+    }
+}
+
+impl VmmStats {
+    fn from_counts(c: [u64; N]) -> VmmStats {
+        let g = |e: Ev| c[e as usize];
+        VmmStats {
+            map_gpa_calls: g(Ev::MapGpaCalls),
+            map_gpa_chunks: g(Ev::MapGpaChunks),
+            map_gpa_retries: g(Ev::MapGpaRetries),
+            map_gpa_errors: g(Ev::MapGpaErrors),
+            map_gpa_eagain: g(Ev::MapGpaEagain),
+            ept_violations: g(Ev::EptViolations),
+            fault_errors: g(Ev::FaultErrors),
+        }
+    }
+}
+
+/// The events of every [`Host`] that the calling thread caused since it started. Read it
+/// before and after a call (an exit handled on a vCPU's thread) to learn what that call did,
+/// while other threads use the same host; [`crate::kvm::thread_stats`] is the MMU's part.
+pub fn thread_stats() -> VmmStats {
+    VmmStats::from_counts(THREAD.try_with(Local::get).unwrap_or([0; N]))
 }
 
 /// What the vCPU loop does after the host handled an exit.
@@ -381,17 +415,7 @@ impl Host {
 
     /// Counters so far.
     pub fn stats(&self) -> VmmStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let c = &self.counters;
-        VmmStats {
-            map_gpa_calls: g(&c.map_gpa_calls),
-            map_gpa_chunks: g(&c.map_gpa_chunks),
-            map_gpa_retries: g(&c.map_gpa_retries),
-            map_gpa_errors: g(&c.map_gpa_errors),
-            map_gpa_eagain: g(&c.map_gpa_eagain),
-            ept_violations: g(&c.ept_violations),
-            fault_errors: g(&c.fault_errors),
-        }
+        VmmStats::from_counts(self.counters.0.sum())
     }
 
     /// Handles a TD exit. For a VMCALL, `regs` is updated with the answer (R10, R11).
@@ -404,14 +428,14 @@ impl Host {
     ) -> ExitAction {
         match exit {
             TdExit::EptViolation { gpa, ext, .. } => {
-                inc(&self.counters.ept_violations);
+                self.counters.inc(Ev::EptViolations);
                 if ext.exit_type() == crate::module::ExitType::PendingEptViolation {
                     return ExitAction::KillTd;
                 }
                 match self.mmu.handle_ept_violation(gpa, ext) {
                     Ok(_) => ExitAction::Resume,
                     Err(e) => {
-                        inc(&self.counters.fault_errors);
+                        self.counters.inc(Ev::FaultErrors);
                         ExitAction::Fatal(e)
                     }
                 }
@@ -435,7 +459,7 @@ impl Host {
     /// Handles `TDG.VP.VMCALL<MapGPA>`: R12 start (shared bit = direction), R13 length; writes
     /// R10 (status) and R11 (resume GPA on RETRY).
     pub fn handle_map_gpa(&self, regs: &mut VmcallRegs, pending_event: &dyn Fn() -> bool) {
-        inc(&self.counters.map_gpa_calls);
+        self.counters.inc(Ev::MapGpaCalls);
         let (status, resume) = self.map_gpa(
             regs.gpr[VmcallRegs::R12],
             regs.gpr[VmcallRegs::R13],
@@ -443,8 +467,8 @@ impl Host {
         );
         match status {
             GhciStatus::Success => {}
-            GhciStatus::Retry => inc(&self.counters.map_gpa_retries),
-            _ => inc(&self.counters.map_gpa_errors),
+            GhciStatus::Retry => self.counters.inc(Ev::MapGpaRetries),
+            _ => self.counters.inc(Ev::MapGpaErrors),
         }
         regs.gpr[VmcallRegs::R10] = status.raw();
         regs.gpr[VmcallRegs::R11] = resume;
@@ -481,7 +505,7 @@ impl Host {
                 Ok(_) => {}
                 Err(ConvertError::Again { offset }) => {
                     // A host mapping still holds the page: the guest may retry from there.
-                    inc(&self.counters.map_gpa_eagain);
+                    self.counters.inc(Ev::MapGpaEagain);
                     return (GhciStatus::Retry, offset.as_u64() | bit);
                 }
                 Err(ConvertError::NoMemory { .. })
@@ -491,7 +515,7 @@ impl Host {
                 }
                 Err(ConvertError::OutOfRange { .. }) => return (GhciStatus::InvalidOperand, 0),
             }
-            inc(&self.counters.map_gpa_chunks);
+            self.counters.inc(Ev::MapGpaChunks);
             chunks += 1;
             cur = chunk_end;
             let slice = self.config.map_gpa.chunks_per_slice;
@@ -550,7 +574,7 @@ impl Host {
         gpa: u64,
         ext: crate::module::ExtExitQual,
     ) -> Result<FaultOutcome, FaultError> {
-        inc(&self.counters.ept_violations);
+        self.counters.inc(Ev::EptViolations);
         self.mmu.handle_ept_violation(gpa, ext)
     }
 }

@@ -24,16 +24,24 @@ fn never() -> bool {
 
 /// One vCPU step, with exits handled by the host, as a vCPU loop runs it.
 fn accept(h: &Host, gpa: u64, level: PageLevel) -> (TdxStatus, u32) {
+    accept_on(h, 0, gpa, level)
+}
+
+/// [`accept`] on vCPU `vcpu`.
+fn accept_on(h: &Host, vcpu: usize, gpa: u64, level: PageLevel) -> (TdxStatus, u32) {
     let m = h.module();
     let mut exits = 0;
     loop {
-        m.vcpu_enter(0).unwrap();
-        match m.tdg_mem_page_accept(0, page_info(g(gpa), level)).unwrap() {
+        m.vcpu_enter(vcpu).unwrap();
+        match m
+            .tdg_mem_page_accept(vcpu, page_info(g(gpa), level))
+            .unwrap()
+        {
             TdcallOutcome::Completed(s) => {
-                m.vcpu_exit(0).unwrap();
+                m.vcpu_exit(vcpu).unwrap();
                 return (s, exits);
             }
-            TdcallOutcome::Interrupted => m.vcpu_exit(0).unwrap(),
+            TdcallOutcome::Interrupted => m.vcpu_exit(vcpu).unwrap(),
             TdcallOutcome::Exit(exit) => {
                 exits += 1;
                 assert!(exits < 8, "livelock");
@@ -324,4 +332,48 @@ fn host_priority_timeout_exits_re_enter_the_guest() {
     assert_eq!(h.mmu().stats().hp_timeouts, 1);
     assert_eq!(h.mmu().stats().faults, 0, "no fault handling");
     assert_eq!(exit.completed_status(), Some(busy));
+}
+
+/// Regression: the simulator charged a vCPU the difference of the host's global counters
+/// around its exit, so in parallel mode it paid for the other vCPUs' exits handled meanwhile.
+/// The per-thread counts see only the calling thread's work.
+#[test]
+fn thread_stats_count_only_the_calling_threads_exits() {
+    let h = Host::new(HostConfig::new(64 * M2, 2), Arc::new(YieldKicker)).unwrap();
+    let (mmu0, vmm0) = (crate::kvm::thread_stats(), thread_stats());
+    let pages = [24u64, 8];
+    let (mine, theirs) = std::thread::scope(|s| {
+        let work = |vcpu: usize| {
+            let h = &h;
+            move || {
+                let (m0, v0) = (crate::kvm::thread_stats(), thread_stats());
+                for i in 0..pages[vcpu] {
+                    let gpa = (2 * i + vcpu as u64) * M2;
+                    assert_eq!(
+                        accept_on(h, vcpu, gpa, PageLevel::Size2M).0,
+                        TdxStatus::SUCCESS
+                    );
+                }
+                let (m1, v1) = (crate::kvm::thread_stats(), thread_stats());
+                (
+                    m1.maps[1] - m0.maps[1],
+                    v1.ept_violations - v0.ept_violations,
+                )
+            }
+        };
+        let other = s.spawn(work(1));
+        let mine = work(0)();
+        (mine, other.join().unwrap())
+    });
+    assert_eq!(mine, (24, 24));
+    assert_eq!(theirs, (8, 8));
+    assert_eq!(
+        h.mmu().stats().maps[1],
+        32,
+        "the shared counters hold both threads' maps"
+    );
+    assert_eq!(h.stats().ept_violations, 32);
+    // This thread's counts moved by its own 24 exits only.
+    assert_eq!(crate::kvm::thread_stats().maps[1] - mmu0.maps[1], 24);
+    assert_eq!(thread_stats().ept_violations - vmm0.ept_violations, 24);
 }
