@@ -242,10 +242,10 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<()> {
         timelines.push((host, run_timeline(&tdsim, host, &csv)?));
     }
 
-    let boot_svg = plot_boot_time(&cells, &results);
+    let boot_svg = plot_boot_time(&cells, &results)?;
     fs::write(out_dir.join("boot_time_vs_memory.svg"), boot_svg)
         .context("writing bench/boot_time_vs_memory.svg")?;
-    let tl_svg = plot_timeline(&timelines);
+    let tl_svg = plot_timeline(&timelines)?;
     fs::write(out_dir.join("swiotlb_huge_ratio.svg"), tl_svg)
         .context("writing bench/swiotlb_huge_ratio.svg")?;
 
