@@ -8,7 +8,7 @@
 //! - `cargo xtask linux`: the differential conformance suite against unmodified Linux 6.12
 //!   code (see `linux.rs`; part of `ci`).
 //! - `cargo xtask bench`: the benchmark matrix with `tdsim`, written to `BENCHMARKS.md` and
-//!   `bench/` (see `bench.rs`; not part of `ci`).
+//!   `bench/` (see `bench/mod.rs`; not part of `ci`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -17,7 +17,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_gmem;
 mod e2e;
 mod linux;
 mod publish;

@@ -8,14 +8,15 @@ use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{load_average, splice_section};
-use crate::{cargo, e2e::root as workspace_root};
+use super::run::load_average;
+use super::{splice_section, workspace_root};
+use crate::cargo;
 
 const BEGIN: &str = "<!-- gmem:begin -->";
 const END: &str = "<!-- gmem:end -->";
 
 /// Runs the measurement and returns the section, markers included.
-pub(crate) fn section() -> Result<String> {
+pub(super) fn section() -> Result<String> {
     eprintln!("==> gmem_bench (model and kernel guest_memfd)");
     let load = load_average();
     let out = cargo()
@@ -57,12 +58,12 @@ pub(crate) fn section() -> Result<String> {
 }
 
 /// `text` with its guest_memfd section replaced by `section`.
-pub(crate) fn splice(text: &str, section: &str) -> String {
+pub(super) fn splice(text: &str, section: &str) -> String {
     splice_section(text, BEGIN, END, section)
 }
 
 /// `cargo xtask bench --only gmem`.
-pub(crate) fn bench_gmem() -> Result<()> {
+pub(super) fn bench_gmem() -> Result<()> {
     let section = section()?;
     let path = workspace_root().join("BENCHMARKS.md");
     let old = fs::read_to_string(&path).unwrap_or_default();
