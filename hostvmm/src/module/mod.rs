@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use accept::abi::{Gpa, Gpaw, PageLevel, TdxStatus, VeInfo};
+use crossbeam_utils::CachePadded;
 
 pub use fault::{FaultResult, FaultRule};
 pub use sept::SeptState;
@@ -448,7 +449,8 @@ pub struct TdxModule {
     hp_lock_timeout: std::sync::atomic::AtomicU32,
     op_state: AtomicU8,
     epoch: Mutex<Epoch>,
-    vcpus: Vec<Mutex<VcpuState>>,
+    /// One cache line each: vCPUs running in parallel lock their own state at every call.
+    vcpus: Vec<CachePadded<Mutex<VcpuState>>>,
     interrupts: Vec<AtomicBool>,
     host_interrupt: AtomicBool,
     pending_ve: AtomicBool,
@@ -487,7 +489,9 @@ impl TdxModule {
                 td_epoch: 1,
                 refcount: [0; 2],
             }),
-            vcpus: (0..n).map(|_| Mutex::new(VcpuState::default())).collect(),
+            vcpus: (0..n)
+                .map(|_| CachePadded::new(Mutex::new(VcpuState::default())))
+                .collect(),
             interrupts: (0..n).map(|_| AtomicBool::new(false)).collect(),
             host_interrupt: AtomicBool::new(false),
             pending_ve: AtomicBool::new(config.pending_ve),
@@ -537,7 +541,7 @@ impl TdxModule {
     fn vcpu(&self, vcpu: usize) -> Result<MutexGuard<'_, VcpuState>, VcpuError> {
         self.vcpus
             .get(vcpu)
-            .map(lock)
+            .map(|v| lock(v))
             .ok_or(VcpuError::NoSuchVcpu(vcpu))
     }
 

@@ -1,10 +1,11 @@
 //! Exact counters of every SEAMCALL, TDCALL and guest memory access, by kind and outcome.
 //!
-//! Counters are relaxed atomics: cheap on the hot path and exact once the callers have joined.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! Counters are relaxed atomics, striped over threads: cheap on the hot path and exact once
+//! the callers have joined.
 
 use accept::abi::{PageLevel, StatusCode, TdxStatus};
+
+use crate::counters::Striped;
 
 /// A module call, host (SEAMCALL) or guest (TDCALL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -170,44 +171,34 @@ impl AccessKind {
     ];
 }
 
-#[derive(Debug)]
-pub(crate) struct Counters {
-    calls: Vec<AtomicU64>,
-    by_level: Vec<AtomicU64>,
-    access: [AtomicU64; 7],
-    zeroed_4k: AtomicU64,
-    injected: AtomicU64,
-    hp_timeouts: AtomicU64,
-}
+// One striped counter set: per-call outcomes, then per call and level, then accesses, then
+// the three scalars.
+const CALLS: usize = CallKind::ALL.len() * BUCKETS;
+const BY_LEVEL: usize = CALLS;
+const ACCESS: usize = BY_LEVEL + CallKind::ALL.len() * LEVELS * BUCKETS;
+const ZEROED: usize = ACCESS + AccessKind::ALL.len();
+const INJECTED: usize = ZEROED + 1;
+const HP_TIMEOUTS: usize = INJECTED + 1;
+const N: usize = HP_TIMEOUTS + 1;
+
+/// The module's counters, striped over the calling threads (vCPUs and host threads call the
+/// module at once; see `crate::counters`).
+#[derive(Debug, Default)]
+pub(crate) struct Counters(Striped<N>);
 
 impl Counters {
     pub(crate) fn new() -> Counters {
-        Counters {
-            calls: (0..CallKind::ALL.len() * BUCKETS)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            by_level: (0..CallKind::ALL.len() * LEVELS * BUCKETS)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            access: Default::default(),
-            zeroed_4k: AtomicU64::new(0),
-            injected: AtomicU64::new(0),
-            hp_timeouts: AtomicU64::new(0),
-        }
+        Counters::default()
     }
 
     /// Counts a call; `page_info` is its raw page-info operand, if it has one (its level, when
     /// 4K, 2M or 1G, is counted too).
     pub(crate) fn call(&self, kind: CallKind, page_info: Option<u64>, outcome: CallOutcome) {
         let b = bucket(outcome);
-        if let Some(c) = self.calls.get(kind.index() * BUCKETS + b) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+        self.0.add(kind.index() * BUCKETS + b, 1);
         if let Some(level) = page_info.map(|p| (p & 7) as usize).filter(|&l| l < LEVELS) {
-            let i = (kind.index() * LEVELS + level) * BUCKETS + b;
-            if let Some(c) = self.by_level.get(i) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
+            self.0
+                .add(BY_LEVEL + (kind.index() * LEVELS + level) * BUCKETS + b, 1);
         }
     }
 
@@ -216,37 +207,30 @@ impl Counters {
     }
 
     pub(crate) fn access(&self, kind: AccessKind) {
-        self.access[kind as usize].fetch_add(1, Ordering::Relaxed);
+        self.0.add(ACCESS + kind as usize, 1);
     }
 
     pub(crate) fn zeroed(&self, pages: u64) {
-        self.zeroed_4k.fetch_add(pages, Ordering::Relaxed);
+        self.0.add(ZEROED, pages);
     }
 
     pub(crate) fn injected(&self) {
-        self.injected.fetch_add(1, Ordering::Relaxed);
+        self.0.add(INJECTED, 1);
     }
 
     pub(crate) fn hp_timeout(&self) {
-        self.hp_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.0.add(HP_TIMEOUTS, 1);
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
+        let c = self.0.sum();
         Stats {
-            calls: self
-                .calls
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .collect(),
-            by_level: self
-                .by_level
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .collect(),
-            access: std::array::from_fn(|i| self.access[i].load(Ordering::Relaxed)),
-            zeroed_4k: self.zeroed_4k.load(Ordering::Relaxed),
-            injected: self.injected.load(Ordering::Relaxed),
-            hp_timeouts: self.hp_timeouts.load(Ordering::Relaxed),
+            calls: c[..BY_LEVEL].to_vec(),
+            by_level: c[BY_LEVEL..ACCESS].to_vec(),
+            access: std::array::from_fn(|i| c[ACCESS + i]),
+            zeroed_4k: c[ZEROED],
+            injected: c[INJECTED],
+            hp_timeouts: c[HP_TIMEOUTS],
         }
     }
 }
