@@ -57,6 +57,32 @@ pub(super) fn run_boot(
     Ok((r.wall_ms, r.peak_rss_bytes.unwrap_or(0), r.modelled_time_us))
 }
 
+/// Wall time (ms, as the caller sees it) of `copies` independent 1-vCPU boot-eager runs of
+/// `gib` GiB each, started together: what the machine gives `copies` threads that share
+/// nothing.
+pub(super) fn run_boot_copies(tdsim: &Path, gib: u64, copies: u32) -> Result<u64> {
+    let start = std::time::Instant::now();
+    let children = (0..copies)
+        .map(|_| {
+            Command::new(tdsim)
+                .args(["run", "--scenario", "boot-eager", "--memory"])
+                .arg(format!("{gib}G"))
+                .args(["--vcpus", "1", "--mode", "parallel", "--seed"])
+                .arg(SEED.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("running tdsim")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for mut c in children {
+        let status = c.wait().context("waiting for tdsim")?;
+        if !status.success() {
+            bail!("tdsim boot-eager {gib} GiB: exit {status}");
+        }
+    }
+    Ok(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The 1-minute load average, as `/proc/loadavg` gives it.
 pub(super) fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
