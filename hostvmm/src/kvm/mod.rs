@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use accept::abi::{Gpa, PageLevel, TdxStatus};
+use crossbeam_utils::CachePadded;
 
 use crate::module::TdxModule;
 
@@ -233,7 +234,8 @@ pub struct PrivateMmu {
     kicker: Arc<dyn Kicker>,
     policy: MmuPolicy,
     pool: SeptPagePool,
-    mmu_lock: RwLock<()>,
+    /// On a cache line of its own: every fault changes its reader count.
+    mmu_lock: CachePadded<RwLock<()>>,
     invalidate_seq: AtomicU64,
     /// SEAMCALLs currently holding the vCPUs out of the TD.
     held_out: AtomicU64,
@@ -280,7 +282,7 @@ impl PrivateMmu {
             kicker,
             policy,
             pool,
-            mmu_lock: RwLock::new(()),
+            mmu_lock: CachePadded::new(RwLock::new(())),
             invalidate_seq: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crossbeam_utils::CachePadded;
+
 const CHUNK_SHIFT: u32 = 21;
 const CHUNK_PAGES: usize = 512;
 const SHARDS: usize = 64;
@@ -19,7 +21,8 @@ type Chunk = Box<[u64; CHUNK_PAGES]>;
 /// Sparse token store for host memory.
 #[derive(Debug)]
 pub(crate) struct Contents {
-    shards: Vec<Mutex<HashMap<u64, Chunk>>>,
+    /// One cache line each, so that vCPUs zeroing pages of different shards share nothing.
+    shards: Vec<CachePadded<Mutex<HashMap<u64, Chunk>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -29,7 +32,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Contents {
     pub(crate) fn new() -> Contents {
         Contents {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+                .collect(),
         }
     }
 
