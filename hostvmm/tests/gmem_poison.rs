@@ -107,7 +107,7 @@ impl Run {
             self.ever_poisoned.range(hpa..end).next().is_none(),
             "poisoned frame handed out again in {hpa}+{level}"
         );
-        assert!(!self.g.pool().overlaps_retired(hpa, level));
+        assert!(!self.g.with_pool(|p| p.overlaps_retired(hpa, level)));
     }
 
     fn hook(&self, poison: &[u64], start: u64) -> RecordingHook {
@@ -259,9 +259,10 @@ impl Run {
         // Frames poisoned and freed within one call are only seen retired.
         let live: BTreeSet<Hpa> = self.g.live_poisoned_frames().into_iter().collect();
         self.ever_poisoned.extend(live.iter().copied());
-        self.ever_poisoned.extend(self.g.pool().snapshot().retired);
+        self.ever_poisoned
+            .extend(self.g.with_pool(FolioPool::snapshot).retired);
         let st = self.g.stats();
-        let pool = self.g.pool();
+        let pool = self.g.with_pool(FolioPool::clone);
         assert_eq!(st.poisoned_pages, self.poison_events);
         assert_eq!(st.poisoned_pages, self.g.poisoned_pages());
         assert_eq!(

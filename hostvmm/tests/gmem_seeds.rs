@@ -74,7 +74,7 @@ fn seed_001_4k_hole_in_a_2m_folio_never_splits_it() {
     let st = g.stats();
     assert_eq!(st.folios_allocated.total(), 1);
     assert_eq!(st.folios_freed.total(), 0);
-    assert_eq!(g.pool().stats().allocated.total(), 1);
+    assert_eq!(g.with_pool(|p| p.stats().allocated.total()), 1);
 }
 
 #[test]
@@ -95,7 +95,7 @@ fn seed_001_1g_folio_goes_1g_2m_4k_and_back() {
 fn seed_001_lazy_hole_punch_frees_only_when_all_sub_pages_are_gone() {
     let mut g = memfd(2 * M2, PageLevel::Size2M);
     g.get_pfn(gpa(0)).unwrap();
-    let live = g.pool().live_folios();
+    let live = g.with_pool(FolioPool::live_folios);
     for i in (0..512).rev() {
         let r = g
             .punch_hole(range(i * K4, (i + 1) * K4), &mut NoopHook)
@@ -104,13 +104,13 @@ fn seed_001_lazy_hole_punch_frees_only_when_all_sub_pages_are_gone() {
         if i > 0 {
             assert_eq!(r.folios_freed, 0);
             assert_eq!(g.folio(gpa(0)).map(|f| f.present_pages), Some(i));
-            assert_eq!(g.pool().live_folios(), live);
+            assert_eq!(g.with_pool(FolioPool::live_folios), live);
         } else {
             assert_eq!(r.folios_freed, 1);
         }
     }
     assert_eq!(g.folio_count(), 0);
-    assert_eq!(g.pool().live_folios(), live - 1);
+    assert_eq!(g.with_pool(FolioPool::live_folios), live - 1);
     assert_eq!(g.stats().pages_punched, 512);
 }
 

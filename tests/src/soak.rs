@@ -349,7 +349,7 @@ impl Soak {
         let g = self.h.model();
         let injected = self.h.module().stats().injected
             + g.as_ref().map_or(0, |g| {
-                g.pool().injector().failures() + g.node_injector().failures()
+                g.with_pool(|p| p.injector().failures()) + g.node_injector().failures()
             });
         drop(g);
         let poisoned = self.h.gmem().poisoned_pages();

@@ -26,7 +26,7 @@ use super::ranges::Shareability;
 ///   again by `get_pfn`;
 /// - `get_pfn` answers only for private pages; the HPA it gives stays the page's until the
 ///   page is converted or punched.
-pub trait ConversionBackend: Send {
+pub trait ConversionBackend: Send + Sync {
     /// Bytes of guest memory (GPAs `[0, size)`).
     fn size(&self) -> u64;
 
@@ -88,6 +88,15 @@ pub trait ConversionBackend: Send {
         Ok((pfn, self.max_private_level(at)?))
     }
 
+    /// [`ConversionBackend::fault_pfn`] through a shared reference, for a backend whose fault
+    /// path may run on several vCPUs at once (the kernel's `kvm_gmem_get_pfn` takes the
+    /// invalidation lock shared). The host then holds the backend's lock shared for it, and
+    /// exclusive for everything else. `None` (the default): the backend has no such path, and
+    /// the host calls [`ConversionBackend::fault_pfn`] under the exclusive lock.
+    fn fault_pfn_shared(&self, _at: Gpa) -> Option<Result<(PfnInfo, PageLevel), GmemError>> {
+        None
+    }
+
     /// Records the page holding `at` as an error page; `Ok(true)` when it was not one yet.
     ///
     /// # Errors
@@ -144,6 +153,9 @@ impl ConversionBackend for GuestMemfd {
     }
     fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
         GuestMemfd::fault_pfn(self, at)
+    }
+    fn fault_pfn_shared(&self, at: Gpa) -> Option<Result<(PfnInfo, PageLevel), GmemError>> {
+        Some(GuestMemfd::fault_pfn_shared(self, at))
     }
     fn poison(&mut self, at: Gpa) -> Result<bool, GmemError> {
         GuestMemfd::poison(self, at)
@@ -310,6 +322,12 @@ impl<B: ConversionBackend> ConversionBackend for RecordingBackend<B> {
     }
     fn get_pfn(&mut self, at: Gpa) -> Result<PfnInfo, GmemError> {
         self.inner.get_pfn(at)
+    }
+    fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
+        self.inner.fault_pfn(at)
+    }
+    fn fault_pfn_shared(&self, at: Gpa) -> Option<Result<(PfnInfo, PageLevel), GmemError>> {
+        self.inner.fault_pfn_shared(at)
     }
     fn max_private_level(&self, at: Gpa) -> Result<PageLevel, GmemError> {
         self.inner.max_private_level(at)

@@ -1,9 +1,9 @@
 //! [`GuestMemfd`]: one TD's guest_memfd, offsets equal to private GPAs.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use accept::abi::{Gpa, GpaRange, PageLevel};
 
@@ -12,9 +12,12 @@ use super::folio::Folio;
 use super::hook::{InvalidateCtx, InvalidateHook, InvalidateReason};
 use super::pool::{FailureInjector, FolioPool, Hpa, PoolSnapshot};
 use super::ranges::{Shareability, ShareabilityMap};
-use super::stats::GmemStats;
+use super::stats::{GmemStats, LevelCounts};
 
 mod convert;
+mod folios;
+
+use folios::Folios;
 
 const PAGE: u64 = PageLevel::Size4K.size();
 
@@ -203,12 +206,15 @@ pub struct GuestMemfd {
     size: u64,
     folio_level: PageLevel,
     attrs: ShareabilityMap,
-    folios: BTreeMap<u64, Folio>,
+    folios: Folios,
     host: BTreeMap<u64, HostRefs>,
     /// Pages whose commit to private waits for the last transient reference. Each record was
     /// allocated with the range-map nodes its completion needs.
     pending: BTreeSet<u64>,
-    pool: FolioPool,
+    /// Taken by the fault path for an allocation, under the file's shared lock.
+    pool: Mutex<FolioPool>,
+    /// Folios allocated (all at `folio_level`): counted by the fault path without the stats.
+    allocated: AtomicU64,
     nodes: FailureInjector,
     stats: GmemStats,
 }
@@ -219,7 +225,7 @@ fn gpa(v: u64) -> Gpa {
 
 /// Records poison for the page containing `at`. No allocation: the bitmap came with the folio.
 fn record_poison(
-    folios: &mut BTreeMap<u64, Folio>,
+    folios: &mut Folios,
     stats: &mut GmemStats,
     level: PageLevel,
     size: u64,
@@ -227,7 +233,7 @@ fn record_poison(
 ) -> bool {
     let page = at.as_u64() & !PageLevel::Size4K.mask();
     let base = page & !level.mask();
-    match folios.get_mut(&base) {
+    match folios.get_mut(base) {
         Some(folio) if page < size => {
             if folio.poison.set((page - base) / PAGE) {
                 stats.poisoned_pages = stats.poisoned_pages.saturating_add(1);
@@ -287,10 +293,11 @@ impl GuestMemfd {
             size: config.size,
             folio_level: config.folio_level,
             attrs: ShareabilityMap::new(config.size, config.initial),
-            folios: BTreeMap::new(),
+            folios: Folios::new(),
             host: BTreeMap::new(),
             pending: BTreeSet::new(),
-            pool,
+            pool: Mutex::new(pool),
+            allocated: AtomicU64::new(0),
             nodes: FailureInjector::default(),
             stats: GmemStats::default(),
         })
@@ -378,12 +385,14 @@ impl GuestMemfd {
     pub fn folio(&self, at: Gpa) -> Option<FolioInfo> {
         let page = self.page_of(at).ok()?;
         let base = self.folio_base(page);
-        self.folios.get(&base).map(|f| FolioInfo {
-            base: gpa(base),
-            hpa: f.hpa,
-            level: f.level,
-            present_pages: f.present.ones(),
-            poisoned_pages: f.poison.ones(),
+        self.folios.read(base, |f| {
+            f.map(|f| FolioInfo {
+                base: gpa(base),
+                hpa: f.hpa,
+                level: f.level,
+                present_pages: f.present.ones(),
+                poisoned_pages: f.poison.ones(),
+            })
         })
     }
 
@@ -398,9 +407,9 @@ impl GuestMemfd {
             return false;
         };
         let base = self.folio_base(page);
-        self.folios
-            .get(&base)
-            .is_some_and(|f| f.poison.get((page - base) / PAGE))
+        self.folios.read(base, |f| {
+            f.is_some_and(|f| f.poison.get((page - base) / PAGE))
+        })
     }
 
     /// 4K pages ever recorded as poisoned (in live folios or leaked).
@@ -410,30 +419,37 @@ impl GuestMemfd {
 
     /// Poisoned pages in live folios.
     pub fn live_poisoned_pages(&self) -> u64 {
-        self.folios.values().map(|f| f.poison.ones()).sum()
+        let mut n = 0;
+        self.folios.for_each(|_, f| n += f.poison.ones());
+        n
     }
 
     /// Host addresses of every poisoned frame in live folios.
     pub fn live_poisoned_frames(&self) -> Vec<Hpa> {
+        let mut out = Vec::new();
         self.folios
-            .values()
-            .flat_map(|f| f.poison.iter_ones().map(move |i| f.hpa_of(i)))
-            .collect()
+            .for_each(|_, f| out.extend(f.poison.iter_ones().map(|i| f.hpa_of(i))));
+        out
     }
 
     /// Counters.
     pub fn stats(&self) -> GmemStats {
-        self.stats
+        let mut s = self.stats;
+        s.folios_allocated = LevelCounts::default();
+        s.folios_allocated
+            .add(self.folio_level, self.allocated.load(Ordering::Relaxed));
+        s
     }
 
-    /// The folio pool.
-    pub fn pool(&self) -> &FolioPool {
-        &self.pool
+    /// `f` of the folio pool. (The fault path allocates from the pool through a shared
+    /// reference, so the pool sits behind a lock held only for the call of `f`.)
+    pub fn with_pool<R>(&self, f: impl FnOnce(&FolioPool) -> R) -> R {
+        f(&self.pool.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The folio pool, e.g. to arm an allocation failure.
     pub fn pool_mut(&mut self) -> &mut FolioPool {
-        &mut self.pool
+        self.pool.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The injector of range-map node and deferred-record allocations (conversion phase 1).
@@ -450,49 +466,59 @@ impl GuestMemfd {
     pub fn snapshot(&self) -> GmemSnapshot {
         GmemSnapshot {
             ranges: self.ranges(),
-            folios: self
-                .folios
-                .iter()
-                .map(|(&base, f)| FolioSnapshot {
-                    info: FolioInfo {
-                        base: gpa(base),
-                        hpa: f.hpa,
-                        level: f.level,
-                        present_pages: f.present.ones(),
-                        poisoned_pages: f.poison.ones(),
-                    },
-                    absent: f
-                        .present
-                        .iter_zeros()
-                        .map(|i| gpa(base + i * PAGE))
-                        .collect(),
-                    poisoned: f.poison.iter_ones().map(|i| gpa(base + i * PAGE)).collect(),
-                })
-                .collect(),
+            folios: {
+                let mut out = Vec::new();
+                self.folios.for_each(|base, f| {
+                    out.push(FolioSnapshot {
+                        info: FolioInfo {
+                            base: gpa(base),
+                            hpa: f.hpa,
+                            level: f.level,
+                            present_pages: f.present.ones(),
+                            poisoned_pages: f.poison.ones(),
+                        },
+                        absent: f
+                            .present
+                            .iter_zeros()
+                            .map(|i| gpa(base + i * PAGE))
+                            .collect(),
+                        poisoned: f.poison.iter_ones().map(|i| gpa(base + i * PAGE)).collect(),
+                    })
+                });
+                out
+            },
             host_refs: self.host.iter().map(|(&p, &h)| (gpa(p), h)).collect(),
             pending: self.pending.iter().map(|&p| gpa(p)).collect(),
-            pool: self.pool.snapshot(),
+            pool: self.with_pool(FolioPool::snapshot),
         }
     }
 
     // ---- fault path ----------------------------------------------------------------------
 
+    /// A new folio for `page` from the pool (counted).
+    fn new_folio(&self, page: u64) -> Result<Folio, GmemError> {
+        let hpa = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .alloc(self.folio_level)
+            .map_err(|source| GmemError::NoMemory {
+                gpa: gpa(page),
+                source,
+            })?;
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Ok(Folio::new(hpa, self.folio_level))
+    }
+
     /// Allocates the folio of `page` if needed.
     fn populate(&mut self, page: u64) -> Result<&mut Folio, GmemError> {
         let base = self.folio_base(page);
-        if !self.folios.contains_key(&base) {
-            let hpa = self
-                .pool
-                .alloc(self.folio_level)
-                .map_err(|source| GmemError::NoMemory {
-                    gpa: gpa(page),
-                    source,
-                })?;
-            self.folios.insert(base, Folio::new(hpa, self.folio_level));
-            self.stats.folios_allocated.add(self.folio_level, 1);
+        if !self.folios.contains(base) {
+            let folio = self.new_folio(page)?;
+            self.folios.insert(base, folio);
         }
         self.folios
-            .get_mut(&base)
+            .get_mut(base)
             .ok_or(GmemError::NotPopulated { gpa: gpa(page) })
     }
 
@@ -545,11 +571,12 @@ impl GuestMemfd {
     pub fn max_private_level(&self, at: Gpa) -> Result<PageLevel, GmemError> {
         let (page, run) = self.private_page(at)?;
         let base = self.folio_base(page);
-        let folio = self.folios.get(&base);
-        if folio.is_some_and(|f| f.poison.get((page - base) / PAGE)) {
-            return Err(GmemError::Poisoned { gpa: gpa(page) });
-        }
-        Ok(self.largest_level(page, run, base, folio))
+        self.folios.read(base, |folio| {
+            if folio.is_some_and(|f| f.poison.get((page - base) / PAGE)) {
+                return Err(GmemError::Poisoned { gpa: gpa(page) });
+            }
+            Ok(self.largest_level(page, run, base, folio))
+        })
     }
 
     /// [`GuestMemfd::get_pfn`] and [`GuestMemfd::max_private_level`] of the same page, from one
@@ -559,34 +586,35 @@ impl GuestMemfd {
     /// # Errors
     /// As [`GuestMemfd::get_pfn`].
     pub fn fault_pfn(&mut self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
+        self.fault_pfn_shared(at)
+    }
+
+    /// [`GuestMemfd::fault_pfn`] through a shared reference: faults on different folios run
+    /// at once (the kernel's `kvm_gmem_get_pfn` holds the invalidation lock shared and locks
+    /// one folio). Only the folio's shard and, to allocate, the pool are locked.
+    ///
+    /// # Errors
+    /// As [`GuestMemfd::get_pfn`].
+    pub fn fault_pfn_shared(&self, at: Gpa) -> Result<(PfnInfo, PageLevel), GmemError> {
         let (page, run) = self.private_page(at)?;
         let base = self.folio_base(page);
         let index = (page - base) / PAGE;
-        let folio = match self.folios.entry(base) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => {
-                let hpa =
-                    self.pool
-                        .alloc(self.folio_level)
-                        .map_err(|source| GmemError::NoMemory {
-                            gpa: gpa(page),
-                            source,
-                        })?;
-                self.stats.folios_allocated.add(self.folio_level, 1);
-                v.insert(Folio::new(hpa, self.folio_level))
-            }
-        };
-        if folio.poison.get(index) {
-            return Err(GmemError::Poisoned { gpa: gpa(page) });
-        }
-        folio.present.set(index);
-        let pfn = PfnInfo {
-            hpa: folio.hpa_of(index),
-            folio_level: self.folio_level,
-            folio_base: gpa(base),
-        };
-        let folio = self.folios.get(&base);
-        Ok((pfn, self.largest_level(page, run, base, folio)))
+        self.folios.with_or_insert(
+            base,
+            || self.new_folio(page),
+            |folio| {
+                if folio.poison.get(index) {
+                    return Err(GmemError::Poisoned { gpa: gpa(page) });
+                }
+                folio.present.set(index);
+                let pfn = PfnInfo {
+                    hpa: folio.hpa_of(index),
+                    folio_level: self.folio_level,
+                    folio_base: gpa(base),
+                };
+                Ok((pfn, self.largest_level(page, run, base, Some(folio))))
+            },
+        )?
     }
 
     /// The private, not pending page holding `at`, and its run of private pages.
@@ -644,7 +672,7 @@ impl GuestMemfd {
     /// [`GmemError::OutOfRange`]; [`GmemError::NotPopulated`] when no folio backs `at`.
     pub fn poison(&mut self, at: Gpa) -> Result<bool, GmemError> {
         let page = self.page_of(at)?;
-        if !self.folios.contains_key(&self.folio_base(page)) {
+        if !self.folios.contains(self.folio_base(page)) {
             return Err(GmemError::NotPopulated { gpa: gpa(page) });
         }
         Ok(record_poison(
@@ -793,6 +821,43 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_shared_faults_allocate_each_folio_once() {
+        let g = memfd(32 * M2, PageLevel::Size2M);
+        // Four threads fault every 4K page of 32 folios, in different orders, through a
+        // shared reference (as the host's fault path does under the shared lock).
+        let seen: Vec<Vec<(u64, u64)>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let g = &g;
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for i in 0..(32 * 512u64) {
+                            let page = (i * (2 * t + 1) + t * 977) % (32 * 512);
+                            let (pfn, level) = g.fault_pfn_shared(gpa(page * PAGE)).unwrap();
+                            assert_eq!(level, PageLevel::Size2M);
+                            out.push((page, pfn.hpa.as_u64()));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        // Every thread saw the same host page for each GPA, contiguous within its folio.
+        let mut hpa_of = std::collections::BTreeMap::new();
+        for (page, hpa) in seen.into_iter().flatten() {
+            assert_eq!(*hpa_of.entry(page).or_insert(hpa), hpa, "page {page}");
+        }
+        for (&page, &hpa) in &hpa_of {
+            let first = hpa_of[&(page & !511)];
+            assert_eq!(hpa, first + (page % 512) * PAGE);
+        }
+        assert_eq!(g.folio_count(), 32);
+        assert_eq!(g.stats().folios_allocated.get(PageLevel::Size2M), 32);
+        assert_eq!(g.with_pool(FolioPool::live_folios), 32);
+    }
+
+    #[test]
     fn get_pfn_is_contiguous_in_the_folio() {
         let mut g = memfd(4 * M2, PageLevel::Size2M);
         let a = g.get_pfn(gpa(M2)).unwrap();
@@ -914,7 +979,7 @@ mod tests {
         let r = g.punch_hole(range(0, 2 * M2), &mut NoopHook).unwrap();
         assert_eq!((r.folios_freed, r.frames_leaked), (1, 1));
         assert_eq!(g.folio_count(), 0);
-        assert!(g.pool().is_retired(hpa.checked_add(PAGE).unwrap()));
+        assert!(g.with_pool(|p| p.is_retired(hpa.checked_add(PAGE).unwrap())));
         assert_eq!(g.stats().leaked_frames, 1);
         assert_eq!(g.stats().folios_freed.get(PageLevel::Size2M), 1);
     }

@@ -862,7 +862,7 @@ fn kernel_host(config: HostConfig, kicker: Arc<ModuleKicker>) -> Result<Host, Si
     Ok(Host::with_backend(
         config,
         kicker,
-        Arc::new(Mutex::new(backend)),
+        Arc::new(std::sync::RwLock::new(backend)),
     )?)
 }
 

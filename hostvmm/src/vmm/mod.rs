@@ -20,7 +20,7 @@
 //! Not here: vCPU scheduling and guest code (see the simulator), shared-memory mappings.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 
 use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
 
@@ -113,21 +113,32 @@ pub enum HostError {
     Pool(String),
 }
 
-/// The backend behind a [`Host`], shared with the MMU's fault path.
-pub type SharedBackend = Arc<Mutex<dyn ConversionBackend>>;
+/// The backend behind a [`Host`], shared with the MMU's fault path. The lock stands for
+/// guest_memfd's invalidation lock: the fault path takes it shared when the backend has a
+/// shared fault path ([`ConversionBackend::fault_pfn_shared`]), everything else exclusive.
+pub type SharedBackend = Arc<RwLock<dyn ConversionBackend>>;
 
 /// The MMU's view of the conversion backend.
 struct GmemBacking {
     gmem: SharedBackend,
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T: ?Sized>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl PrivateBacking for GmemBacking {
     fn get_pfn(&self, gpa: Gpa) -> Result<Pfn, BackingError> {
-        let (pfn, max_level) = lock(&self.gmem).fault_pfn(gpa).map_err(backing_error)?;
+        let shared = self
+            .gmem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fault_pfn_shared(gpa);
+        let (pfn, max_level) = match shared {
+            Some(r) => r,
+            None => lock(&self.gmem).fault_pfn(gpa),
+        }
+        .map_err(backing_error)?;
         Ok(Pfn {
             hpa: pfn.hpa.as_u64(),
             max_level,
@@ -320,7 +331,7 @@ pub struct Host {
     module: Arc<TdxModule>,
     gmem: SharedBackend,
     /// The same allocation as `gmem` when the backend is the guest_memfd model.
-    model: Option<Arc<Mutex<GuestMemfd>>>,
+    model: Option<Arc<RwLock<GuestMemfd>>>,
     mmu: Arc<PrivateMmu>,
     counters: Counters,
 }
@@ -343,7 +354,7 @@ impl Host {
     pub fn new(config: HostConfig, kicker: Arc<dyn Kicker>) -> Result<Host, HostError> {
         let pool = FolioPool::new(GUEST_HPA_BASE, config.memory)
             .map_err(|e| HostError::Pool(e.to_string()))?;
-        let model = Arc::new(Mutex::new(GuestMemfd::new(
+        let model = Arc::new(RwLock::new(GuestMemfd::new(
             GmemConfig::new(config.memory, config.folio_level),
             pool,
         )?));
@@ -403,13 +414,13 @@ impl Host {
     }
 
     /// The conversion backend, locked. Do not hold it across a call into the host.
-    pub fn gmem(&self) -> MutexGuard<'_, dyn ConversionBackend + 'static> {
+    pub fn gmem(&self) -> RwLockWriteGuard<'_, dyn ConversionBackend + 'static> {
         lock(&self.gmem)
     }
 
     /// The guest_memfd model, locked, when it is the backend ([`Host::new`]); `None` for a
     /// host built [`Host::with_backend`]. Do not hold it across a call into the host.
-    pub fn model(&self) -> Option<MutexGuard<'_, GuestMemfd>> {
+    pub fn model(&self) -> Option<RwLockWriteGuard<'_, GuestMemfd>> {
         self.model.as_deref().map(lock)
     }
 

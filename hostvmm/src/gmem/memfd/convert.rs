@@ -218,7 +218,7 @@ impl GuestMemfd {
         }
         let fsize = self.folio_level.size();
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (&base, _) in self.folios.range(self.folio_base(s)..e) {
+        for base in self.folios.bases_in(self.folio_base(s), e) {
             let (rs, re) = (base.max(s), (base + fsize).min(e));
             match runs.last_mut() {
                 Some(last) if last.1 == rs => last.1 = re,
@@ -247,13 +247,8 @@ impl GuestMemfd {
             poisoned,
             ..PunchReport::default()
         };
-        let bases: Vec<u64> = self
-            .folios
-            .range(self.folio_base(s)..e)
-            .map(|(&b, _)| b)
-            .collect();
-        for base in bases {
-            let Some(folio) = self.folios.get_mut(&base) else {
+        for base in self.folios.bases_in(self.folio_base(s), e) {
+            let Some(folio) = self.folios.get_mut(base) else {
                 continue;
             };
             let first = (base.max(s) - base) / PAGE;
@@ -271,11 +266,11 @@ impl GuestMemfd {
                     continue;
                 }
             }
-            let Some(folio) = self.folios.remove(&base) else {
+            let Some(folio) = self.folios.remove(base) else {
                 continue;
             };
             let bad: Vec<u64> = folio.poison.iter_ones().collect();
-            match self.pool.free(folio.hpa, folio.level, &bad) {
+            match self.pool_mut().free(folio.hpa, folio.level, &bad) {
                 Ok(_) => {}
                 Err(err) => log::error!("gmem: freeing folio at {base:#x}: {err}"),
             }
