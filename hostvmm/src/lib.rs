@@ -9,17 +9,12 @@
 //!   conversion, deferred commits and error pages.
 //! - [`vmm`]: the host half wired together (module, guest_memfd, MMU) and the exit handlers,
 //!   MapGPA included.
-//! - [`sim`]: the simulated TD: vCPU threads running the guest engine against the host half,
-//!   scenarios, invariants and reports (the `tdsim` binary).
 //!
 //! `docs/life-of-a-mapgpa.md` follows one conversion through these modules, from the guest's
 //! TDCALL to the Secure-EPT change, naming each file on the way.
-// No unsafe code but one block: the simulator's call of the guest engine's `unsafe fn`
-// conversion (`sim::convert`), whose contract a simulated TD keeps trivially.
 #![deny(unsafe_code)]
 
 pub mod gmem;
 pub mod kvm;
 pub mod module;
-pub mod sim;
 pub mod vmm;

@@ -23,9 +23,9 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
 use super::sched::{Rng, Scheduler, Switch};
 use super::{SimTd, ViolationKind};
-use crate::kvm::MmuStats;
-use crate::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
-use crate::vmm::{ExitAction, VmmStats};
+use hostvmm::kvm::MmuStats;
+use hostvmm::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
+use hostvmm::vmm::{ExitAction, VmmStats};
 
 /// Bound on TD exits for one guest instruction (an ACCEPT or an access) before the simulator
 /// calls it a livelock. An honest host needs at most 3 (map, split, retry after a race).

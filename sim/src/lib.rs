@@ -1,5 +1,5 @@
 //! The simulated TD: vCPU threads that run the real guest engine (`accept`) against the real
-//! host half ([`crate::vmm::Host`]), with scenarios, invariants and reports.
+//! host half ([`hostvmm::vmm::Host`]), with scenarios, invariants and reports.
 //!
 //! - [`SimConfig`] describes a run: scenario, memory size, vCPUs, seed, guest and host
 //!   policies, module capabilities.
@@ -15,6 +15,10 @@
 //! no page accepted twice; no GPA both mapped private and shared; every page the guest believes
 //! private-accepted is MAPPED; private content survives DEMOTE/PROMOTE; poisoned pages are never
 //! mapped again; no livelock (bounded exits per instruction).
+
+// No unsafe code but one block: the call of the guest engine's `unsafe fn` conversion
+// ([`convert`]), whose contract a simulated TD keeps trivially.
+#![deny(unsafe_code)]
 
 pub mod convert;
 pub mod cost;
@@ -41,9 +45,9 @@ use accept::parallel::{BootJob, WorkerProgress};
 use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
 use accept::unaccepted::{build_table, UnacceptedTable};
 
-use crate::kvm::{Kicker, MmuPolicy, MmuStats};
-use crate::module::{Access, SeptState, TdxModule};
-use crate::vmm::{Host, HostConfig, VmmStats};
+use hostvmm::kvm::{Kicker, MmuPolicy, MmuStats};
+use hostvmm::module::{Access, SeptState, TdxModule};
+use hostvmm::vmm::{Host, HostConfig, VmmStats};
 
 use cost::CostTable;
 pub use report::{Report, SCHEMA_VERSION};
@@ -358,7 +362,7 @@ pub enum SimError {
     Config(String),
     /// The host could not be built.
     #[error("host: {0}")]
-    Host(#[from] crate::vmm::HostError),
+    Host(#[from] hostvmm::vmm::HostError),
     /// The deterministic scheduler could not start its coroutines.
     #[error("scheduler: {0}")]
     Stack(#[from] sched::StackError),
@@ -685,7 +689,7 @@ impl<'g> SimTd<'g> {
             .gmem()
             .ranges()
             .into_iter()
-            .filter(|(_, s)| *s == crate::gmem::Shareability::Shared)
+            .filter(|(_, s)| *s == hostvmm::gmem::Shareability::Shared)
             .map(|(r, _)| (r.start().as_u64(), r.end().as_u64()))
             .collect();
         self.check_parts(&[], &host_shared, &[]);
@@ -857,7 +861,7 @@ pub fn run_sampled(
 /// A host over the kernel's guest_memfd.
 #[cfg(feature = "kernel-gmem")]
 fn kernel_host(config: HostConfig, kicker: Arc<ModuleKicker>) -> Result<Host, SimError> {
-    let backend = crate::gmem::KernelBackend::new(config.memory, crate::vmm::GUEST_HPA_BASE)
+    let backend = hostvmm::gmem::KernelBackend::new(config.memory, hostvmm::vmm::GUEST_HPA_BASE)
         .map_err(|e| SimError::Config(format!("--gmem kernel: {e}")))?;
     Ok(Host::with_backend(
         config,
@@ -896,7 +900,7 @@ fn run_inner(
     host_config.module.max_accept_level = config.max_accept_level;
     host_config.mmu = config.host.mmu_policy();
     if config.sabotage == Some(sabotage::Sabotage::IgnoreSplit) {
-        host_config.mmu.fault_split = crate::kvm::FaultSplit::Ignore;
+        host_config.mmu.fault_split = hostvmm::kvm::FaultSplit::Ignore;
     }
     let kicker = Arc::new(ModuleKicker::default());
     let host = match config.gmem {

@@ -9,8 +9,8 @@ use accept::tdcall::Tdcall;
 
 use super::vcpu::SimVcpu;
 use super::{SimTd, ViolationKind};
-use crate::gmem::{NoopHook, Shareability};
-use crate::module::{Access, SeptState};
+use hostvmm::gmem::{NoopHook, Shareability};
+use hostvmm::module::{Access, SeptState};
 
 /// A deliberate breakage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
