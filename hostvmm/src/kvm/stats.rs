@@ -9,7 +9,8 @@ use std::sync::{Mutex, PoisonError};
 use super::PrivateMmu;
 
 /// Exact counters of the MMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct MmuStats {
     /// EPT-violation exits handled.
     pub faults: u64,
