@@ -2,7 +2,8 @@
 //!
 //! - [`module`]: an emulator of the TDX module's Secure-EPT and memory SEAMCALLs/TDCALLs
 //!   (`docs/tdx-module-memory.md` §1-§7): S-EPT tree, host calls, epochs, ACCEPT walk cases,
-//!   #VE delivery, page-content tokens, capabilities as data and fault injection.
+//!   #VE delivery, page-content tokens, capabilities as data and (feature `testing`) fault
+//!   injection.
 //! - [`kvm`]: a KVM-style private MMU: fault path at the guest's accept level, fault-path and
 //!   zap-path splits, PROMOTE back to huge mappings.
 //! - [`gmem`]: a guest_memfd-style backend: folios, shareability ranges, all-or-nothing

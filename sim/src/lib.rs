@@ -25,6 +25,7 @@ pub mod cost;
 pub mod hostile;
 pub mod ranges;
 pub mod report;
+#[cfg(feature = "testing")]
 pub mod sabotage;
 pub mod scenario;
 pub mod sched;
@@ -293,7 +294,9 @@ pub struct SimConfig {
     pub switch_every: u64,
     /// Scale of the scenario's traffic (1 = default).
     pub traffic: u32,
-    /// A deliberate breakage, to check the checker (`None` in every normal run).
+    /// A deliberate breakage, to check the checker (`None` in every normal run; feature
+    /// `testing`).
+    #[cfg(feature = "testing")]
     pub sabotage: Option<sabotage::Sabotage>,
     /// Deterministic (coroutines, exact counts) or parallel (one OS thread per vCPU).
     pub mode: Mode,
@@ -317,6 +320,7 @@ impl SimConfig {
             host_irq_per_mille: 0,
             switch_every: 4,
             traffic: 1,
+            #[cfg(feature = "testing")]
             sabotage: None,
             mode: Mode::Deterministic,
             gmem: GmemBackend::Model,
@@ -899,6 +903,7 @@ fn run_inner(
     host_config.module.pending_ve = config.pending_ve && !config.guest.sept_ve_disable();
     host_config.module.max_accept_level = config.max_accept_level;
     host_config.mmu = config.host.mmu_policy();
+    #[cfg(feature = "testing")]
     if config.sabotage == Some(sabotage::Sabotage::IgnoreSplit) {
         host_config.mmu.fault_split = hostvmm::kvm::FaultSplit::Ignore;
     }

@@ -299,7 +299,6 @@ impl Report {
             host_irq_per_mille: self.host_irq_per_mille,
             switch_every: self.switch_every,
             traffic: self.traffic,
-            sabotage: None,
             mode: Mode::from_name(&self.mode)
                 .ok_or_else(|| format!("unknown mode {:?}", self.mode))?,
             gmem: GmemBackend::from_name(&self.gmem)

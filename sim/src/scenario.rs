@@ -389,6 +389,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 }
             }
         }
+        #[cfg(feature = "testing")]
         if let Some(s) = td.config().sabotage {
             self.barrier(v, 2, || {});
             if v.id() == 0 {
