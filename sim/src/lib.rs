@@ -23,7 +23,6 @@
 pub mod convert;
 pub mod cost;
 pub mod hostile;
-pub mod ranges;
 pub mod report;
 #[cfg(feature = "testing")]
 pub mod sabotage;
@@ -45,6 +44,7 @@ use accept::convert::{ConvertPolicy, Converter};
 use accept::parallel::{BootJob, WorkerProgress};
 use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
 use accept::unaccepted::{build_table, UnacceptedTable};
+use rangemap::RangeSet;
 
 use hostvmm::kvm::{Kicker, MmuPolicy, MmuStats};
 use hostvmm::module::{Access, SeptState, TdxModule};
@@ -408,8 +408,8 @@ impl Kicker for ModuleKicker {
 /// What the guest believes, next to the TD.
 #[derive(Debug, Default)]
 struct Belief {
-    accepted: ranges::RangeSet,
-    shared: ranges::RangeSet,
+    accepted: RangeSet<u64>,
+    shared: RangeSet<u64>,
     /// Expected token of private 4K pages the guest wrote.
     shadow: BTreeMap<u64, u64>,
     /// Host memory behind shared pages (the model of shared memory: a token per page).
@@ -549,8 +549,8 @@ impl<'g> SimTd<'g> {
         let (s, e) = (gpa.as_u64(), gpa.as_u64() + level.size());
         let double = {
             let mut b = lock(&self.belief);
-            let double = b.accepted.overlaps(s, e);
-            b.accepted.insert(s, e);
+            let double = b.accepted.overlaps(&(s..e));
+            b.accepted.insert(s..e);
             double
         };
         if double {
@@ -582,16 +582,20 @@ impl<'g> SimTd<'g> {
             }
             _ => s,
         };
+        if done == s {
+            // Nothing converted (and `RangeSet` takes no empty range).
+            return;
+        }
         let mut b = lock(&self.belief);
         if bit != 0 {
-            b.accepted.remove(s, done);
-            b.shared.insert(s, done);
+            b.accepted.remove(s..done);
+            b.shared.insert(s..done);
             let keys: Vec<u64> = b.shadow.range(s..done).map(|(&k, _)| k).collect();
             for k in keys {
                 b.shadow.remove(&k);
             }
         } else {
-            b.shared.remove(s, done);
+            b.shared.remove(s..done);
             let keys: Vec<u64> = b
                 .shared_mem
                 .keys()
@@ -653,7 +657,11 @@ impl<'g> SimTd<'g> {
 
     /// Bytes the guest believes private-accepted.
     pub fn accepted_bytes(&self) -> u64 {
-        lock(&self.belief).accepted.bytes()
+        lock(&self.belief)
+            .accepted
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum()
     }
 
     /// Checks the part of the invariants that concern `range` (cheap enough after each step).
@@ -661,10 +669,10 @@ impl<'g> SimTd<'g> {
         let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
             let b = lock(&self.belief);
             let (s, e) = (range.start().as_u64(), range.end().as_u64());
-            let clip = |set: &ranges::RangeSet| {
+            let clip = |set: &RangeSet<u64>| {
                 set.iter()
-                    .filter(|&(a, b)| b > s && a < e)
-                    .map(|(a, b)| (a.max(s), b.min(e)))
+                    .filter(|r| r.end > s && r.start < e)
+                    .map(|r| (r.start.max(s), r.end.min(e)))
                     .collect::<Vec<_>>()
             };
             (
@@ -681,8 +689,8 @@ impl<'g> SimTd<'g> {
         let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
             let b = lock(&self.belief);
             (
-                b.accepted.iter().collect(),
-                b.shared.iter().collect(),
+                b.accepted.iter().map(|r| (r.start, r.end)).collect(),
+                b.shared.iter().map(|r| (r.start, r.end)).collect(),
                 b.shadow.iter().map(|(&k, &v)| (k, v)).collect(),
             )
         };
@@ -809,13 +817,13 @@ fn mapping_totals_in(host: &Host, lo: u64, hi: u64) -> (u64, u64) {
 }
 
 /// Bytes of `accepted` in 2M-aligned ranges held entirely, clipped to `[lo, hi)`.
-fn optimal_in(accepted: &ranges::RangeSet, lo: u64, hi: u64) -> u64 {
+fn optimal_in(accepted: &RangeSet<u64>, lo: u64, hi: u64) -> u64 {
     let m2 = PageLevel::Size2M.size();
     accepted
         .iter()
-        .map(|(s, e)| {
-            let s2 = s.max(lo).div_ceil(m2) * m2;
-            let e2 = e.min(hi) / m2 * m2;
+        .map(|r| {
+            let s2 = r.start.max(lo).div_ceil(m2) * m2;
+            let e2 = r.end.min(hi) / m2 * m2;
             e2.saturating_sub(s2)
         })
         .sum()
