@@ -816,7 +816,7 @@ fn report(c: &Ctx<'_>) -> String {
          mainline, OVMF) and hosts (mainline KVM with 4K private mappings, the KVM TDX \
          huge-page series). Every guest policy runs the real `accept` engine with an \
          `AcceptPolicy` preset; every host policy runs the real `hostvmm` MMU with an \
-         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `sim/src/lib.rs`). \
+         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `sim/src/config.rs`). \
          The `linux` rows are the Linux-equivalent baseline: `AcceptPolicy::LINUX`, \
          `ConvertPolicy::LINUX`, lazy acceptance in runs with PAGE_ALREADY_ACCEPTED fatal, \
          and no #VE on pending pages (SEPT_VE_DISABLE). Equivalence is shown by \
