@@ -1,5 +1,8 @@
 //! The simulated TD: vCPU threads that run the real guest engine (`accept`) against the real
-//! host half ([`hostvmm::vmm::Host`]), with scenarios, invariants and reports.
+//! host half ([`hostvmm::vmm::Host`]), with scenarios, invariants and reports. This crate
+//! (`tdmem-sim`) also holds the binaries `tdsim` (the simulator's command line) and `tdhost`
+//! (the host half serving the bare-metal test image, `docs/e2e.md`), and depends on `hostvmm`
+//! with its `testing` and `serde` features.
 //!
 //! - [`SimConfig`] describes a run: scenario, memory size, vCPUs, seed, guest and host
 //!   policies, module capabilities.
@@ -15,6 +18,12 @@
 //! no page accepted twice; no GPA both mapped private and shared; every page the guest believes
 //! private-accepted is MAPPED; private content survives DEMOTE/PROMOTE; poisoned pages are never
 //! mapped again; no livelock (bounded exits per instruction).
+//!
+//! Also here: [`hostile`], the catalogue of hostile-host behaviours (`docs/hostile.md`);
+//! [`cost`], the cost table behind modelled time; [`svg`], the drawing of a TD's memory;
+//! [`convert`], the one `unsafe` call of the guest engine's conversion. Features:
+//! `kernel-gmem` (default, passed to `hostvmm`) for `--gmem kernel`; `testing` for
+//! `sabotage`, deliberate breakages that show each invariant check can fail.
 
 // No unsafe code but one block: the call of the guest engine's `unsafe fn` conversion
 // ([`convert`]), whose contract a simulated TD keeps trivially.
