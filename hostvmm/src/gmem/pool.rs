@@ -164,7 +164,7 @@ impl FailureInjector {
 /// Without the `testing` feature: every attempt succeeds.
 #[cfg(not(feature = "testing"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct FailureInjector;
+pub(crate) struct FailureInjector {}
 
 #[cfg(not(feature = "testing"))]
 impl FailureInjector {

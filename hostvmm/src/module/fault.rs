@@ -108,7 +108,7 @@ impl Injector {
 /// Without the `testing` feature: no rules, nothing ever fires.
 #[cfg(not(feature = "testing"))]
 #[derive(Debug, Default)]
-pub(crate) struct Injector;
+pub(crate) struct Injector {}
 
 #[cfg(not(feature = "testing"))]
 impl Injector {
