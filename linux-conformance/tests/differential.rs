@@ -7,9 +7,9 @@
 //! on either side shows up here.
 #![cfg(linux_code)]
 
-use hostvmm::sim::convert::convert_simulated;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use tdmem_sim::convert::convert_simulated;
 
 use accept::abi::{GhciStatus, GpaRange, Gpaw, PageLevel, StatusCode, TdxStatus};
 use accept::acceptor::{AcceptError, AcceptPolicy, Acceptor};
@@ -19,8 +19,6 @@ use accept::convert::{
 use accept::tracker::{words_needed, LazyTracker, NoInterrupts, UnitState};
 use accept::unaccepted::{build_table, UnacceptedTable};
 use accept::Tdcall;
-use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{GuestPolicy, SimConfig};
 use linux_conformance::emu::Emu;
 use linux_conformance::linux::{
     Descriptor, Session, EFI_CONVENTIONAL_MEMORY, EFI_UNACCEPTED_MEMORY,
@@ -29,6 +27,8 @@ use linux_conformance::model::{Call, PageModel};
 use linux_conformance::{Rng, G1, K4, M2, SHARED};
 use td_shim_ext::plan::EFI_UNACCEPTED_MEMORY as PLAN_UNACCEPTED;
 use td_shim_ext::{BootPlan, PlanConfig};
+use tdmem_sim::scenario::Scenario;
+use tdmem_sim::{GuestPolicy, SimConfig};
 
 type Shared<T> = Arc<Mutex<T>>;
 
@@ -1321,7 +1321,7 @@ fn the_tdsim_linux_policy_is_the_checked_baseline() {
             guest: LINUX,
             ..SimConfig::new(scenario)
         };
-        let r = hostvmm::sim::run(&config, &|_, _| {}).expect("valid configuration");
+        let r = tdmem_sim::run(&config, &|_, _| {}).expect("valid configuration");
         assert!(r.passed(), "{name}:\n{}", r.summary());
         assert_eq!(
             r.counts.ve_injected, 0,

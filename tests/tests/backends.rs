@@ -12,9 +12,9 @@ use hostvmm::gmem::{
 };
 use hostvmm::kvm::YieldKicker;
 use hostvmm::module::SeptState;
-use hostvmm::sim::hostile;
 use hostvmm::vmm::{Host, HostConfig, SharedBackend, GUEST_HPA_BASE};
 use tdmem_gmem_kernel::KernelGmemError;
+use tdmem_sim::hostile;
 use tdmem_tests::drive::{accept, content, leaf, map_gpa, read, write, K4, M2, SHARED};
 
 type Recorded = Arc<RwLock<RecordingBackend<GuestMemfd>>>;

@@ -12,9 +12,9 @@
 //! twice, every call returns, conversions complete, and the final states agree: the model,
 //! the tracker and the converted range.
 
-use hostvmm::sim::convert::convert_simulated;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tdmem_sim::convert::convert_simulated;
 
 use accept::abi::{
     GhciStatus, Gpa, GpaRange, Gpaw, MapGpaOutcome, PageLevel, StatusCode, TdxStatus, VeInfo,

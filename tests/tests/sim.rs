@@ -1,9 +1,9 @@
 //! The simulated TD end to end: every scenario passes its invariants at small sizes, runs are
 //! deterministic, and every invariant check catches a deliberately broken host or guest.
 
-use hostvmm::sim::sabotage::Sabotage;
-use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{run, GuestPolicy, HostPolicy, Mode, Report, SimConfig};
+use tdmem_sim::sabotage::Sabotage;
+use tdmem_sim::scenario::Scenario;
+use tdmem_sim::{run, GuestPolicy, HostPolicy, Mode, Report, SimConfig};
 
 fn small(scenario: Scenario) -> SimConfig {
     SimConfig {
@@ -112,7 +112,7 @@ fn a_td_without_pending_ve_is_killed_on_its_first_early_touch() {
 #[test]
 fn every_invariant_check_catches_its_breakage() {
     for (sabotage, kind) in Sabotage::ALL {
-        let kind: hostvmm::sim::ViolationKind = kind;
+        let kind: tdmem_sim::ViolationKind = kind;
         let r = go(SimConfig {
             sabotage: Some(sabotage),
             guest: if sabotage == Sabotage::IgnoreSplit {

@@ -73,7 +73,7 @@ fn build_image(tdx: bool) -> Result<PathBuf> {
 fn build_tdhost() -> Result<PathBuf> {
     let mut c = cargo();
     c.current_dir(root())
-        .args(["build", "-p", "hostvmm", "--bin", "tdhost"]);
+        .args(["build", "-p", "tdmem-sim", "--bin", "tdhost"]);
     run("build tdhost", c)?;
     Ok(target_dir().join("debug/tdhost"))
 }

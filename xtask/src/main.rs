@@ -206,7 +206,7 @@ fn ci() -> Result<()> {
     linux::linux()?;
     // A short bounded stress pass: random parallel-mode runs, non-zero on any violation.
     let mut c = cargo();
-    c.args("run --release -p hostvmm --bin tdsim -- stress --seconds 25".split(' '));
+    c.args("run --release -p tdmem-sim --bin tdsim -- stress --seconds 25".split(' '));
     run("tdsim stress --seconds 25", c)?;
     e2e::e2e(false)?;
     fuzz_pass()?;

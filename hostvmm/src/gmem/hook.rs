@@ -9,10 +9,11 @@
 //!    not zap (a REMOVE or DEMOTE that failed) are reported through the poison sink, and the
 //!    guest_memfd records them as poisoned.
 //!
-//! This module also has two ready implementations: [`NoopHook`] and [`RecordingHook`] (for
-//! tests: records calls, fails a chosen prepare, reports chosen pages as poisoned). It does not
-//! contain the private MMU itself.
+//! This module also has two ready implementations: [`NoopHook`] and, with the `testing`
+//! feature, `RecordingHook` (for tests: records calls, fails a chosen prepare, reports chosen
+//! pages as poisoned). It does not contain the private MMU itself.
 
+#[cfg(feature = "testing")]
 use std::collections::BTreeSet;
 
 use accept::abi::{Gpa, GpaRange, TdxStatus};
@@ -84,6 +85,7 @@ impl InvalidateHook for NoopHook {
 }
 
 /// One call seen by a [`RecordingHook`].
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookCall {
     /// `prepare(range)`.
@@ -96,6 +98,7 @@ pub enum HookCall {
 
 /// A scriptable hook for tests: records calls, fails the n-th `prepare`, and reports the
 /// configured pages as poisoned when an invalidated range covers them.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Default)]
 pub struct RecordingHook {
     /// Every call, in order.
@@ -109,6 +112,7 @@ pub struct RecordingHook {
     prepares: usize,
 }
 
+#[cfg(feature = "testing")]
 impl RecordingHook {
     /// A hook that fails nothing and poisons nothing.
     pub fn new() -> RecordingHook {
@@ -132,6 +136,7 @@ impl RecordingHook {
     }
 }
 
+#[cfg(feature = "testing")]
 impl InvalidateHook for RecordingHook {
     fn prepare(&mut self, range: GpaRange, ctx: InvalidateCtx) -> Result<(), HookError> {
         self.calls.push(HookCall::Prepare(range, ctx));

@@ -453,11 +453,13 @@ impl GuestMemfd {
     }
 
     /// The injector of range-map node and deferred-record allocations (conversion phase 1).
+    #[cfg(feature = "testing")]
     pub fn node_injector(&self) -> &FailureInjector {
         &self.nodes
     }
 
     /// The injector of range-map node and deferred-record allocations, to arm a failure.
+    #[cfg(feature = "testing")]
     pub fn node_injector_mut(&mut self) -> &mut FailureInjector {
         &mut self.nodes
     }

@@ -33,15 +33,17 @@ mod stats;
 
 pub use backend::{BackendCall, ConversionBackend, RecordingBackend};
 pub use error::{ConvertError, ConvertPhase, GmemError};
-pub use hook::{
-    HookCall, HookError, InvalidateCtx, InvalidateHook, InvalidateReason, NoopHook, RecordingHook,
-};
+#[cfg(feature = "testing")]
+pub use hook::{HookCall, RecordingHook};
+pub use hook::{HookError, InvalidateCtx, InvalidateHook, InvalidateReason, NoopHook};
 #[cfg(feature = "kernel-gmem")]
 pub use kernel::KernelBackend;
 pub use memfd::{
     ConvertMode, ConvertReport, FolioInfo, FolioSnapshot, GmemConfig, GmemSnapshot, GuestMemfd,
     HostRefs, PfnInfo, PunchReport, RefRelease, RefToken,
 };
-pub use pool::{FailureInjector, FolioPool, Hpa, PoolError, PoolSnapshot, PoolStats};
+#[cfg(feature = "testing")]
+pub use pool::FailureInjector;
+pub use pool::{FolioPool, Hpa, PoolError, PoolSnapshot, PoolStats};
 pub use ranges::{Shareability, ShareabilityMap};
 pub use stats::{GmemStats, LevelCounts};

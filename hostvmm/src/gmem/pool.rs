@@ -91,7 +91,7 @@ pub enum PoolError {
         /// Requested level.
         level: PageLevel,
     },
-    /// The allocation was made to fail by the [`FailureInjector`].
+    /// The allocation was made to fail by the pool's `FailureInjector` (feature `testing`).
     #[error("injected allocation failure ({level} folio)")]
     Injected {
         /// Requested level.
@@ -111,6 +111,7 @@ pub enum PoolError {
 ///
 /// Attempts are numbered from 0 in the order they happen; [`FailureInjector::fail_nth`] arms a
 /// one-shot failure of the attempt `n` places from now.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FailureInjector {
     attempts: u64,
@@ -118,6 +119,7 @@ pub struct FailureInjector {
     failures: u64,
 }
 
+#[cfg(feature = "testing")]
 impl FailureInjector {
     /// Arms a one-shot failure of the `n`-th attempt from now (0 = the next one). Replaces any
     /// failure armed before. Saturates instead of overflowing.
@@ -156,6 +158,20 @@ impl FailureInjector {
         } else {
             true
         }
+    }
+}
+
+/// Without the `testing` feature: every attempt succeeds.
+#[cfg(not(feature = "testing"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct FailureInjector {}
+
+#[cfg(not(feature = "testing"))]
+impl FailureInjector {
+    /// Always true: nothing is injected.
+    #[inline(always)]
+    pub(crate) fn attempt(&mut self) -> bool {
+        true
     }
 }
 
@@ -367,11 +383,13 @@ impl FolioPool {
     }
 
     /// The allocation failure injector.
+    #[cfg(feature = "testing")]
     pub fn injector(&self) -> &FailureInjector {
         &self.injector
     }
 
     /// The allocation failure injector, to arm failures.
+    #[cfg(feature = "testing")]
     pub fn injector_mut(&mut self) -> &mut FailureInjector {
         &mut self.injector
     }

@@ -1,5 +1,5 @@
 //! The pool of host pages the private MMU hands to the module as S-EPT pages (SEPT.ADD,
-//! DEMOTE), separate from guest memory, with failure injection for tests.
+//! DEMOTE), separate from guest memory, with failure injection for tests (feature `testing`).
 //!
 //! Not here: when pages are taken or returned (the fault, split and merge flows).
 
@@ -12,6 +12,7 @@ pub struct SeptPagePool {
     next: AtomicU64,
     end: u64,
     free: Mutex<Vec<u64>>,
+    #[cfg(feature = "testing")]
     fail_next: AtomicU64,
     allocated: AtomicU64,
 }
@@ -23,18 +24,21 @@ impl SeptPagePool {
             next: AtomicU64::new(base),
             end: base.saturating_add(pages.saturating_mul(4096)),
             free: Mutex::new(Vec::new()),
+            #[cfg(feature = "testing")]
             fail_next: AtomicU64::new(0),
             allocated: AtomicU64::new(0),
         }
     }
 
     /// Makes the next `n` allocations fail (fault injection).
+    #[cfg(feature = "testing")]
     pub fn fail_next(&self, n: u64) {
         self.fail_next.store(n, Ordering::Relaxed);
     }
 
     /// A page, or `None` when the pool is exhausted (or a failure is injected).
     pub fn alloc(&self) -> Option<u64> {
+        #[cfg(feature = "testing")]
         if self
             .fail_next
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))

@@ -12,7 +12,8 @@ use super::PrivateMmu;
 use crate::counters::{Local, Striped};
 
 /// Exact counters of the MMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct MmuStats {
     /// EPT-violation exits handled.
     pub faults: u64,

@@ -3,9 +3,12 @@
 //! A rule matches a call kind and optionally a GPA (the page-info GPA, bits 11:0 cleared); it
 //! lets `skip` matching calls through, then answers the next `count` matching calls with its
 //! result instead of running them. Rules are checked in the order they were added; the first
-//! one that fires wins. With no rules armed the check is one relaxed atomic load.
+//! one that fires wins. With no rules armed the check is one relaxed atomic load; without the
+//! `testing` feature there are no rules and the check is a constant `None`.
 
+#[cfg(feature = "testing")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "testing")]
 use std::sync::{Mutex, PoisonError};
 
 use accept::abi::TdxStatus;
@@ -24,6 +27,7 @@ pub enum FaultResult {
 }
 
 /// One fault-injection rule.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultRule {
     /// The call to intercept.
@@ -38,6 +42,7 @@ pub struct FaultRule {
     pub result: FaultResult,
 }
 
+#[cfg(feature = "testing")]
 impl FaultRule {
     /// A rule that answers the next matching call of `call` with `result`.
     pub const fn once(call: CallKind, result: FaultResult) -> FaultRule {
@@ -51,12 +56,14 @@ impl FaultRule {
     }
 }
 
+#[cfg(feature = "testing")]
 #[derive(Debug, Default)]
 pub(crate) struct Injector {
     armed: AtomicBool,
     rules: Mutex<Vec<FaultRule>>,
 }
 
+#[cfg(feature = "testing")]
 impl Injector {
     pub(crate) fn add(&self, rule: FaultRule) {
         let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
@@ -95,6 +102,20 @@ impl Injector {
         rules.retain(|r| r.count > 0);
         self.armed.store(!rules.is_empty(), Ordering::Release);
         fired
+    }
+}
+
+/// Without the `testing` feature: no rules, nothing ever fires.
+#[cfg(not(feature = "testing"))]
+#[derive(Debug, Default)]
+pub(crate) struct Injector {}
+
+#[cfg(not(feature = "testing"))]
+impl Injector {
+    /// Always `None`: the callers' injected-fault branches compile away.
+    #[inline(always)]
+    pub(crate) fn check(&self, _call: CallKind, _gpa: Option<u64>) -> Option<FaultResult> {
+        None
     }
 }
 

@@ -55,13 +55,17 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use accept::abi::{Gpa, Gpaw, PageLevel, TdxStatus, VeInfo};
 use crossbeam_utils::CachePadded;
 
-pub use fault::{FaultResult, FaultRule};
+pub use fault::FaultResult;
+#[cfg(feature = "testing")]
+pub use fault::FaultRule;
 pub use sept::SeptState;
 pub use stats::{AccessKind, CallKind, CallOutcome, Stats};
 
 use content::Contents;
 use fault::Injector;
-use host::{LockMode, SeptTreeLock, TreeLockGuard};
+use host::SeptTreeLock;
+#[cfg(feature = "testing")]
+use host::{LockMode, TreeLockGuard};
 use sept::{level_size, Tree, Word};
 use stats::Counters;
 
@@ -725,11 +729,13 @@ impl TdxModule {
     }
 
     /// Adds a fault-injection rule.
+    #[cfg(feature = "testing")]
     pub fn inject(&self, rule: FaultRule) {
         self.faults.add(rule);
     }
 
     /// Drops every fault-injection rule.
+    #[cfg(feature = "testing")]
     pub fn clear_faults(&self) {
         self.faults.clear();
     }
@@ -746,6 +752,7 @@ impl TdxModule {
     /// BUSY meanwhile. The walk goes through blocked page tables, as a call that walked
     /// before the BLOCK may still hold the entry. `None` when the walk does not reach `level`,
     /// the entry is already locked or the tree lock is held exclusively.
+    #[cfg(feature = "testing")]
     pub fn hold_entry_lock(&self, gpa: Gpa, level: u8) -> Option<EntryLockGuard<'_>> {
         let shared = self.sept_lock.try_lock(LockMode::Shared)?;
         let tree = self.read_tree();
@@ -825,6 +832,7 @@ impl TdxModule {
 /// An entry lock held by [`TdxModule::hold_entry_lock`]; released on drop. The entry's node
 /// cannot be freed meanwhile: SEPT.REMOVE needs the tree lock exclusively and PROMOTE needs
 /// every child's lock.
+#[cfg(feature = "testing")]
 #[derive(Debug)]
 pub struct EntryLockGuard<'a> {
     module: &'a TdxModule,
@@ -833,6 +841,7 @@ pub struct EntryLockGuard<'a> {
     idx: usize,
 }
 
+#[cfg(feature = "testing")]
 impl Drop for EntryLockGuard<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.module.read_tree().slot(self.node, self.idx) {

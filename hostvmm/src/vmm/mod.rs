@@ -242,7 +242,8 @@ impl InvalidateHook for MmuHook<'_> {
 }
 
 /// Exact counters of the MapGPA handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct VmmStats {
     /// MapGPA exits handled.
     pub map_gpa_calls: u64,

@@ -2,8 +2,8 @@
 //! memory size x vCPUs), which of them are simulated, extrapolated or skipped and why, and the
 //! numbers kept from each cell's report.
 
-use hostvmm::sim::cost::CostTable;
-use hostvmm::sim::Report;
+use tdmem_sim::cost::CostTable;
+use tdmem_sim::Report;
 
 /// Guest policies, in table order.
 pub(super) const GUESTS: [&str; 5] = ["ours", "linux", "td-shim", "asterinas", "ovmf"];

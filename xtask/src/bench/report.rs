@@ -99,7 +99,7 @@ pub(super) fn report(c: &Ctx<'_>) -> String {
          mainline, OVMF) and hosts (mainline KVM with 4K private mappings, the KVM TDX \
          huge-page series). Every guest policy runs the real `accept` engine with an \
          `AcceptPolicy` preset; every host policy runs the real `hostvmm` MMU with an \
-         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `hostvmm/src/sim/mod.rs`). \
+         `MmuPolicy` preset (`GuestPolicy` and `HostPolicy` in `sim/src/config.rs`). \
          The `linux` rows are the Linux-equivalent baseline: `AcceptPolicy::LINUX`, \
          `ConvertPolicy::LINUX`, lazy acceptance in runs with PAGE_ALREADY_ACCEPTED fatal, \
          and no #VE on pending pages (SEPT_VE_DISABLE). Equivalence is shown by \
@@ -113,7 +113,7 @@ pub(super) fn report(c: &Ctx<'_>) -> String {
         "- **Counts are exact** and deterministic for the seed: TDCALLs, EPT-violation exits, \
          SEAMCALLs, splits, merges.\n\
          - **Modelled time is not a measurement**: it is the busiest vCPU's sum of event costs \
-         from the one cost table, `hostvmm/src/sim/cost.rs` (each constant with its public \
+         from the one cost table, `sim/src/cost.rs` (each constant with its public \
          source; see below).\n\
          - **Wall time** is the simulator's own run time for the cell on the machine below.\n"
     );
@@ -448,7 +448,7 @@ pub(super) fn report(c: &Ctx<'_>) -> String {
     let _ = writeln!(o, "## Cost table\n");
     let _ = writeln!(
         o,
-        "As the reports give it: `hostvmm/src/sim/cost.rs` (`CostTable::DEFAULT`), where each constant names its \
+        "As the reports give it: `sim/src/cost.rs` (`CostTable::DEFAULT`), where each constant names its \
          source (public figures collected in the spec notes, section 9: DEMOTE ~10 us on \
          Sapphire Rapids; EPT violation + AUG ~8 us idle; eager 4K accept ~12-15 us per page \
          including exit and AUG; \"model\" marks values chosen where no public figure exists).\n"

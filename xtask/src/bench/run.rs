@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use hostvmm::sim::Report;
+use tdmem_sim::Report;
 
 use super::matrix::{
     Key, Rep, HEADLINE_GIB, HEADLINE_VCPUS, HOSTS, SEED, SWITCH_EVERY, TIMELINE_EVERY,
@@ -93,8 +93,14 @@ pub(super) fn load_average() -> String {
 
 pub(super) fn build_tdsim() -> Result<PathBuf> {
     let mut c = crate::cargo();
-    c.current_dir(workspace_root())
-        .args(["build", "--release", "-p", "hostvmm", "--bin", "tdsim"]);
+    c.current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "tdmem-sim",
+        "--bin",
+        "tdsim",
+    ]);
     crate::run("cargo build --release --bin tdsim", c)?;
     let bin = target_dir().join("release/tdsim");
     if !bin.exists() {

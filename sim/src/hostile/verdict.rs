@@ -102,7 +102,7 @@ pub enum Stop {
     },
     /// The host stopped the TD: an exit it would not or could not handle (KVM returns to
     /// userspace and the VMM kills the TD), or an instruction that needed more than
-    /// [`MAX_EXITS_PER_INSTRUCTION`](crate::sim::vcpu::MAX_EXITS_PER_INSTRUCTION) exits.
+    /// [`MAX_EXITS_PER_INSTRUCTION`](crate::vcpu::MAX_EXITS_PER_INSTRUCTION) exits.
     Killed,
     /// #VE while VE info was valid.
     DoubleFault,

@@ -143,7 +143,7 @@ fn run_map_success_not_shared(lab: &mut Lab<'_>) -> Verdict {
     }));
     let r = range(CONV.0, CONV.1);
     let (converter, acceptor) = (lab.converter, lab.acceptor);
-    let shared = crate::sim::convert::convert_simulated(
+    let shared = crate::convert::convert_simulated(
         converter,
         &mut lab.cpu,
         acceptor,

@@ -8,8 +8,8 @@ use e2e_proto::selftest::{self, Summary, IMAGE_END, MEMORY};
 use e2e_proto::smp::{self, Smp};
 use e2e_proto::wire::Request;
 use hostvmm::module::{AccessKind, CallKind, CallOutcome, SeptState};
-use hostvmm::sim::report::Seamcalls;
 use serde::Serialize;
+use tdmem_sim::report::Seamcalls;
 
 use crate::exec::{lock, Exec};
 
@@ -397,7 +397,7 @@ mod tests {
     fn counts_use_tdsim_key_names_for_the_same_quantities() {
         let exec = Exec::new(1);
         let host = serde_json::to_value(exec.counts()).expect("serialize");
-        let sim = serde_json::to_value(hostvmm::sim::report::Counts::default()).expect("tdsim");
+        let sim = serde_json::to_value(tdmem_sim::report::Counts::default()).expect("tdsim");
         for key in [
             "seamcalls",
             "accept_executions",

@@ -10,7 +10,7 @@
 //! `r % vcpus == i`, so the expected content of every page is well defined under any
 //! interleaving (lazy acceptance itself is shared: the tracker serialises it).
 
-use crate::sim::convert::convert_simulated;
+use crate::convert::convert_simulated;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -21,7 +21,7 @@ use accept::parallel::BootJob;
 
 use super::vcpu::SimVcpu;
 use super::SimTd;
-use crate::module::Access;
+use hostvmm::module::Access;
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
@@ -389,6 +389,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 }
             }
         }
+        #[cfg(feature = "testing")]
         if let Some(s) = td.config().sabotage {
             self.barrier(v, 2, || {});
             if v.id() == 0 {

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand};
-use hostvmm::sim::scenario::Scenario;
-use hostvmm::sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
+use tdmem_sim::scenario::Scenario;
+use tdmem_sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
 
 const MAIN_HELP: &str =
     "Without a command, tdsim runs the default scenario: `tdsim run` with its defaults
@@ -142,7 +142,7 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
 }
 
 fn stress_cmd(a: &StressArgs) -> Result<bool, String> {
-    use hostvmm::sim::stress;
+    use tdmem_sim::stress;
     let out = Human::new(a.json.as_ref());
     let cfg = stress::StressConfig {
         duration: std::time::Duration::from_secs(a.seconds),
@@ -223,7 +223,7 @@ struct HostileArgs {
 }
 
 fn hostile_cmd(a: &HostileArgs) -> Result<bool, String> {
-    use hostvmm::sim::hostile;
+    use tdmem_sim::hostile;
     let rows = match &a.name {
         Some(name) => vec![hostile::run_one(name)
             .ok_or_else(|| format!("unknown behaviour {name:?} (see `tdsim hostile`)"))?],
@@ -390,13 +390,13 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
     };
     let mut svg_out = None;
     let samples = Mutex::new(Vec::new());
-    let sink = |s: hostvmm::sim::Sample| {
+    let sink = |s: tdmem_sim::Sample| {
         samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(s);
     };
-    let inspect = |td: &hostvmm::sim::SimTd<'_>| {
+    let inspect = |td: &tdmem_sim::SimTd<'_>| {
         if a.svg.is_some() {
             svg_out = Some(svg::render(
                 td.host(),
@@ -414,10 +414,8 @@ fn run_cmd(a: &RunArgs) -> Result<bool, String> {
         }
     };
     let report = match &a.timeline {
-        Some(_) => {
-            hostvmm::sim::run_sampled(&cfg, &progress, a.timeline_every.max(1), &sink, inspect)
-        }
-        None => hostvmm::sim::run_with(&cfg, &progress, inspect),
+        Some(_) => tdmem_sim::run_sampled(&cfg, &progress, a.timeline_every.max(1), &sink, inspect),
+        None => tdmem_sim::run_with(&cfg, &progress, inspect),
     }
     .map_err(|e| e.to_string())?;
     if let Some(b) = bar {

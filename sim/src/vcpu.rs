@@ -23,9 +23,9 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
 use super::sched::{Rng, Scheduler, Switch};
 use super::{SimTd, ViolationKind};
-use crate::kvm::MmuStats;
-use crate::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
-use crate::vmm::{ExitAction, VmmStats};
+use hostvmm::kvm::MmuStats;
+use hostvmm::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
+use hostvmm::vmm::{ExitAction, VmmStats};
 
 /// Bound on TD exits for one guest instruction (an ACCEPT or an access) before the simulator
 /// calls it a livelock. An honest host needs at most 3 (map, split, retry after a race).
@@ -214,8 +214,8 @@ impl<'a> SimVcpu<'a> {
         self.stats.exits += 1;
         let host = &self.td.host;
         // This thread's own counts: in parallel mode other vCPUs' exits run meanwhile.
-        let mmu0 = crate::kvm::thread_stats();
-        let vmm0 = crate::vmm::thread_stats();
+        let mmu0 = hostvmm::kvm::thread_stats();
+        let vmm0 = hostvmm::vmm::thread_stats();
         let irq = self.irq_pending;
         let host_irq = u64::from(self.td.config.host_irq_per_mille);
         if host_irq > 0 && self.rng.chance(host_irq, 1000) {
@@ -224,9 +224,9 @@ impl<'a> SimVcpu<'a> {
         let action = host.handle_exit(exit, regs, &|| irq);
         let cost = self.td.host_cost(
             &mmu0,
-            &crate::kvm::thread_stats(),
+            &hostvmm::kvm::thread_stats(),
             &vmm0,
-            &crate::vmm::thread_stats(),
+            &hostvmm::vmm::thread_stats(),
         );
         self.charge(cost);
         action

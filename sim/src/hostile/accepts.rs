@@ -6,8 +6,8 @@ use accept::tdcall::Tdcall;
 use super::lab::{g, Lab};
 use super::verdict::{Stop, Verdict};
 use super::{unit_gpa, Behaviour, BUSY_TRIES, K4};
-use crate::module::EntryLockGuard;
-use crate::vmm::ExitAction;
+use hostvmm::module::EntryLockGuard;
+use hostvmm::vmm::ExitAction;
 
 fn run_accept_size_mismatch_every_level(lab: &mut Lab<'_>) -> Verdict {
     lab.cpu.on_accept(Box::new(|_, _, level| {

@@ -16,8 +16,8 @@ use super::{
     AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, MappingTotals, Mode, SimConfig, SimTd,
     Violation, ViolationKind, ViolationLog,
 };
-use crate::kvm::MmuStats;
-use crate::module::{AccessKind, CallKind, CallOutcome, Stats};
+use hostvmm::kvm::MmuStats;
+use hostvmm::module::{AccessKind, CallKind, CallOutcome, Stats};
 
 /// ACCEPT TDCALLs the guest made, by level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -299,7 +299,6 @@ impl Report {
             host_irq_per_mille: self.host_irq_per_mille,
             switch_every: self.switch_every,
             traffic: self.traffic,
-            sabotage: None,
             mode: Mode::from_name(&self.mode)
                 .ok_or_else(|| format!("unknown mode {:?}", self.mode))?,
             gmem: GmemBackend::from_name(&self.gmem)
@@ -567,7 +566,7 @@ mod tests {
             traffic: 2,
             ..SimConfig::new(Scenario::Swiotlb)
         };
-        let report = super::super::run(&config, &|_, _| {}).expect("valid configuration");
+        let report = crate::run(&config, &|_, _| {}).expect("valid configuration");
         assert_eq!(report.schema_version, SCHEMA_VERSION);
         assert_eq!(report.cost_table, CostTable::DEFAULT);
         let text = serde_json::to_string(&report).expect("serializes");

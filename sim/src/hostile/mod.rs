@@ -37,8 +37,8 @@ use accept::convert::{ConvertPolicy, Converter};
 use accept::tracker::{words_needed, LazyTracker, TrackerConfig};
 use accept::ve::VeCpuState;
 
-use crate::kvm::YieldKicker;
-use crate::vmm::{Host, HostConfig, SharedBackend};
+use hostvmm::kvm::YieldKicker;
+use hostvmm::vmm::{Host, HostConfig, SharedBackend};
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
@@ -405,7 +405,7 @@ mod tests {
     use super::mapgpa::{run_retry_at_start_forever, run_retry_before_start};
     use super::verdict::stop_of_accept;
     use super::*;
-    use crate::gmem::Shareability;
+    use hostvmm::gmem::Shareability;
 
     fn behaviour(expected: Verdict, bound: u64, run: fn(&mut Lab<'_>) -> Verdict) -> Behaviour {
         Behaviour {
@@ -445,7 +445,7 @@ mod tests {
             r,
             Shareability::Shared,
             Default::default(),
-            &mut crate::gmem::NoopHook,
+            &mut hostvmm::gmem::NoopHook,
         );
         Verdict::Completes
     }

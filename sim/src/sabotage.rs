@@ -9,8 +9,8 @@ use accept::tdcall::Tdcall;
 
 use super::vcpu::SimVcpu;
 use super::{SimTd, ViolationKind};
-use crate::gmem::{NoopHook, Shareability};
-use crate::module::{Access, SeptState};
+use hostvmm::gmem::{NoopHook, Shareability};
+use hostvmm::module::{Access, SeptState};
 
 /// A deliberate breakage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,8 +51,8 @@ fn victim(td: &SimTd<'_>) -> Option<u64> {
     b.shadow
         .keys()
         .copied()
-        .find(|&g| b.accepted.contains(g, g + 4096))
-        .or_else(|| b.accepted.iter().next().map(|(s, _)| s))
+        .find(|&g| b.accepted.gaps(&(g..g + 4096)).next().is_none())
+        .or_else(|| b.accepted.iter().next().map(|r| r.start))
 }
 
 /// Carries out `sabotage` on vCPU `v`. Returns what it did, for the log.

@@ -19,12 +19,12 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
 use super::verdict::{stop_of_cause, stop_of_tracker, stop_of_ve, Stop, Verdict};
 use super::{unit_gpa, BYSTANDERS, K4, LAB_EAGER_END, LAB_LAZY_ACCEPTED, MAX_ACCESS_ROUNDS};
-use crate::gmem::Shareability;
-use crate::module::{
+use crate::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
+use hostvmm::gmem::Shareability;
+use hostvmm::module::{
     Access, AccessOutcome, ExtExitQual, SeptState, TdExit, TdcallOutcome, VmcallRegs,
 };
-use crate::sim::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
-use crate::vmm::{ExitAction, Host};
+use hostvmm::vmm::{ExitAction, Host};
 
 /// How the host answers an EPT-violation exit instead of its fault path.
 pub type ExitHook<'g> = Box<dyn FnMut(&Host, TdExit) -> ExitAction + 'g>;
@@ -571,7 +571,7 @@ impl<'g> Lab<'g> {
     pub(super) fn convert(&mut self, (start, end): (u64, u64), to: Visibility) -> Verdict {
         let (converter, acceptor) = (self.converter, self.acceptor);
         let r = range(start, end);
-        let result = crate::sim::convert::convert_simulated(
+        let result = crate::convert::convert_simulated(
             converter,
             &mut self.cpu,
             acceptor,

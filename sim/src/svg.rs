@@ -7,9 +7,9 @@ use std::fmt::Write as _;
 
 use accept::abi::{Gpa, GpaRange};
 
-use crate::gmem::Shareability;
-use crate::module::SeptState;
-use crate::vmm::Host;
+use hostvmm::gmem::Shareability;
+use hostvmm::module::SeptState;
+use hostvmm::vmm::Host;
 
 const M2: u64 = 2 << 20;
 
@@ -206,8 +206,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::kvm::YieldKicker;
-    use crate::vmm::HostConfig;
+    use hostvmm::kvm::YieldKicker;
+    use hostvmm::vmm::HostConfig;
 
     #[test]
     fn rows_are_labelled_with_the_gpa_they_start_at() {
