@@ -36,10 +36,7 @@ impl PrivateMmu {
             Ok(p) if p.max_level >= PageLevel::Size2M => {}
             _ => return MergeOutcome::NotReady,
         }
-        let _w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _w = self.mmu_lock.write();
         if self.invalidate_seq.load(Ordering::Acquire) != seq {
             return MergeOutcome::NotReady;
         }

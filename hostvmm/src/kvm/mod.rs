@@ -48,11 +48,11 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use accept::abi::{Gpa, PageLevel, TdxStatus};
-use crossbeam_utils::CachePadded;
 
+use crate::brlock::{ReadGuard, StripedRwLock, WriteGuard};
 use crate::module::TdxModule;
 
 mod fault;
@@ -234,8 +234,8 @@ pub struct PrivateMmu {
     kicker: Arc<dyn Kicker>,
     policy: MmuPolicy,
     pool: SeptPagePool,
-    /// On a cache line of its own: every fault changes its reader count.
-    mmu_lock: CachePadded<RwLock<()>>,
+    /// KVM's `mmu_lock`: every fault takes it for read, so it is striped for readers.
+    mmu_lock: StripedRwLock,
     invalidate_seq: AtomicU64,
     /// SEAMCALLs currently holding the vCPUs out of the TD.
     held_out: AtomicU64,
@@ -282,7 +282,7 @@ impl PrivateMmu {
             kicker,
             policy,
             pool,
-            mmu_lock: CachePadded::new(RwLock::new(())),
+            mmu_lock: StripedRwLock::new(),
             invalidate_seq: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
@@ -324,18 +324,15 @@ impl PrivateMmu {
     /// no range in the middle of a BLOCK .. REMOVE, DEMOTE or PROMOTE sequence. Faults still
     /// run. Lock order: take the backing's lock (if at all) before this guard, never while
     /// holding it.
-    pub fn hold_off_zaps(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner)
+    pub fn hold_off_zaps(&self) -> ReadGuard<'_> {
+        self.mmu_lock.read()
     }
 
     /// Takes the MMU lock exclusively for a change that invalidates mappings (zap, split,
     /// inhibit, retiring a given-up leaf) and bumps the invalidation sequence, so that a fault
     /// that looked its page up before the change retries.
-    fn lock_for_invalidation(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        let w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+    fn lock_for_invalidation(&self) -> WriteGuard<'_> {
+        let w = self.mmu_lock.write();
         self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
         w
     }

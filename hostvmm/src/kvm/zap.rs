@@ -175,10 +175,7 @@ impl PrivateMmu {
 
     /// Undoes [`PrivateMmu::block_range`]: TRACK, then UNBLOCK each leaf.
     pub fn unblock_leaves(&self, leaves: &[(Gpa, PageLevel)]) {
-        let _w = self
-            .mmu_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _w = self.mmu_lock.write();
         self.unblock_locked(leaves);
     }
 
