@@ -29,6 +29,7 @@
 // ([`convert`]), whose contract a simulated TD keeps trivially.
 #![deny(unsafe_code)]
 
+mod accepted;
 mod config;
 pub mod convert;
 pub mod cost;
@@ -52,6 +53,8 @@ use accept::acceptor::Acceptor;
 use accept::convert::Converter;
 use accept::tracker::LazyTracker;
 use rangemap::RangeSet;
+
+use accepted::Accepted;
 
 use hostvmm::kvm::{Kicker, MmuStats};
 use hostvmm::module::{Access, SeptState, TdxModule};
@@ -135,7 +138,6 @@ impl Kicker for ModuleKicker {
 /// What the guest believes, next to the TD.
 #[derive(Debug, Default)]
 struct Belief {
-    accepted: RangeSet<u64>,
     shared: RangeSet<u64>,
     /// Expected token of private 4K pages the guest wrote.
     shadow: BTreeMap<u64, u64>,
@@ -164,6 +166,8 @@ pub struct SimTd<'g> {
     config: SimConfig,
     guest: Guest<'g>,
     belief: Mutex<Belief>,
+    /// What the guest believes accepted: beside `belief`, sharded, since every ACCEPT writes it.
+    accepted: Accepted,
     violations: Mutex<ViolationLog>,
     sampler: Option<Sampler<'g>>,
 }
@@ -274,13 +278,7 @@ impl<'g> SimTd<'g> {
 
     pub(crate) fn note_accept(&self, gpa: Gpa, level: PageLevel) {
         let (s, e) = (gpa.as_u64(), gpa.as_u64() + level.size());
-        let double = {
-            let mut b = lock(&self.belief);
-            let double = b.accepted.overlaps(&(s..e));
-            b.accepted.insert(s..e);
-            double
-        };
-        if double {
+        if self.accepted.insert(s, e) {
             self.violation(
                 ViolationKind::DoubleAccept,
                 format!("{level} ACCEPT of {gpa} succeeded over accepted pages"),
@@ -315,7 +313,7 @@ impl<'g> SimTd<'g> {
         }
         let mut b = lock(&self.belief);
         if bit != 0 {
-            b.accepted.remove(s..done);
+            self.accepted.remove(s, done);
             b.shared.insert(s..done);
             let keys: Vec<u64> = b.shadow.range(s..done).map(|(&k, _)| k).collect();
             for k in keys {
@@ -365,10 +363,10 @@ impl<'g> SimTd<'g> {
         let memory = self.config.memory;
         let (pool_lo, pool_hi) = (pool.0.min(memory), pool.1.min(memory));
         let (optimal, pool_optimal) = {
-            let b = lock(&self.belief);
+            let accepted = self.accepted.to_set();
             (
-                optimal_in(&b.accepted, 0, memory),
-                optimal_in(&b.accepted, pool_lo, pool_hi),
+                optimal_in(&accepted, 0, memory),
+                optimal_in(&accepted, pool_lo, pool_hi),
             )
         };
         let (_, huge) = mapping_totals_in(&self.host, 0, memory);
@@ -384,11 +382,7 @@ impl<'g> SimTd<'g> {
 
     /// Bytes the guest believes private-accepted.
     pub fn accepted_bytes(&self) -> u64 {
-        lock(&self.belief)
-            .accepted
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum()
+        self.accepted.to_set().iter().map(|r| r.end - r.start).sum()
     }
 
     /// Checks the part of the invariants that concern `range` (cheap enough after each step).
@@ -403,7 +397,7 @@ impl<'g> SimTd<'g> {
                     .collect::<Vec<_>>()
             };
             (
-                clip(&b.accepted),
+                self.accepted.clip(s, e),
                 clip(&b.shared),
                 b.shadow.range(s..e).map(|(&k, &v)| (k, v)).collect(),
             )
@@ -416,7 +410,7 @@ impl<'g> SimTd<'g> {
         let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
             let b = lock(&self.belief);
             (
-                b.accepted.iter().map(|r| (r.start, r.end)).collect(),
+                self.accepted.clip(0, u64::MAX),
                 b.shared.iter().map(|r| (r.start, r.end)).collect(),
                 b.shadow.iter().map(|(&k, &v)| (k, v)).collect(),
             )

@@ -185,6 +185,7 @@ fn run_inner(
             eager_end,
         },
         belief: Mutex::new(Belief::default()),
+        accepted: crate::accepted::Accepted::default(),
         violations: Mutex::new(ViolationLog::default()),
         sampler,
     };
@@ -243,7 +244,7 @@ fn run_inner(
     td.maybe_sample(plan.steps_done(), plan.pool(), true);
     td.check_all();
     let (private, huge) = mapping_totals(&td.host, config.memory);
-    let optimal = optimal_in(&lock(&td.belief).accepted, 0, config.memory);
+    let optimal = optimal_in(&td.accepted.to_set(), 0, config.memory);
     inspect(&td);
     let log = std::mem::take(&mut *lock(&td.violations));
     let totals = MappingTotals {

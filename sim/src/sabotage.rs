@@ -47,12 +47,13 @@ impl Sabotage {
 
 /// A private page the guest wrote (the first one of its shadow), or any accepted page.
 fn victim(td: &SimTd<'_>) -> Option<u64> {
+    let accepted = td.accepted.to_set();
     let b = super::lock(&td.belief);
     b.shadow
         .keys()
         .copied()
-        .find(|&g| b.accepted.gaps(&(g..g + 4096)).next().is_none())
-        .or_else(|| b.accepted.iter().next().map(|r| r.start))
+        .find(|&g| accepted.gaps(&(g..g + 4096)).next().is_none())
+        .or_else(|| accepted.iter().next().map(|r| r.start))
 }
 
 /// Carries out `sabotage` on vCPU `v`. Returns what it did, for the log.
