@@ -30,7 +30,6 @@
 //! and the binaries `tdsim` and `tdhost` are in the `tdmem-sim` crate (`sim/`).
 #![deny(unsafe_code)]
 
-pub mod brlock;
 mod counters;
 pub mod gmem;
 pub mod kvm;

@@ -2,7 +2,9 @@
 //! the scenario, checks the invariants and assembles the [`Report`].
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_utils::sync::ShardedLock;
 use std::time::Instant;
 
 use accept::abi::{GpaRange, PageLevel};
@@ -79,7 +81,7 @@ fn kernel_host(config: HostConfig, kicker: Arc<ModuleKicker>) -> Result<Host, Si
     Ok(Host::with_backend(
         config,
         kicker,
-        Arc::new(RwLock::new(backend)),
+        Arc::new(ShardedLock::new(backend)),
     )?)
 }
 

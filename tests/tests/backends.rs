@@ -3,7 +3,9 @@
 //! checks the seam's contract, and the kernel's own guest_memfd (skipped, with a note, where
 //! `/dev/kvm` offers none).
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_utils::sync::ShardedLock;
 
 use accept::abi::{GhciStatus, PageLevel};
 use hostvmm::gmem::{
@@ -17,7 +19,7 @@ use tdmem_gmem_kernel::KernelGmemError;
 use tdmem_sim::hostile;
 use tdmem_tests::drive::{accept, content, leaf, map_gpa, read, write, K4, M2, SHARED};
 
-type Recorded = Arc<RwLock<RecordingBackend<GuestMemfd>>>;
+type Recorded = Arc<ShardedLock<RecordingBackend<GuestMemfd>>>;
 
 fn model(config: &HostConfig) -> Result<GuestMemfd, String> {
     let pool = FolioPool::new(GUEST_HPA_BASE, config.memory).map_err(|e| e.to_string())?;
@@ -26,7 +28,7 @@ fn model(config: &HostConfig) -> Result<GuestMemfd, String> {
 }
 
 fn recording(config: &HostConfig, keep: &Mutex<Vec<Recorded>>) -> Result<SharedBackend, String> {
-    let backend = Arc::new(RwLock::new(RecordingBackend::new(model(config)?)));
+    let backend = Arc::new(ShardedLock::new(RecordingBackend::new(model(config)?)));
     keep.lock().unwrap().push(backend.clone());
     Ok(backend)
 }
@@ -34,7 +36,7 @@ fn recording(config: &HostConfig, keep: &Mutex<Vec<Recorded>>) -> Result<SharedB
 /// The kernel backend, or `None` (said on stderr) where this machine has no guest_memfd.
 fn kernel(config: &HostConfig) -> Option<SharedBackend> {
     match KernelBackend::new(config.memory, GUEST_HPA_BASE) {
-        Ok(b) => Some(Arc::new(RwLock::new(b))),
+        Ok(b) => Some(Arc::new(ShardedLock::new(b))),
         Err(KernelGmemError::Unsupported(why)) => {
             eprintln!("SKIPPED (kernel backend): no guest_memfd on this machine ({why})");
             None

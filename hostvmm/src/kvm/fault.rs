@@ -66,7 +66,7 @@ impl PrivateMmu {
             Err(BackingError::Pending) => return Ok(FaultOutcome::Retry),
             other => other?,
         };
-        let guard = self.mmu_lock.read();
+        let guard = self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner);
         if self.invalidate_seq.load(Ordering::Acquire) != seq {
             self.counters.inc(Ev::InvalidationRetries);
             return Ok(FaultOutcome::Retry);

@@ -36,7 +36,10 @@ impl PrivateMmu {
             Ok(p) if p.max_level >= PageLevel::Size2M => {}
             _ => return MergeOutcome::NotReady,
         }
-        let _w = self.mmu_lock.write();
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.invalidate_seq.load(Ordering::Acquire) != seq {
             return MergeOutcome::NotReady;
         }

@@ -48,11 +48,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 
 use accept::abi::{Gpa, PageLevel, TdxStatus};
 
-use crate::brlock::{ReadGuard, StripedRwLock, WriteGuard};
 use crate::module::TdxModule;
 
 mod fault;
@@ -234,8 +235,9 @@ pub struct PrivateMmu {
     kicker: Arc<dyn Kicker>,
     policy: MmuPolicy,
     pool: SeptPagePool,
-    /// KVM's `mmu_lock`: every fault takes it for read, so it is striped for readers.
-    mmu_lock: StripedRwLock,
+    /// KVM's `mmu_lock`: every fault takes it for read, so readers lock one shard of it (their
+    /// thread's) and writers all of them, and faults on different vCPUs share no cache line.
+    mmu_lock: ShardedLock<()>,
     invalidate_seq: AtomicU64,
     /// SEAMCALLs currently holding the vCPUs out of the TD.
     held_out: AtomicU64,
@@ -282,7 +284,7 @@ impl PrivateMmu {
             kicker,
             policy,
             pool,
-            mmu_lock: StripedRwLock::new(),
+            mmu_lock: ShardedLock::new(()),
             invalidate_seq: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
             inhibited: Mutex::new(BTreeSet::new()),
@@ -324,15 +326,18 @@ impl PrivateMmu {
     /// no range in the middle of a BLOCK .. REMOVE, DEMOTE or PROMOTE sequence. Faults still
     /// run. Lock order: take the backing's lock (if at all) before this guard, never while
     /// holding it.
-    pub fn hold_off_zaps(&self) -> ReadGuard<'_> {
-        self.mmu_lock.read()
+    pub fn hold_off_zaps(&self) -> ShardedLockReadGuard<'_, ()> {
+        self.mmu_lock.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the MMU lock exclusively for a change that invalidates mappings (zap, split,
     /// inhibit, retiring a given-up leaf) and bumps the invalidation sequence, so that a fault
     /// that looked its page up before the change retries.
-    fn lock_for_invalidation(&self) -> WriteGuard<'_> {
-        let w = self.mmu_lock.write();
+    fn lock_for_invalidation(&self) -> ShardedLockWriteGuard<'_, ()> {
+        let w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         self.invalidate_seq.fetch_add(1, Ordering::AcqRel);
         w
     }

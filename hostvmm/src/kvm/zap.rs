@@ -175,7 +175,10 @@ impl PrivateMmu {
 
     /// Undoes [`PrivateMmu::block_range`]: TRACK, then UNBLOCK each leaf.
     pub fn unblock_leaves(&self, leaves: &[(Gpa, PageLevel)]) {
-        let _w = self.mmu_lock.write();
+        let _w = self
+            .mmu_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         self.unblock_locked(leaves);
     }
 

@@ -29,8 +29,9 @@
 //! sept_lock_acquire_host): guest calls on it get OPERAND_BUSY until a host call takes the lock,
 //! and a vCPU refused for longer than the timeout exits with TDX_HOST_PRIORITY_BUSY_TIMEOUT
 //! ([`TdExit::HostPriorityBusyTimeout`], `tdx_td_dispatcher.c`). The tree's memory is guarded
-//! by a separate `RwLock`, held exclusively by calls that allocate or free S-EPT pages; this
-//! only serialises them with guest calls, which the module also allows.
+//! by a separate reader-writer lock (sharded for readers, so that the vCPUs' calls share no
+//! cache line), held exclusively by calls that allocate or free S-EPT pages; this only
+//! serialises them with guest calls, which the module also allows.
 //!
 //! What it does not model: the PAMT (HPAs are not checked for ownership or double use), TDR /
 //! TDCS pages and their locks, measurement beyond a running digest of PAGE.ADD, L2 VMs,
@@ -50,9 +51,10 @@ mod sept;
 mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use accept::abi::{Gpa, Gpaw, PageLevel, TdxStatus, VeInfo};
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use crossbeam_utils::CachePadded;
 
 pub use fault::FaultResult;
@@ -449,7 +451,7 @@ pub struct TdxModule {
     // The two locks every call takes shared sit on cache lines of their own: their reader
     // counts change at every call, and the fields read next to them would miss each time.
     /// The arena's memory lock (see `sept.rs`), not the module's tree lock.
-    tree: CachePadded<RwLock<Tree>>,
+    tree: ShardedLock<Tree>,
     /// The module's S-EPT tree lock, with try semantics (see `host.rs`).
     sept_lock: CachePadded<SeptTreeLock>,
     hp_lock_timeout: std::sync::atomic::AtomicU32,
@@ -487,7 +489,7 @@ impl TdxModule {
         let n = config.vcpus as usize;
         Ok(TdxModule {
             config,
-            tree: CachePadded::new(RwLock::new(Tree::new(config.gpaw.sept_levels() - 1))),
+            tree: ShardedLock::new(Tree::new(config.gpaw.sept_levels() - 1)),
             sept_lock: CachePadded::new(SeptTreeLock::default()),
             hp_lock_timeout: std::sync::atomic::AtomicU32::new(DEFAULT_HP_LOCK_TIMEOUT),
             op_state: AtomicU8::new(OP_INITIALIZED),
@@ -659,11 +661,11 @@ impl TdxModule {
 
     // ---- introspection ---------------------------------------------------------------------
 
-    fn read_tree(&self) -> RwLockReadGuard<'_, Tree> {
+    fn read_tree(&self) -> ShardedLockReadGuard<'_, Tree> {
         self.tree.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_tree(&self) -> RwLockWriteGuard<'_, Tree> {
+    fn write_tree(&self) -> ShardedLockWriteGuard<'_, Tree> {
         self.tree.write().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -6,7 +6,7 @@
 //! allocated once an entry of that node is blocked, so a node costs 4 KiB like a real S-EPT
 //! page. Memory use therefore scales with the number of nodes, not with the TD size.
 //!
-//! This module does no locking of its own. The caller holds the tree `RwLock` (the memory
+//! This module does no locking of its own. The caller holds the tree lock (a `ShardedLock`, the memory
 //! lock of the arena: shared for walks and entry updates, exclusive for node allocation, node
 //! release and BEPOCH updates) and uses the entry lock bit and host-priority bit as the module
 //! uses TDEL and TDHP (`tdx_locks.h` sept_lock_acquire_host / sept_lock_acquire_guest). The

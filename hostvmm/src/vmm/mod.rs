@@ -20,7 +20,9 @@
 //! Not here: vCPU scheduling and guest code (see the simulator), shared-memory mappings.
 
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError};
+
+use crossbeam_utils::sync::{ShardedLock, ShardedLockWriteGuard};
 
 use accept::abi::{vmcall, GhciStatus, Gpa, GpaRange, PageLevel};
 
@@ -115,15 +117,17 @@ pub enum HostError {
 
 /// The backend behind a [`Host`], shared with the MMU's fault path. The lock stands for
 /// guest_memfd's invalidation lock: the fault path takes it shared when the backend has a
-/// shared fault path ([`ConversionBackend::fault_pfn_shared`]), everything else exclusive.
-pub type SharedBackend = Arc<RwLock<dyn ConversionBackend>>;
+/// shared fault path ([`ConversionBackend::fault_pfn_shared`]), everything else exclusive. It
+/// is sharded for readers (a reader locks its thread's shard, a writer every shard), so faults
+/// on different vCPUs share no cache line.
+pub type SharedBackend = Arc<ShardedLock<dyn ConversionBackend>>;
 
 /// The MMU's view of the conversion backend.
 struct GmemBacking {
     gmem: SharedBackend,
 }
 
-fn lock<T: ?Sized>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+fn lock<T: ?Sized>(m: &ShardedLock<T>) -> ShardedLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -332,7 +336,7 @@ pub struct Host {
     module: Arc<TdxModule>,
     gmem: SharedBackend,
     /// The same allocation as `gmem` when the backend is the guest_memfd model.
-    model: Option<Arc<RwLock<GuestMemfd>>>,
+    model: Option<Arc<ShardedLock<GuestMemfd>>>,
     mmu: Arc<PrivateMmu>,
     counters: Counters,
 }
@@ -355,7 +359,7 @@ impl Host {
     pub fn new(config: HostConfig, kicker: Arc<dyn Kicker>) -> Result<Host, HostError> {
         let pool = FolioPool::new(GUEST_HPA_BASE, config.memory)
             .map_err(|e| HostError::Pool(e.to_string()))?;
-        let model = Arc::new(RwLock::new(GuestMemfd::new(
+        let model = Arc::new(ShardedLock::new(GuestMemfd::new(
             GmemConfig::new(config.memory, config.folio_level),
             pool,
         )?));
@@ -415,13 +419,13 @@ impl Host {
     }
 
     /// The conversion backend, locked. Do not hold it across a call into the host.
-    pub fn gmem(&self) -> RwLockWriteGuard<'_, dyn ConversionBackend + 'static> {
+    pub fn gmem(&self) -> ShardedLockWriteGuard<'_, dyn ConversionBackend + 'static> {
         lock(&self.gmem)
     }
 
     /// The guest_memfd model, locked, when it is the backend ([`Host::new`]); `None` for a
     /// host built [`Host::with_backend`]. Do not hold it across a call into the host.
-    pub fn model(&self) -> Option<RwLockWriteGuard<'_, GuestMemfd>> {
+    pub fn model(&self) -> Option<ShardedLockWriteGuard<'_, GuestMemfd>> {
         self.model.as_deref().map(lock)
     }
 
