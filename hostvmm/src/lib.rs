@@ -37,5 +37,7 @@ mod counters;
 pub mod gmem;
 pub mod kvm;
 pub mod module;
+#[cfg(test)]
+mod testutil;
 pub mod vcpu;
 pub mod vmm;

@@ -235,7 +235,8 @@ pub struct HostWork {
 /// [`tdcall`](VcpuHooks::tdcall) (TDCALLs only), the module call, then for an exit
 /// [`exit_taken`](VcpuHooks::exit_taken) (exits the guest re-executes after, before the
 /// livelock bound is checked), [`before_exit`](VcpuHooks::before_exit),
-/// [`handle_exit`](VcpuHooks::handle_exit), [`exit_handled`](VcpuHooks::exit_handled);
+/// [`answer_exit`](VcpuHooks::answer_exit) (else [`Host::handle_exit`]),
+/// [`exit_handled`](VcpuHooks::exit_handled);
 /// last [`after_step`](VcpuHooks::after_step) with the outcome.
 pub trait VcpuHooks {
     /// Before each attempt of `insn` (`attempt` 0 is the first of this instruction): a
@@ -268,16 +269,12 @@ pub trait VcpuHooks {
         let _ = (host, exit);
     }
 
-    /// How the host handles `exit`: [`Host::handle_exit`] by default. `pending_event` tells
-    /// whether the vCPU has an interrupt pending (MapGPA then yields).
-    fn handle_exit(
-        &mut self,
-        host: &Host,
-        exit: TdExit,
-        regs: &mut VmcallRegs,
-        pending_event: bool,
-    ) -> ExitAction {
-        host.handle_exit(exit, regs, &|| pending_event)
+    /// An answer to `exit` in place of the host's: `None` (the default) lets
+    /// [`Host::handle_exit`] handle it. A VMCALL answered here gets no answer registers (the
+    /// guest reads back its own request).
+    fn answer_exit(&mut self, host: &Host, exit: &TdExit) -> Option<ExitAction> {
+        let _ = (host, exit);
+        None
     }
 
     /// The host handled `exit` with `action`, doing `work` on this thread.
@@ -567,9 +564,11 @@ impl<'h, H: VcpuHooks> Vcpu<'h, H> {
         self.hooks.before_exit(self.host, &exit);
         let mmu_before = kvm::thread_stats();
         let vmm_before = vmm::thread_stats();
-        let action = self
-            .hooks
-            .handle_exit(self.host, exit, regs, self.irq_pending);
+        let pending_event = self.irq_pending;
+        let action = match self.hooks.answer_exit(self.host, &exit) {
+            Some(action) => action,
+            None => self.host.handle_exit(exit, regs, &|| pending_event),
+        };
         let work = HostWork {
             mmu_before,
             mmu_after: kvm::thread_stats(),

@@ -1,28 +1,13 @@
 //! The vCPU loop: the outcome of one step for each instruction kind, the livelock bound, the
 //! order of the hooks, and the guest engine's acceptance running on a `Vcpu`.
 
-use std::sync::Arc;
-
 use accept::abi::{GpaRange, Gpaw};
 use accept::acceptor::{AcceptPolicy, Acceptor};
 
 use super::*;
 use crate::gmem::Shareability;
-use crate::kvm::YieldKicker;
 use crate::module::{CallKind, SeptState};
-use crate::vmm::HostConfig;
-
-const K4: u64 = 4096;
-const M2: u64 = 2 << 20;
-const SHARED: u64 = 1 << 47;
-
-fn host() -> Host {
-    Host::new(HostConfig::new(64 * M2, 1), Arc::new(YieldKicker)).unwrap()
-}
-
-fn g(a: u64) -> Gpa {
-    Gpa::new_truncate(a)
-}
+use crate::testutil::{g, host, K4, M2, SHARED};
 
 fn range(start: u64, end: u64) -> GpaRange {
     GpaRange::new(start, end).unwrap()
@@ -184,6 +169,18 @@ fn an_interrupt_stops_a_2m_accept_which_resumes() {
     assert_eq!(status, TdxStatus::SUCCESS);
     assert!(interrupts > 1, "every slice saw a pending interrupt");
     assert_eq!(leaf(&h, 0), (1, SeptState::Mapped));
+    // A pending interrupt is a pending event: MapGPA yields after its first 2M chunk.
+    let step = v.step(Insn::MapGpa {
+        start: SHARED | (10 * M2),
+        len: 4 * M2,
+    });
+    let retry = MapGpaOutcome {
+        tdcall: TdxStatus::SUCCESS,
+        status: GhciStatus::Retry,
+        resume_gpa: SHARED | (11 * M2),
+    };
+    assert_eq!(step, Step::Retired(Retired::MapGpa(retry)));
+    assert!(!v.interrupt_pending(), "the guest took the interrupt");
 }
 
 /// A host that answers every exit with "resume" and changes nothing.
@@ -201,15 +198,9 @@ impl VcpuHooks for Storm {
             "exits are numbered within the instruction"
         );
     }
-    fn handle_exit(
-        &mut self,
-        _host: &Host,
-        _exit: TdExit,
-        _regs: &mut VmcallRegs,
-        _pending: bool,
-    ) -> ExitAction {
+    fn answer_exit(&mut self, _host: &Host, _exit: &TdExit) -> Option<ExitAction> {
         self.handled += 1;
-        ExitAction::Resume
+        Some(ExitAction::Resume)
     }
 }
 
@@ -286,19 +277,9 @@ impl VcpuHooks for Recorder {
         };
         self.log.push(format!("before_exit {kind}"));
     }
-    fn handle_exit(
-        &mut self,
-        host: &Host,
-        exit: TdExit,
-        regs: &mut VmcallRegs,
-        pending_event: bool,
-    ) -> ExitAction {
-        self.log
-            .push(format!("handle_exit pending={pending_event}"));
-        if self.kill {
-            return ExitAction::KillTd;
-        }
-        host.handle_exit(exit, regs, &|| pending_event)
+    fn answer_exit(&mut self, _host: &Host, _exit: &TdExit) -> Option<ExitAction> {
+        self.log.push("answer_exit".into());
+        self.kill.then_some(ExitAction::KillTd)
     }
     fn exit_handled(&mut self, _exit: &TdExit, action: &ExitAction, work: &HostWork) {
         self.log.push(format!("exit_handled {action:?}"));
@@ -339,7 +320,7 @@ fn hooks_are_called_in_order() {
             "tdcall",
             "exit_taken 1",
             "before_exit ept",
-            "handle_exit pending=false",
+            "answer_exit",
             "exit_handled Resume",
             "after reexecute",
             "before 1 tdcall=true",
@@ -350,7 +331,7 @@ fn hooks_are_called_in_order() {
             "before 0 tdcall=true",
             "tdcall",
             "before_exit vmcall",
-            "handle_exit pending=false",
+            "answer_exit",
             "exit_handled Resume",
             "after retired",
         ]

@@ -17,7 +17,7 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 use super::verdict::{stop_of_cause, stop_of_tracker, stop_of_ve, Stop, Verdict};
 use super::{unit_gpa, BYSTANDERS, K4, LAB_EAGER_END, LAB_LAZY_ACCEPTED, MAX_ACCESS_ROUNDS};
 use hostvmm::gmem::Shareability;
-use hostvmm::module::{Access, ExtExitQual, SeptState, TdExit, VmcallRegs};
+use hostvmm::module::{Access, ExtExitQual, SeptState, TdExit};
 use hostvmm::vcpu::{
     Attempt, Insn, Retired, Step, Stop as HostStop, Vcpu as HostVcpu, VcpuHooks, TD_KILLED,
 };
@@ -76,17 +76,9 @@ impl VcpuHooks for LabExits<'_> {
 
     /// EPT violations go to the [`ExitHook`] when there is one; a MapGPA VMCALL always to the
     /// host (its answer is what [`MapHook`]s rewrite).
-    fn handle_exit(
-        &mut self,
-        host: &Host,
-        exit: TdExit,
-        regs: &mut VmcallRegs,
-        pending_event: bool,
-    ) -> ExitAction {
-        match self.exit_hook.as_mut() {
-            Some(hook) if !matches!(exit, TdExit::Vmcall(_)) => hook(host, exit),
-            _ => host.handle_exit(exit, regs, &|| pending_event),
-        }
+    fn answer_exit(&mut self, host: &Host, exit: &TdExit) -> Option<ExitAction> {
+        let hook = self.exit_hook.as_mut()?;
+        (!matches!(exit, TdExit::Vmcall(_))).then(|| hook(host, *exit))
     }
 
     fn after_step(&mut self, insn: &Insn, step: &Step) {
