@@ -12,6 +12,9 @@
 //!   conversion, deferred commits and error pages.
 //! - [`vmm`]: the host half wired together (module, guest_memfd, MMU) and the exit handlers,
 //!   MapGPA included.
+//! - [`vcpu`]: the vCPU loop (enter the TD, one guest instruction, leave, hand exits to the
+//!   host, re-execute) as one type, [`vcpu::Vcpu`], with hooks for what a VMM or a harness
+//!   adds; it implements the guest engine's `Tdcall`, so the engine runs on it directly.
 //!
 //! `docs/life-of-a-mapgpa.md` follows one conversion through these modules, from the guest's
 //! TDCALL to the Secure-EPT change, naming each file on the way.
@@ -34,4 +37,7 @@ mod counters;
 pub mod gmem;
 pub mod kvm;
 pub mod module;
+#[cfg(test)]
+mod testutil;
+pub mod vcpu;
 pub mod vmm;

@@ -1,10 +1,17 @@
-//! A simulated vCPU: the guest engine's [`Tdcall`] on top of the module emulator and the host.
+//! A simulated vCPU: the host library's [`Vcpu`] with the simulator's hooks ([`SimCpu`]), and
+//! the guest's memory touches with its #VE handler.
 //!
 //! A TDCALL that needs the host (an ACCEPT that exits with an EPT violation, a MapGPA VMCALL) is
 //! handled by the host half on this vCPU's thread and the TDCALL re-executes, exactly as after
-//! a VM exit: the guest engine only sees what a real guest would see. Guest memory touches go
-//! through the emulator: FREE -> exit -> the host maps; PENDING -> #VE delivered to the guest's
-//! handler (the real `accept::ve` handler) on this vCPU, then the access retries.
+//! a VM exit (the loop is `hostvmm::vcpu`): the guest engine only sees what a real guest would
+//! see. Guest memory touches go through the emulator: FREE -> exit -> the host maps; PENDING ->
+//! #VE delivered to the guest's handler (the real `accept::ve` handler) on this vCPU, then the
+//! access retries.
+//!
+//! The hooks add the simulator's part: a scheduling point before each instruction, the modelled
+//! cost of each TDCALL and of each exit (from this thread's host counters around the exit),
+//! random interrupts and host interrupts, the bound on exits per instruction as an invariant,
+//! and the belief notes the invariant checks compare the TD with.
 //!
 //! In deterministic mode the vCPU is inside the TD only for the duration of one module call;
 //! guest code between calls runs "outside" (which is how a kicked vCPU behaves, and what makes
@@ -13,10 +20,7 @@
 //! program), as on hardware: a TRACK while it still runs in the previous epoch is refused, and
 //! the host kicks it.
 
-use accept::abi::{
-    page_info, vmcall, GhciStatus, Gpa, MapGpaOutcome, PageLevel, StatusCode, TdxStatus, VeInfo,
-    VpInfo,
-};
+use accept::abi::{Gpa, MapGpaOutcome, PageLevel, TdxStatus, VeInfo, VpInfo};
 use accept::tdcall::Tdcall;
 use accept::tracker::CpuHooks;
 use accept::ve::{handle_ve, VeCpuState, VeVerdict};
@@ -24,16 +28,11 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 use super::sched::{Rng, Scheduler, Switch};
 use super::{SimTd, ViolationKind};
 use hostvmm::kvm::MmuStats;
-use hostvmm::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
-use hostvmm::vmm::{ExitAction, VmmStats};
+use hostvmm::module::{Access, TdExit};
+use hostvmm::vcpu::{Attempt, HostWork, Insn, Retired, Step, Stop, Vcpu, VcpuHooks};
+use hostvmm::vmm::{ExitAction, Host, VmmStats};
 
-/// Bound on TD exits for one guest instruction (an ACCEPT or an access) before the simulator
-/// calls it a livelock. An honest host needs at most 3 (map, split, retry after a race).
-pub const MAX_EXITS_PER_INSTRUCTION: u32 = 64;
-
-/// Status the simulator returns to the guest engine when the host stopped the TD (KVM would
-/// return to userspace and the VMM would kill the TD; the guest never runs again).
-pub const TD_KILLED: TdxStatus = StatusCode::NonRecoverableTd.status();
+pub use hostvmm::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
 
 /// Counters of one vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -68,78 +67,21 @@ impl CpuHooks for SimHooks<'_> {
     }
 }
 
-/// One simulated vCPU.
+/// The simulator's part of a vCPU ([`VcpuHooks`]): scheduling, modelled time, interrupts,
+/// counters, belief notes and the reason the TD stopped.
 #[derive(Debug)]
-pub struct SimVcpu<'a> {
+pub struct SimCpu<'a> {
     id: usize,
     td: &'a SimTd<'a>,
     rng: Rng,
     switch: Switch<'a>,
-    ve_state: VeCpuState,
-    irq_pending: bool,
     stats: VcpuStats,
     fatal: Option<String>,
 }
 
-impl<'a> SimVcpu<'a> {
-    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64, switch: Switch<'a>) -> SimVcpu<'a> {
-        SimVcpu {
-            id,
-            td,
-            rng: Rng::new(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            switch,
-            ve_state: VeCpuState::new(),
-            irq_pending: false,
-            stats: VcpuStats::default(),
-            fatal: None,
-        }
-    }
-
-    /// This vCPU's index.
-    pub fn id(&self) -> usize {
-        self.id
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> VcpuStats {
-        self.stats
-    }
-
-    /// Why the TD stopped on this vCPU, if it did.
-    pub fn fatal(&self) -> Option<&str> {
-        self.fatal.as_deref()
-    }
-
-    /// The vCPU's random generator (scenarios draw their choices from it).
-    pub fn rng(&mut self) -> &mut Rng {
-        &mut self.rng
-    }
-
-    /// Hooks for the lazy-accept tracker on this vCPU.
-    pub fn hooks(&self) -> SimHooks<'a> {
-        SimHooks {
-            sched: &self.td.sched,
-            id: self.id,
-            switch: self.switch,
-        }
-    }
-
-    /// The vCPU's program is over: it leaves the TD if it is inside.
-    pub fn halt(&mut self) {
-        let module = self.td.host.module();
-        if module.vcpu_in_td(self.id) {
-            let _ = module.vcpu_exit(self.id);
-        }
-    }
-
-    /// A scheduling point.
-    pub fn sched_point(&mut self) {
+impl SimCpu<'_> {
+    fn sched_point(&mut self) {
         self.switch.point(&self.td.sched, self.id, false);
-    }
-
-    /// A step of a wait loop: lets the other vCPUs run.
-    pub fn wait_point(&mut self) {
-        self.switch.point(&self.td.sched, self.id, true);
     }
 
     fn die(&mut self, why: String) {
@@ -153,93 +95,215 @@ impl<'a> SimVcpu<'a> {
         self.td.sched.set_clock(self.id, self.stats.modelled_ns);
     }
 
-    fn maybe_interrupt(&mut self) {
+    fn draw_interrupt(&mut self) -> Attempt {
         let per_mille = u64::from(self.td.config.irq_per_mille);
         if per_mille > 0 && self.rng.chance(per_mille, 1000) {
-            self.irq_pending = true;
-            self.td.host.module().set_pending_interrupt(self.id, true);
+            Attempt::Interrupt
+        } else {
+            Attempt::Run
         }
-    }
-
-    fn take_interrupt(&mut self) {
-        if self.irq_pending {
-            self.irq_pending = false;
-            self.td.host.module().set_pending_interrupt(self.id, false);
-        }
-    }
-
-    fn stays_inside(&self) -> bool {
-        self.td.config.mode == super::Mode::Parallel
     }
 
     /// Waits outside the TD while the host holds the vCPUs out (a SEAMCALL that kept getting
     /// BUSY, as KVM's `wait_for_sept_zap`). Never the case in deterministic mode, where host
     /// code runs between guest calls.
     fn gate(&mut self) {
-        if !self.td.host.mmu().vcpus_held_out() {
-            return;
-        }
-        self.halt();
-        while self.td.host.mmu().vcpus_held_out() {
-            self.wait_point();
-        }
-    }
-
-    fn enter(&mut self) -> bool {
-        self.gate();
-        let module = self.td.host.module();
-        if self.stays_inside() && module.vcpu_in_td(self.id) {
-            return true;
-        }
-        match module.vcpu_enter(self.id) {
-            Ok(()) => true,
-            Err(e) => {
-                self.die(format!("vCPU enter: {e}"));
-                false
-            }
-        }
-    }
-
-    fn leave(&mut self) {
-        if self.stays_inside() {
-            return;
-        }
-        if let Err(e) = self.td.host.module().vcpu_exit(self.id) {
-            self.die(format!("vCPU exit: {e}"));
-        }
-    }
-
-    /// Lets the host handle an exit on this vCPU's thread, charging its modelled cost.
-    fn host_exit(&mut self, exit: TdExit, regs: &mut VmcallRegs) -> ExitAction {
-        self.stats.exits += 1;
         let host = &self.td.host;
-        // This thread's own counts: in parallel mode other vCPUs' exits run meanwhile.
-        let mmu0 = hostvmm::kvm::thread_stats();
-        let vmm0 = hostvmm::vmm::thread_stats();
-        let irq = self.irq_pending;
+        if !host.mmu().vcpus_held_out() {
+            return;
+        }
+        if host.module().vcpu_in_td(self.id) {
+            let _ = host.module().vcpu_exit(self.id);
+        }
+        while host.mmu().vcpus_held_out() {
+            self.switch.point(&self.td.sched, self.id, true);
+        }
+    }
+
+    /// Why the TD stops for `stop` of `insn`; the livelock is an invariant violation too.
+    fn stopped(&mut self, insn: &Insn, stop: Stop) {
+        let why = match stop {
+            // The guest's own faults: `SimVcpu::touch` decides.
+            Stop::Ve(_) | Stop::DoubleFault | Stop::InvalidGpa | Stop::Halted => return,
+            Stop::Enter(e) => format!("vCPU enter: {e}"),
+            Stop::Leave(e) => format!("vCPU exit: {e}"),
+            Stop::Module(e) => {
+                let call = match insn {
+                    Insn::Accept { .. } => "ACCEPT",
+                    Insn::MapGpa { .. } => "VMCALL",
+                    Insn::VeInfoGet => "VEINFO.GET",
+                    Insn::VpInfo => "VP.INFO",
+                    Insn::Access { .. } => "guest access",
+                };
+                format!("{call}: {e}")
+            }
+            Stop::Host {
+                action: ExitAction::KillTd,
+                ..
+            } => "PENDING_EPT_VIOLATION exit: the host kills the TD".to_string(),
+            Stop::Host { action, .. } => match action {
+                ExitAction::Fatal(e) => format!("host could not handle an exit: {e}"),
+                other => format!("host answered an exit with {other:?}"),
+            },
+            Stop::Livelock { exits } => {
+                let what = match (insn, insn.accept_page()) {
+                    (_, Some((gpa, level))) => format!("ACCEPT {level} at {gpa}"),
+                    (Insn::Access { gpa, .. }, _) => format!("access to {gpa:#x}"),
+                    _ => format!("{insn:?}"),
+                };
+                self.td
+                    .violation(ViolationKind::Livelock, format!("{what}: {exits} exits"));
+                "livelock".to_string()
+            }
+        };
+        self.die(why);
+    }
+}
+
+impl VcpuHooks for SimCpu<'_> {
+    /// A scheduling point before each instruction (each attempt of an access), the TD's
+    /// liveness, a random interrupt before each ACCEPT or MapGPA attempt, and the gate.
+    fn before_attempt(&mut self, insn: &Insn, attempt: u32) -> Attempt {
+        let sched_first = !matches!(insn, Insn::VeInfoGet | Insn::VpInfo | Insn::Access { .. });
+        if sched_first && attempt == 0 {
+            self.sched_point();
+        }
+        if self.fatal.is_some() {
+            return Attempt::Halt;
+        }
+        let decision = match insn {
+            Insn::Access { .. } => {
+                self.sched_point();
+                Attempt::Run
+            }
+            Insn::Accept { .. } | Insn::MapGpa { .. } => self.draw_interrupt(),
+            Insn::VeInfoGet | Insn::VpInfo => Attempt::Run,
+        };
+        self.gate();
+        decision
+    }
+
+    fn stays_inside(&self) -> bool {
+        self.td.config.mode == super::Mode::Parallel
+    }
+
+    fn tdcall(&mut self, _insn: &Insn) {
+        self.charge(self.td.cost.tdcall);
+    }
+
+    fn exit_taken(&mut self, _exit: &TdExit, exits: u32) {
+        self.stats.max_exits_per_instruction = self.stats.max_exits_per_instruction.max(exits);
+    }
+
+    fn before_exit(&mut self, host: &Host, _exit: &TdExit) {
+        self.stats.exits += 1;
         let host_irq = u64::from(self.td.config.host_irq_per_mille);
         if host_irq > 0 && self.rng.chance(host_irq, 1000) {
             host.module().set_host_interrupt_pending(true);
         }
-        let action = host.handle_exit(exit, regs, &|| irq);
-        let cost = self.td.host_cost(
-            &mmu0,
-            &hostvmm::kvm::thread_stats(),
-            &vmm0,
-            &hostvmm::vmm::thread_stats(),
-        );
-        self.charge(cost);
-        action
     }
 
-    fn exit_fatal(&mut self, action: ExitAction) {
-        match action {
-            ExitAction::Resume => {}
-            ExitAction::Fatal(e) => self.die(format!("host could not handle an exit: {e}")),
-            ExitAction::KillTd => {
-                self.die("PENDING_EPT_VIOLATION exit: the host kills the TD".to_string())
+    /// Charges the modelled cost of the host work this thread did for the exit (in parallel
+    /// mode other vCPUs' exits run meanwhile).
+    fn exit_handled(&mut self, _exit: &TdExit, _action: &ExitAction, work: &HostWork) {
+        let cost = self.td.host_cost(
+            &work.mmu_before,
+            &work.mmu_after,
+            &work.vmm_before,
+            &work.vmm_after,
+        );
+        self.charge(cost);
+    }
+
+    fn after_step(&mut self, insn: &Insn, step: &Step) {
+        match (insn, step) {
+            (_, Step::Interrupted) => self.stats.interrupts += 1,
+            (Insn::Accept { .. }, Step::Retired(Retired::Accept(status))) => {
+                if let (true, Some((gpa, level))) = (status.is_success(), insn.accept_page()) {
+                    self.charge(self.td.cost.zero_4k * level.pages_4k());
+                    self.td.note_accept(gpa, level);
+                }
             }
+            (&Insn::MapGpa { start, len }, Step::Retired(Retired::MapGpa(outcome))) => {
+                self.td.note_map_gpa(start, len, outcome);
+            }
+            (_, &Step::Stopped(stop)) => self.stopped(insn, stop),
+            _ => {}
         }
+    }
+}
+
+/// One simulated vCPU.
+#[derive(Debug)]
+pub struct SimVcpu<'a> {
+    vcpu: Vcpu<'a, SimCpu<'a>>,
+    ve_state: VeCpuState,
+}
+
+impl<'a> SimVcpu<'a> {
+    pub(crate) fn new(td: &'a SimTd<'a>, id: usize, seed: u64, switch: Switch<'a>) -> SimVcpu<'a> {
+        let cpu = SimCpu {
+            id,
+            td,
+            rng: Rng::new(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            switch,
+            stats: VcpuStats::default(),
+            fatal: None,
+        };
+        SimVcpu {
+            vcpu: Vcpu::with_hooks(&td.host, id, cpu),
+            ve_state: VeCpuState::new(),
+        }
+    }
+
+    fn cpu(&mut self) -> &mut SimCpu<'a> {
+        self.vcpu.hooks_mut()
+    }
+
+    /// This vCPU's index.
+    pub fn id(&self) -> usize {
+        self.vcpu.id()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> VcpuStats {
+        self.vcpu.hooks().stats
+    }
+
+    /// Why the TD stopped on this vCPU, if it did.
+    pub fn fatal(&self) -> Option<&str> {
+        self.vcpu.hooks().fatal.as_deref()
+    }
+
+    /// The vCPU's random generator (scenarios draw their choices from it).
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.cpu().rng
+    }
+
+    /// Hooks for the lazy-accept tracker on this vCPU.
+    pub fn hooks(&self) -> SimHooks<'a> {
+        let cpu = self.vcpu.hooks();
+        SimHooks {
+            sched: &cpu.td.sched,
+            id: cpu.id,
+            switch: cpu.switch,
+        }
+    }
+
+    /// The vCPU's program is over: it leaves the TD if it is inside.
+    pub fn halt(&mut self) {
+        self.vcpu.halt();
+    }
+
+    /// A scheduling point.
+    pub fn sched_point(&mut self) {
+        self.cpu().sched_point();
+    }
+
+    /// A step of a wait loop: lets the other vCPUs run.
+    pub fn wait_point(&mut self) {
+        let cpu = self.cpu();
+        cpu.switch.point(&cpu.td.sched, cpu.id, true);
     }
 
     /// A guest read or write of the 4K page holding `gpa` (private, or shared with the shared
@@ -248,216 +312,63 @@ impl<'a> SimVcpu<'a> {
     /// # Errors
     /// Why the access could not complete (the TD is dead or the #VE handler refused).
     pub fn touch(&mut self, gpa: u64, access: Access) -> Result<u64, String> {
-        let mut exits = 0u32;
+        let insn = Insn::Access { gpa, access };
+        let mut result = self.vcpu.run(insn);
         loop {
-            if let Some(f) = &self.fatal {
-                return Err(f.clone());
-            }
-            self.sched_point();
-            if !self.enter() {
-                continue;
-            }
-            let out = match self.td.host.module().guest_access(self.id, gpa, access) {
-                Ok(out) => out,
-                Err(e) => {
-                    self.die(format!("guest access: {e}"));
-                    continue;
-                }
-            };
-            match out {
-                AccessOutcome::Ok(token) => {
-                    self.leave();
+            let td = self.vcpu.hooks().td;
+            match result {
+                Ok(Retired::Access(token)) => {
                     if let Access::Write(t) = access {
-                        self.td.note_write(gpa, t);
+                        td.note_write(gpa, t);
                     }
                     return Ok(token);
                 }
-                AccessOutcome::Ve(_) => {
-                    self.leave();
-                    self.stats.ves += 1;
-                    self.charge(self.td.cost.ve);
-                    let tracker = self.td.guest().tracker;
-                    let mut state = self.ve_state;
+                Ok(Retired::Shared { gpa }) => return Ok(td.shared_access(gpa, access)),
+                Ok(other) => self.cpu().die(format!("guest access: {other:?}")),
+                Err(Stop::Ve(_)) => {
+                    let cpu = self.cpu();
+                    cpu.stats.ves += 1;
+                    cpu.charge(td.cost.ve);
                     let mut hooks = self.hooks();
-                    let verdict = handle_ve(self.id, &mut state, self, &mut hooks, tracker);
-                    self.ve_state = state;
+                    let id = self.id();
+                    let tracker = td.guest().tracker;
+                    let verdict =
+                        handle_ve(id, &mut self.ve_state, &mut self.vcpu, &mut hooks, tracker);
                     match verdict {
                         VeVerdict::Handled { .. } | VeVerdict::AcceptedMeanwhile { .. } => {}
-                        other => self.die(format!("#VE handler: {other:?}")),
+                        other => self.cpu().die(format!("#VE handler: {other:?}")),
                     }
                 }
-                AccessOutcome::DoubleFault => {
-                    self.die("#DF: #VE while VE info was valid".into());
-                }
-                AccessOutcome::Exit(exit) => {
-                    exits += 1;
-                    self.note_exits(exits);
-                    if exits > MAX_EXITS_PER_INSTRUCTION {
-                        self.td.violation(
-                            ViolationKind::Livelock,
-                            format!("access to {gpa:#x}: {exits} exits"),
-                        );
-                        self.die("livelock".into());
-                        continue;
-                    }
-                    let mut regs = VmcallRegs::default();
-                    let action = self.host_exit(exit, &mut regs);
-                    self.exit_fatal(action);
-                }
-                AccessOutcome::Shared { gpa } => {
-                    self.leave();
-                    return Ok(self.td.shared_access(gpa, access));
-                }
-                AccessOutcome::InvalidGpa => {
-                    self.leave();
+                Err(Stop::DoubleFault) => self.cpu().die("#DF: #VE while VE info was valid".into()),
+                Err(Stop::InvalidGpa) => {
                     return Err(format!("GPA {gpa:#x} is beyond the GPA width"));
                 }
+                // The hooks noted why.
+                Err(_) => {}
             }
+            if let Some(f) = self.fatal() {
+                return Err(f.to_string());
+            }
+            result = self.vcpu.resume(insn);
         }
-    }
-
-    fn note_exits(&mut self, exits: u32) {
-        self.stats.max_exits_per_instruction = self.stats.max_exits_per_instruction.max(exits);
     }
 }
 
 impl Tdcall for SimVcpu<'_> {
     fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
-        self.sched_point();
-        let mut exits = 0u32;
-        loop {
-            if self.fatal.is_some() {
-                return TD_KILLED;
-            }
-            self.maybe_interrupt();
-            if !self.enter() {
-                return TD_KILLED;
-            }
-            self.charge(self.td.cost.tdcall);
-            let out = self
-                .td
-                .host
-                .module()
-                .tdg_mem_page_accept(self.id, page_info(gpa, level));
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    self.die(format!("ACCEPT: {e}"));
-                    return TD_KILLED;
-                }
-            };
-            match out {
-                TdcallOutcome::Completed(status) => {
-                    self.leave();
-                    self.take_interrupt();
-                    if status.is_success() {
-                        self.charge(self.td.cost.zero_4k * level.pages_4k());
-                        self.td.note_accept(gpa, level);
-                    }
-                    return status;
-                }
-                TdcallOutcome::Interrupted => {
-                    // The guest takes the interrupt and re-executes the same TDCALL.
-                    self.leave();
-                    self.stats.interrupts += 1;
-                    self.take_interrupt();
-                }
-                TdcallOutcome::Exit(exit) => {
-                    exits += 1;
-                    self.note_exits(exits);
-                    if exits > MAX_EXITS_PER_INSTRUCTION {
-                        self.td.violation(
-                            ViolationKind::Livelock,
-                            format!("ACCEPT {level} at {gpa}: {exits} exits"),
-                        );
-                        self.die("livelock".into());
-                        return TD_KILLED;
-                    }
-                    let mut regs = VmcallRegs::default();
-                    let action = self.host_exit(exit, &mut regs);
-                    self.exit_fatal(action);
-                    if let Some(status) = exit.completed_status() {
-                        return status;
-                    }
-                }
-            }
-        }
+        self.vcpu.accept(gpa, level)
     }
 
     fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
-        self.sched_point();
-        let killed = MapGpaOutcome {
-            tdcall: TD_KILLED,
-            status: GhciStatus::InvalidOperand,
-            resume_gpa: 0,
-        };
-        if self.fatal.is_some() || !self.enter() {
-            return killed;
-        }
-        self.maybe_interrupt();
-        let mut regs = VmcallRegs {
-            mask: vmcall::EXPOSE_REGS_MASK,
-            ..VmcallRegs::default()
-        };
-        regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
-        regs.gpr[VmcallRegs::R12] = start;
-        regs.gpr[VmcallRegs::R13] = len;
-        self.charge(self.td.cost.tdcall);
-        let out = match self.td.host.module().tdg_vp_vmcall(self.id, regs) {
-            Ok(o) => o,
-            Err(e) => {
-                self.die(format!("VMCALL: {e}"));
-                return killed;
-            }
-        };
-        let result = match out {
-            TdcallOutcome::Exit(exit @ TdExit::Vmcall(_)) => {
-                let mut answer = regs;
-                let action = self.host_exit(exit, &mut answer);
-                self.exit_fatal(action);
-                MapGpaOutcome {
-                    tdcall: TdxStatus::SUCCESS,
-                    status: GhciStatus::from_raw(answer.gpr[VmcallRegs::R10]),
-                    resume_gpa: answer.gpr[VmcallRegs::R11],
-                }
-            }
-            TdcallOutcome::Completed(status) => {
-                self.leave();
-                MapGpaOutcome {
-                    tdcall: status,
-                    status: GhciStatus::InvalidOperand,
-                    resume_gpa: 0,
-                }
-            }
-            other => {
-                self.leave();
-                self.die(format!("VMCALL: unexpected {other:?}"));
-                killed
-            }
-        };
-        self.take_interrupt();
-        self.td.note_map_gpa(start, len, &result);
-        result
+        self.vcpu.map_gpa(start, len)
     }
 
     fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
-        if self.fatal.is_some() || !self.enter() {
-            return Err(TD_KILLED);
-        }
-        self.charge(self.td.cost.tdcall);
-        let r = self.td.host.module().tdg_vp_veinfo_get(self.id);
-        self.leave();
-        r.unwrap_or(Err(TD_KILLED))
+        self.vcpu.ve_info()
     }
 
     fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
-        if self.fatal.is_some() || !self.enter() {
-            return Err(TD_KILLED);
-        }
-        self.charge(self.td.cost.tdcall);
-        let r = self.td.host.module().tdg_vp_info(self.id);
-        self.leave();
-        r.unwrap_or(Err(TD_KILLED))
+        self.vcpu.vp_info()
     }
 }
 

@@ -1,13 +1,15 @@
-//! Drives vCPU 0 of a [`Host`] the way a vCPU loop does: enter the TD, make one call or access,
-//! leave it unless the outcome was an exit (the module already took the vCPU out), and hand
-//! exits to [`Host::handle_exit`].
+//! Drives vCPU 0 of a [`Host`] through the host library's vCPU loop
+//! ([`hostvmm::vcpu::Vcpu`]): enter the TD, make one call or access, leave it unless the
+//! outcome was an exit (the module already took the vCPU out), and hand exits to
+//! [`Host::handle_exit`].
 //!
 //! The guest side is modelled as the engine behaves: BUSY answers to ACCEPT are retried, an
 //! interrupted 2M ACCEPT is re-executed. The loop is bounded: a host that never lets the guest
 //! make progress shows up as [`GuestError::Livelock`], not as a hang.
 
-use accept::abi::{page_info, vmcall, GhciStatus, Gpa, PageLevel, StatusCode, TdxStatus, VeInfo};
-use hostvmm::module::{Access, AccessOutcome, SeptState, TdcallOutcome, VmcallRegs};
+use accept::abi::{GhciStatus, Gpa, PageLevel, StatusCode, TdxStatus, VeInfo};
+use hostvmm::module::{Access, SeptState};
+use hostvmm::vcpu::{Insn, Retired, Step, Stop, Vcpu};
 use hostvmm::vmm::{ExitAction, Host};
 
 /// 4 KiB.
@@ -40,16 +42,27 @@ pub enum Touch {
     Ve(VeInfo),
 }
 
-fn never() -> bool {
-    false
-}
-
-fn resume(h: &Host, exit: hostvmm::module::TdExit) -> Result<(), GuestError> {
-    let mut regs = VmcallRegs::default();
-    match h.handle_exit(exit, &mut regs, &never) {
-        ExitAction::Resume => Ok(()),
-        other => Err(GuestError::Host(other)),
+/// Steps `insn` on vCPU 0 until `answer` takes the step, re-executing after every exit the
+/// host resolves and every interrupted ACCEPT, at most [`GUEST_STEPS`] steps.
+fn steps<T>(
+    h: &Host,
+    insn: Insn,
+    mut answer: impl FnMut(Step) -> Option<T>,
+) -> Result<T, GuestError> {
+    // The bound is on steps, exits included.
+    let mut vcpu = Vcpu::new(h, 0).with_max_exits(GUEST_STEPS);
+    for _ in 0..GUEST_STEPS {
+        match vcpu.step(insn) {
+            Step::Reexecute(_) | Step::Interrupted => {}
+            Step::Stopped(Stop::Host { action, .. }) => return Err(GuestError::Host(action)),
+            step => {
+                if let Some(t) = answer(step) {
+                    return Ok(t);
+                }
+            }
+        }
     }
+    Err(GuestError::Livelock)
 }
 
 /// TDG.MEM.PAGE.ACCEPT of `gpa` at `level` until it completes with a status that is not BUSY.
@@ -57,25 +70,14 @@ fn resume(h: &Host, exit: hostvmm::module::TdExit) -> Result<(), GuestError> {
 /// # Errors
 /// [`GuestError`] when the host fails an exit or the guest cannot make progress.
 pub fn accept(h: &Host, gpa: u64, level: PageLevel) -> Result<TdxStatus, GuestError> {
-    let m = h.module();
-    for _ in 0..GUEST_STEPS {
-        m.vcpu_enter(0).expect("vCPU 0 enters");
-        match m
-            .tdg_mem_page_accept(0, page_info(Gpa::new_truncate(gpa), level))
-            .expect("vCPU 0 is in the TD")
-        {
-            TdcallOutcome::Completed(s) => {
-                m.vcpu_exit(0).expect("vCPU 0 leaves");
-                if s.is(StatusCode::OperandBusy) {
-                    continue;
-                }
-                return Ok(s);
-            }
-            TdcallOutcome::Interrupted => m.vcpu_exit(0).expect("vCPU 0 leaves"),
-            TdcallOutcome::Exit(exit) => resume(h, exit)?,
-        }
-    }
-    Err(GuestError::Livelock)
+    steps(
+        h,
+        Insn::accept(Gpa::new_truncate(gpa), level),
+        |step| match step {
+            Step::Retired(Retired::Accept(s)) => (!s.is(StatusCode::OperandBusy)).then_some(s),
+            other => panic!("vCPU 0: ACCEPT at {gpa:#x}: {other:?}"),
+        },
+    )
 }
 
 /// A guest access to `gpa`, re-executed after every exit the host resolves.
@@ -83,33 +85,19 @@ pub fn accept(h: &Host, gpa: u64, level: PageLevel) -> Result<TdxStatus, GuestEr
 /// # Errors
 /// [`GuestError`]; an access to a shared or invalid GPA is a test bug and panics.
 pub fn touch(h: &Host, gpa: u64, access: Access) -> Result<Touch, GuestError> {
-    let m = h.module();
-    for _ in 0..GUEST_STEPS {
-        m.vcpu_enter(0).expect("vCPU 0 enters");
-        let out = m.guest_access(0, gpa, access).expect("vCPU 0 is in the TD");
-        match out {
-            AccessOutcome::Ok(t) => {
-                m.vcpu_exit(0).expect("vCPU 0 leaves");
-                return Ok(Touch::Ok(t));
-            }
-            AccessOutcome::Ve(info) => {
-                m.vcpu_exit(0).expect("vCPU 0 leaves");
-                return Ok(Touch::Ve(info));
-            }
-            AccessOutcome::Exit(exit) => resume(h, exit)?,
-            other => panic!("unexpected access outcome {other:?} at {gpa:#x}"),
-        }
-    }
-    Err(GuestError::Livelock)
+    steps(h, Insn::Access { gpa, access }, |step| match step {
+        Step::Retired(Retired::Access(t)) => Some(Touch::Ok(t)),
+        Step::Stopped(Stop::Ve(info)) => Some(Touch::Ve(info)),
+        other => panic!("unexpected access outcome {other:?} at {gpa:#x}"),
+    })
 }
 
 /// TDG.VP.VEINFO.GET on vCPU 0.
 pub fn ve_info(h: &Host) -> Result<VeInfo, TdxStatus> {
-    let m = h.module();
-    m.vcpu_enter(0).expect("vCPU 0 enters");
-    let r = m.tdg_vp_veinfo_get(0).expect("vCPU 0 is in the TD");
-    m.vcpu_exit(0).expect("vCPU 0 leaves");
-    r
+    match Vcpu::new(h, 0).run(Insn::VeInfoGet) {
+        Ok(Retired::VeInfo(r)) => r,
+        other => panic!("vCPU 0: VEINFO.GET: {other:?}"),
+    }
 }
 
 /// Writes `token` to the accepted page at `gpa`; `None` when the access did not complete.
@@ -138,15 +126,11 @@ pub fn read(h: &Host, gpa: u64) -> Option<u64> {
 
 /// One `TDG.VP.VMCALL<MapGPA>` exit handled by the host (no pending event).
 pub fn map_gpa_once(h: &Host, start: u64, len: u64) -> (GhciStatus, u64) {
-    let mut regs = VmcallRegs::default();
-    regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
-    regs.gpr[VmcallRegs::R12] = start;
-    regs.gpr[VmcallRegs::R13] = len;
-    h.handle_map_gpa(&mut regs, &never);
-    (
-        GhciStatus::from_raw(regs.gpr[VmcallRegs::R10]),
-        regs.gpr[VmcallRegs::R11],
-    )
+    let answer = steps(h, Insn::MapGpa { start, len }, |step| match step {
+        Step::Retired(Retired::MapGpa(o)) => Some((o.status, o.resume_gpa)),
+        other => panic!("vCPU 0: MapGPA: {other:?}"),
+    });
+    answer.unwrap_or_else(|e| panic!("vCPU 0: MapGPA: {e:?}"))
 }
 
 /// MapGPA of `[start, start + len)` (shared bit in `start` = to shared) resumed from R11 on

@@ -5,18 +5,7 @@ use accept::abi::{page_info, StatusCode, TdxStatus};
 use super::*;
 use crate::kvm::YieldKicker;
 use crate::module::{Access, AccessOutcome, CallKind, CallOutcome, TdcallOutcome};
-
-const K4: u64 = 4096;
-const M2: u64 = 2 << 20;
-const SHARED: u64 = 1 << 47;
-
-fn host() -> Host {
-    Host::new(HostConfig::new(64 * M2, 1), Arc::new(YieldKicker)).unwrap()
-}
-
-fn g(a: u64) -> Gpa {
-    Gpa::new_truncate(a)
-}
+use crate::testutil::{g, host, K4, M2, SHARED};
 
 fn never() -> bool {
     false

@@ -92,7 +92,7 @@ fn run_ept_storm_on_accept(lab: &mut Lab<'_>) -> Verdict {
     lab.cpu.on_exit(Box::new(|_, _| ExitAction::Resume));
     let gpa = unit_gpa(9);
     let v = lab.accept_lazy(gpa, gpa + K4);
-    lab.note(format!("{} exits", lab.cpu.honest.exits));
+    lab.note(format!("{} exits", lab.cpu.honest.hooks().exits));
     v
 }
 
@@ -103,7 +103,7 @@ fn run_ept_storm_on_access(lab: &mut Lab<'_>) -> Verdict {
         Ok(_) => Verdict::Completes,
         Err(s) => Verdict::Stops(s),
     };
-    lab.note(format!("{} exits", lab.cpu.honest.exits));
+    lab.note(format!("{} exits", lab.cpu.honest.hooks().exits));
     v
 }
 

@@ -5,10 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use accept::abi::{
-    page_info, vmcall, GhciStatus, Gpa, GpaRange, MapGpaOutcome, PageLevel, TdxStatus, VeInfo,
-    VpInfo,
-};
+use accept::abi::{GhciStatus, Gpa, GpaRange, MapGpaOutcome, PageLevel, TdxStatus, VeInfo, VpInfo};
 use accept::acceptor::Acceptor;
 use accept::convert::{
     ConvertFailure, ConvertHooks, Converter, HookError, RangeState, Rollback, Visibility,
@@ -19,10 +16,10 @@ use accept::ve::{handle_ve, VeCpuState, VeVerdict};
 
 use super::verdict::{stop_of_cause, stop_of_tracker, stop_of_ve, Stop, Verdict};
 use super::{unit_gpa, BYSTANDERS, K4, LAB_EAGER_END, LAB_LAZY_ACCEPTED, MAX_ACCESS_ROUNDS};
-use crate::vcpu::{MAX_EXITS_PER_INSTRUCTION, TD_KILLED};
 use hostvmm::gmem::Shareability;
-use hostvmm::module::{
-    Access, AccessOutcome, ExtExitQual, SeptState, TdExit, TdcallOutcome, VmcallRegs,
+use hostvmm::module::{Access, ExtExitQual, SeptState, TdExit};
+use hostvmm::vcpu::{
+    Attempt, Insn, Retired, Step, Stop as HostStop, Vcpu as HostVcpu, VcpuHooks, TD_KILLED,
 };
 use hostvmm::vmm::{ExitAction, Host};
 
@@ -35,207 +32,78 @@ pub type AcceptHook<'g> = Box<dyn FnMut(&mut Honest<'g>, Gpa, PageLevel) -> TdxS
 /// The answer to VEINFO.GET instead of the module's (which it may call).
 pub type VeHook<'g> = Box<dyn FnMut(&mut Honest<'g>) -> Result<VeInfo, TdxStatus> + 'g>;
 
-/// The honest path: vCPU 0 of the lab's TD entering the module, with exits handled by the host
-/// (or by an [`ExitHook`]) and re-executed as after a VM exit.
-pub struct Honest<'g> {
-    pub(super) host: &'g Host,
+/// The honest path: vCPU 0 of the lab's TD on the host library's vCPU loop, with exits handled
+/// by the host (or by an [`ExitHook`]) and re-executed as after a VM exit.
+pub type Honest<'g> = HostVcpu<'g, LabExits<'g>>;
+
+/// The lab's part of the honest path: the [`ExitHook`], the exits counted and why the TD
+/// stopped.
+pub struct LabExits<'g> {
     pub(super) killed: Option<String>,
     pub(super) exits: u64,
     pub(super) exit_hook: Option<ExitHook<'g>>,
 }
 
-impl fmt::Debug for Honest<'_> {
+impl fmt::Debug for LabExits<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Honest")
+        f.debug_struct("LabExits")
             .field("killed", &self.killed)
             .field("exits", &self.exits)
             .finish_non_exhaustive()
     }
 }
 
-impl<'g> Honest<'g> {
-    /// The host.
-    pub fn host(&self) -> &'g Host {
-        self.host
-    }
-
+impl LabExits<'_> {
     pub(super) fn kill(&mut self, why: String) {
         if self.killed.is_none() {
             self.killed = Some(why);
         }
     }
-
-    pub(super) fn enter(&mut self) -> bool {
-        if self.killed.is_some() {
-            return false;
-        }
-        match self.host.module().vcpu_enter(0) {
-            Ok(()) => true,
-            Err(e) => {
-                self.kill(format!("vCPU enter: {e}"));
-                false
-            }
-        }
-    }
-
-    pub(super) fn leave(&mut self) {
-        if let Err(e) = self.host.module().vcpu_exit(0) {
-            self.kill(format!("vCPU exit: {e}"));
-        }
-    }
-
-    /// Lets the host handle an EPT-violation exit; false when the TD is stopped.
-    pub(super) fn exit(&mut self, exit: TdExit, count: &mut u32) -> bool {
-        self.exits += 1;
-        *count += 1;
-        if *count > MAX_EXITS_PER_INSTRUCTION {
-            self.kill(format!("{count} exits for one instruction"));
-            return false;
-        }
-        let action = match self.exit_hook.as_mut() {
-            Some(hook) => hook(self.host, exit),
-            None => self
-                .host
-                .handle_exit(exit, &mut VmcallRegs::default(), &|| false),
-        };
-        match action {
-            ExitAction::Resume => true,
-            ExitAction::Fatal(e) => {
-                self.kill(format!("the host could not handle an exit: {e}"));
-                false
-            }
-            ExitAction::KillTd => {
-                self.kill("the host killed the TD".into());
-                false
-            }
-        }
-    }
-
-    /// A guest access to the 4K page of `gpa`, exits handled; `Err` when the TD stopped.
-    pub(super) fn access(&mut self, gpa: u64, access: Access) -> Result<AccessOutcome, Stop> {
-        let mut count = 0u32;
-        loop {
-            if !self.enter() {
-                return Err(Stop::Killed);
-            }
-            let out = match self.host.module().guest_access(0, gpa, access) {
-                Ok(o) => o,
-                Err(e) => {
-                    self.kill(format!("access: {e}"));
-                    return Err(Stop::Killed);
-                }
-            };
-            match out {
-                AccessOutcome::Exit(exit) => {
-                    if !self.exit(exit, &mut count) {
-                        return Err(Stop::Killed);
-                    }
-                }
-                other => {
-                    self.leave();
-                    return Ok(other);
-                }
-            }
-        }
-    }
 }
 
-impl Tdcall for Honest<'_> {
-    fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
-        let mut count = 0u32;
-        loop {
-            if !self.enter() {
-                return TD_KILLED;
-            }
-            let out = match self
-                .host
-                .module()
-                .tdg_mem_page_accept(0, page_info(gpa, level))
-            {
-                Ok(o) => o,
-                Err(e) => {
-                    self.kill(format!("ACCEPT: {e}"));
-                    return TD_KILLED;
-                }
-            };
-            match out {
-                TdcallOutcome::Completed(status) => {
-                    self.leave();
-                    return status;
-                }
-                TdcallOutcome::Interrupted => self.leave(),
-                TdcallOutcome::Exit(exit) => {
-                    if !self.exit(exit, &mut count) {
-                        return TD_KILLED;
-                    }
-                }
-            }
+impl VcpuHooks for LabExits<'_> {
+    fn before_attempt(&mut self, _insn: &Insn, _attempt: u32) -> Attempt {
+        if self.killed.is_some() {
+            Attempt::Halt
+        } else {
+            Attempt::Run
         }
     }
 
-    fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
-        let killed = MapGpaOutcome {
-            tdcall: TD_KILLED,
-            status: GhciStatus::InvalidOperand,
-            resume_gpa: 0,
+    fn exit_taken(&mut self, _exit: &TdExit, _exits: u32) {
+        self.exits += 1;
+    }
+
+    /// EPT violations go to the [`ExitHook`] when there is one; a MapGPA VMCALL always to the
+    /// host (its answer is what [`MapHook`]s rewrite).
+    fn answer_exit(&mut self, host: &Host, exit: &TdExit) -> Option<ExitAction> {
+        let hook = self.exit_hook.as_mut()?;
+        (!matches!(exit, TdExit::Vmcall(_))).then(|| hook(host, *exit))
+    }
+
+    fn after_step(&mut self, insn: &Insn, step: &Step) {
+        let &Step::Stopped(stop) = step else {
+            return;
         };
-        if !self.enter() {
-            return killed;
-        }
-        let mut regs = VmcallRegs {
-            mask: vmcall::EXPOSE_REGS_MASK,
-            ..VmcallRegs::default()
+        let why = match (insn, stop) {
+            // The guest's own faults: `Lab::touch` decides.
+            (_, HostStop::Ve(_) | HostStop::DoubleFault | HostStop::InvalidGpa) => return,
+            (_, HostStop::Halted) => return,
+            (_, HostStop::Enter(e)) => format!("vCPU enter: {e}"),
+            (_, HostStop::Leave(e)) => format!("vCPU exit: {e}"),
+            (_, HostStop::Livelock { exits }) => format!("{exits} exits for one instruction"),
+            (Insn::MapGpa { .. }, HostStop::Host { action, .. }) => {
+                format!("MapGPA exit: {action:?}")
+            }
+            (_, HostStop::Host { action, .. }) => match action {
+                ExitAction::Fatal(e) => format!("the host could not handle an exit: {e}"),
+                _ => "the host killed the TD".into(),
+            },
+            (Insn::Accept { .. }, HostStop::Module(e)) => format!("ACCEPT: {e}"),
+            (Insn::Access { .. }, HostStop::Module(e)) => format!("access: {e}"),
+            (_, HostStop::Module(e)) => format!("VMCALL: {e:?}"),
         };
-        regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
-        regs.gpr[VmcallRegs::R12] = start;
-        regs.gpr[VmcallRegs::R13] = len;
-        match self.host.module().tdg_vp_vmcall(0, regs) {
-            Ok(TdcallOutcome::Exit(exit @ TdExit::Vmcall(_))) => {
-                let mut answer = regs;
-                match self.host.handle_exit(exit, &mut answer, &|| false) {
-                    ExitAction::Resume => MapGpaOutcome {
-                        tdcall: TdxStatus::SUCCESS,
-                        status: GhciStatus::from_raw(answer.gpr[VmcallRegs::R10]),
-                        resume_gpa: answer.gpr[VmcallRegs::R11],
-                    },
-                    other => {
-                        self.kill(format!("MapGPA exit: {other:?}"));
-                        killed
-                    }
-                }
-            }
-            Ok(TdcallOutcome::Completed(status)) => {
-                self.leave();
-                MapGpaOutcome {
-                    tdcall: status,
-                    status: GhciStatus::InvalidOperand,
-                    resume_gpa: 0,
-                }
-            }
-            other => {
-                self.leave();
-                self.kill(format!("VMCALL: {other:?}"));
-                killed
-            }
-        }
-    }
-
-    fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
-        if !self.enter() {
-            return Err(TD_KILLED);
-        }
-        let r = self.host.module().tdg_vp_veinfo_get(0);
-        self.leave();
-        r.unwrap_or(Err(TD_KILLED))
-    }
-
-    fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
-        if !self.enter() {
-            return Err(TD_KILLED);
-        }
-        let r = self.host.module().tdg_vp_info(0);
-        self.leave();
-        r.unwrap_or(Err(TD_KILLED))
+        self.kill(why);
     }
 }
 
@@ -264,12 +132,15 @@ impl fmt::Debug for Vcpu<'_> {
 impl<'g> Vcpu<'g> {
     pub(super) fn new(host: &'g Host) -> Vcpu<'g> {
         Vcpu {
-            honest: Honest {
+            honest: HostVcpu::with_hooks(
                 host,
-                killed: None,
-                exits: 0,
-                exit_hook: None,
-            },
+                0,
+                LabExits {
+                    killed: None,
+                    exits: 0,
+                    exit_hook: None,
+                },
+            ),
             calls: 0,
             limit: u64::MAX,
             exceeded: false,
@@ -296,7 +167,7 @@ impl<'g> Vcpu<'g> {
 
     /// Handles EPT-violation exits with `hook` from now on.
     pub fn on_exit(&mut self, hook: ExitHook<'g>) {
-        self.honest.exit_hook = Some(hook);
+        self.honest.hooks_mut().exit_hook = Some(hook);
     }
 
     /// Back to the honest host (drops whatever the hooks hold, such as entry locks).
@@ -304,7 +175,7 @@ impl<'g> Vcpu<'g> {
         self.map_hook = None;
         self.accept_hook = None;
         self.ve_hook = None;
-        self.honest.exit_hook = None;
+        self.honest.hooks_mut().exit_hook = None;
     }
 
     pub(super) fn count(&mut self) -> bool {
@@ -459,9 +330,9 @@ impl<'g> Lab<'g> {
     pub(super) fn touch(&mut self, gpa: u64, access: Access) -> Result<u64, Stop> {
         let tracker = self.tracker;
         for _ in 0..MAX_ACCESS_ROUNDS {
-            match self.cpu.honest.access(gpa, access)? {
-                AccessOutcome::Ok(token) => return Ok(token),
-                AccessOutcome::Ve(_) => {
+            match self.cpu.honest.run(Insn::Access { gpa, access }) {
+                Ok(Retired::Access(token)) => return Ok(token),
+                Err(HostStop::Ve(_)) => {
                     let v = handle_ve(
                         0,
                         &mut self.ve_state,
@@ -474,11 +345,9 @@ impl<'g> Lab<'g> {
                         return Err(stop);
                     }
                 }
-                AccessOutcome::DoubleFault => return Err(Stop::DoubleFault),
-                AccessOutcome::Shared { .. } | AccessOutcome::InvalidGpa => {
-                    return Err(Stop::Inconsistent)
-                }
-                AccessOutcome::Exit(_) => return Err(Stop::Killed),
+                Err(HostStop::DoubleFault) => return Err(Stop::DoubleFault),
+                Ok(_) | Err(HostStop::InvalidGpa) => return Err(Stop::Inconsistent),
+                Err(_) => return Err(Stop::Killed),
             }
         }
         Err(Stop::VeLoop)

@@ -178,7 +178,7 @@ fn run_map_success_not_private(lab: &mut Lab<'_>) -> Verdict {
         h.map_gpa(start, len)
     }));
     let v = lab.convert(PRIV, Visibility::Private);
-    if let Some(why) = &lab.cpu.honest.killed {
+    if let Some(why) = &lab.cpu.honest.hooks().killed {
         let why = why.clone();
         lab.note(why);
     }

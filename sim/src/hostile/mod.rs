@@ -81,7 +81,7 @@ mod sept;
 mod ve;
 mod verdict;
 
-pub use lab::{AcceptHook, ExitHook, Honest, Lab, MapHook, Vcpu, VeHook};
+pub use lab::{AcceptHook, ExitHook, Honest, Lab, LabExits, MapHook, Vcpu, VeHook};
 pub use verdict::{Stop, Verdict};
 // ---- the catalogue -------------------------------------------------------------------------
 

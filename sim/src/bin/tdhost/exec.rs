@@ -1,14 +1,15 @@
 //! The host side of the link: the host half plus counters of what crossed it, answering each
-//! request as the instruction of one vCPU.
+//! request as one attempt of the instruction on one vCPU (`hostvmm::vcpu::Vcpu::step`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use accept::abi::{vmcall, Gpa, PageLevel};
+use accept::abi::{Gpa, PageLevel, TdxStatus};
 use e2e_proto::selftest::{Summary, IMAGE_END, MEMORY};
 use e2e_proto::wire::{self, Answer, Regs, Request};
 use hostvmm::kvm::YieldKicker;
-use hostvmm::module::{Access, AccessOutcome, TdExit, TdcallOutcome, VmcallRegs};
+use hostvmm::module::Access;
+use hostvmm::vcpu::{Insn, Retired, Step, Stop, Vcpu};
 use hostvmm::vmm::{ExitAction, Host, HostConfig};
 
 /// The host side: the host half plus counters of what crossed the link.
@@ -70,44 +71,69 @@ impl Exec {
         lock(&self.answers).clear();
     }
 
-    fn enter(&self, vcpu: usize) -> bool {
-        self.host.module().vcpu_enter(vcpu).is_ok()
-    }
-
-    fn leave(&self, vcpu: usize, exited: bool) {
-        if !exited {
-            let _ = self.host.module().vcpu_exit(vcpu);
-        }
-    }
-
-    /// Hands a TD exit to the host: the instruction re-executes, or the TD dies.
-    fn exit(&self, exit: TdExit) -> Answer {
-        let mut regs = VmcallRegs::default();
-        match self.host.handle_exit(exit, &mut regs, &|| false) {
-            ExitAction::Resume => Answer::Reexecute,
-            ExitAction::Fatal(e) => {
+    /// One attempt of `insn` on vCPU `vcpu` as the instruction the image executes: the
+    /// retired call's registers, re-execute after a handled exit, an exception to inject, or
+    /// the TD's end.
+    fn exec(&self, vcpu: usize, insn: Insn) -> Answer {
+        let regs = |rax: TdxStatus| Regs {
+            rax: rax.raw(),
+            ..Regs::default()
+        };
+        match Vcpu::new(&self.host, vcpu).step(insn) {
+            Step::Retired(Retired::Accept(s)) => Answer::Regs(regs(s)),
+            // The VMCALL retires with the host's R10/R11, or fails with its own status.
+            Step::Retired(Retired::MapGpa(o)) if o.tdcall.is_success() => Answer::Regs(Regs {
+                r10: o.status.raw(),
+                r11: o.resume_gpa,
+                ..Regs::default()
+            }),
+            Step::Retired(Retired::MapGpa(o)) => Answer::Regs(regs(o.tdcall)),
+            Step::Retired(Retired::VpInfo(Ok(i))) => Answer::Regs(Regs {
+                rcx: u64::from(i.gpaw.width()),
+                rdx: i.attributes,
+                r8: u64::from(i.num_vcpus) | (u64::from(i.max_vcpus) << 32),
+                r9: u64::from(i.vcpu_index),
+                ..Regs::default()
+            }),
+            Step::Retired(Retired::VeInfo(Ok(v))) => Answer::Regs(Regs {
+                rcx: u64::from(v.exit_reason),
+                rdx: v.exit_qualification,
+                r8: v.gla,
+                r9: v.gpa,
+                r10: u64::from(v.instruction_length) | (u64::from(v.instruction_info) << 32),
+                ..Regs::default()
+            }),
+            Step::Retired(Retired::VpInfo(Err(s)) | Retired::VeInfo(Err(s))) => {
+                Answer::Regs(regs(s))
+            }
+            Step::Retired(Retired::Access(token)) => Answer::Regs(Regs {
+                rcx: token,
+                ..Regs::default()
+            }),
+            Step::Retired(Retired::Shared { .. }) => Answer::Regs(Regs::default()),
+            Step::Reexecute(_) | Step::Interrupted => Answer::Reexecute,
+            Step::Stopped(Stop::Ve(_)) => Answer::InjectVe,
+            Step::Stopped(Stop::DoubleFault) => Answer::InjectDf,
+            Step::Stopped(Stop::Host { .. }) if matches!(insn, Insn::MapGpa { .. }) => {
+                Answer::Fatal(4)
+            }
+            Step::Stopped(Stop::Host {
+                exit,
+                action: ExitAction::Fatal(e),
+            }) => {
                 eprintln!("tdhost: exit {exit:?}: {e}");
                 Answer::Fatal(1)
             }
-            ExitAction::KillTd => Answer::Fatal(2),
+            Step::Stopped(Stop::Host { .. }) => Answer::Fatal(2),
+            Step::Stopped(Stop::InvalidGpa | Stop::Module(_)) if !insn.is_tdcall() => {
+                Answer::Fatal(5)
+            }
+            Step::Stopped(_) => Answer::Fatal(3),
         }
     }
 
     fn accept(&self, vcpu: usize, page_info: u64) -> Answer {
-        if !self.enter(vcpu) {
-            return Answer::Fatal(3);
-        }
-        let out = self.host.module().tdg_mem_page_accept(vcpu, page_info);
-        self.leave(vcpu, matches!(out, Ok(TdcallOutcome::Exit(_))));
-        match out {
-            Ok(TdcallOutcome::Completed(s)) => Answer::Regs(Regs {
-                rax: s.raw(),
-                ..Regs::default()
-            }),
-            Ok(TdcallOutcome::Interrupted) => Answer::Reexecute,
-            Ok(TdcallOutcome::Exit(e)) => self.exit(e),
-            Err(_) => Answer::Fatal(3),
-        }
+        self.exec(vcpu, Insn::Accept { page_info })
     }
 
     /// Answers one request of vCPU `vcpu`.
@@ -136,7 +162,6 @@ impl Exec {
     }
 
     fn answer_inner(&self, vcpu: usize, req: Request) -> Answer {
-        let m = self.host.module().clone();
         match req {
             Request::Hello { version } if version == wire::VERSION => Answer::Ack,
             Request::Hello { .. } => Answer::Fatal(9),
@@ -145,98 +170,12 @@ impl Exec {
                 Answer::Ack
             }
             Request::Accept { page_info } => self.accept(vcpu, page_info),
-            Request::VpInfo | Request::VeInfo => {
-                if !self.enter(vcpu) {
-                    return Answer::Fatal(3);
-                }
-                let regs = if req == Request::VpInfo {
-                    m.tdg_vp_info(vcpu).map(|r| match r {
-                        Ok(i) => Regs {
-                            rcx: u64::from(i.gpaw.width()),
-                            rdx: i.attributes,
-                            r8: u64::from(i.num_vcpus) | (u64::from(i.max_vcpus) << 32),
-                            r9: u64::from(i.vcpu_index),
-                            ..Regs::default()
-                        },
-                        Err(s) => Regs {
-                            rax: s.raw(),
-                            ..Regs::default()
-                        },
-                    })
-                } else {
-                    m.tdg_vp_veinfo_get(vcpu).map(|r| match r {
-                        Ok(v) => Regs {
-                            rcx: u64::from(v.exit_reason),
-                            rdx: v.exit_qualification,
-                            r8: v.gla,
-                            r9: v.gpa,
-                            r10: u64::from(v.instruction_length)
-                                | (u64::from(v.instruction_info) << 32),
-                            ..Regs::default()
-                        },
-                        Err(s) => Regs {
-                            rax: s.raw(),
-                            ..Regs::default()
-                        },
-                    })
-                };
-                self.leave(vcpu, false);
-                regs.map_or(Answer::Fatal(3), Answer::Regs)
-            }
-            Request::MapGpa { start, len } => {
-                if !self.enter(vcpu) {
-                    return Answer::Fatal(3);
-                }
-                let mut regs = VmcallRegs {
-                    mask: vmcall::EXPOSE_REGS_MASK,
-                    ..VmcallRegs::default()
-                };
-                regs.gpr[VmcallRegs::R10] = 0;
-                regs.gpr[VmcallRegs::R11] = vmcall::MAP_GPA;
-                regs.gpr[VmcallRegs::R12] = start;
-                regs.gpr[VmcallRegs::R13] = len;
-                let out = m.tdg_vp_vmcall(vcpu, regs);
-                self.leave(vcpu, matches!(out, Ok(TdcallOutcome::Exit(_))));
-                match out {
-                    Ok(TdcallOutcome::Exit(exit @ TdExit::Vmcall(_))) => {
-                        let mut answer = VmcallRegs::default();
-                        match self.host.handle_exit(exit, &mut answer, &|| false) {
-                            // The VMCALL retires with the host's R10/R11.
-                            ExitAction::Resume => Answer::Regs(Regs {
-                                r10: answer.gpr[VmcallRegs::R10],
-                                r11: answer.gpr[VmcallRegs::R11],
-                                ..Regs::default()
-                            }),
-                            _ => Answer::Fatal(4),
-                        }
-                    }
-                    Ok(TdcallOutcome::Exit(e)) => self.exit(e),
-                    Ok(TdcallOutcome::Completed(s)) => Answer::Regs(Regs {
-                        rax: s.raw(),
-                        ..Regs::default()
-                    }),
-                    Ok(TdcallOutcome::Interrupted) => Answer::Reexecute,
-                    Err(_) => Answer::Fatal(3),
-                }
-            }
+            Request::VpInfo => self.exec(vcpu, Insn::VpInfo),
+            Request::VeInfo => self.exec(vcpu, Insn::VeInfoGet),
+            Request::MapGpa { start, len } => self.exec(vcpu, Insn::MapGpa { start, len }),
             Request::Touch { gpa, write } => {
-                if !self.enter(vcpu) {
-                    return Answer::Fatal(3);
-                }
                 let access = write.map_or(Access::Read, Access::Write);
-                let out = m.guest_access(vcpu, gpa, access);
-                self.leave(vcpu, matches!(out, Ok(AccessOutcome::Exit(_))));
-                match out {
-                    Ok(AccessOutcome::Ok(token)) => Answer::Regs(Regs {
-                        rcx: token,
-                        ..Regs::default()
-                    }),
-                    Ok(AccessOutcome::Shared { .. }) => Answer::Regs(Regs::default()),
-                    Ok(AccessOutcome::Ve(_)) => Answer::InjectVe,
-                    Ok(AccessOutcome::DoubleFault) => Answer::InjectDf,
-                    Ok(AccessOutcome::Exit(e)) => self.exit(e),
-                    Ok(AccessOutcome::InvalidGpa) | Err(_) => Answer::Fatal(5),
-                }
+                self.exec(vcpu, Insn::Access { gpa, access })
             }
         }
     }
