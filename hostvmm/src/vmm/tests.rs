@@ -16,27 +16,20 @@ fn accept(h: &Host, gpa: u64, level: PageLevel) -> (TdxStatus, u32) {
     accept_on(h, 0, gpa, level)
 }
 
-/// [`accept`] on vCPU `vcpu`.
+/// [`accept`] on vCPU `vcpu`, through the vCPU loop ([`crate::vcpu::Vcpu`]).
 fn accept_on(h: &Host, vcpu: usize, gpa: u64, level: PageLevel) -> (TdxStatus, u32) {
-    let m = h.module();
+    use crate::vcpu::{Insn, Retired, Step, Vcpu};
+    let mut v = Vcpu::new(h, vcpu).with_max_exits(8);
+    let insn = Insn::Accept {
+        page_info: page_info(g(gpa), level),
+    };
     let mut exits = 0;
     loop {
-        m.vcpu_enter(vcpu).unwrap();
-        match m
-            .tdg_mem_page_accept(vcpu, page_info(g(gpa), level))
-            .unwrap()
-        {
-            TdcallOutcome::Completed(s) => {
-                m.vcpu_exit(vcpu).unwrap();
-                return (s, exits);
-            }
-            TdcallOutcome::Interrupted => m.vcpu_exit(vcpu).unwrap(),
-            TdcallOutcome::Exit(exit) => {
-                exits += 1;
-                assert!(exits < 8, "livelock");
-                let mut regs = VmcallRegs::default();
-                assert_eq!(h.handle_exit(exit, &mut regs, &never), ExitAction::Resume);
-            }
+        match v.step(insn) {
+            Step::Retired(Retired::Accept(s)) => return (s, exits),
+            Step::Reexecute(_) => exits += 1,
+            Step::Interrupted => {}
+            other => panic!("ACCEPT {level} at {gpa:#x}: {other:?}"),
         }
     }
 }
