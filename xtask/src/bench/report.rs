@@ -128,7 +128,7 @@ pub(super) fn report(c: &Ctx<'_>) -> String {
          kept in `target/bench/`), aggregates them here, runs `swiotlb` with `--timeline` and \
          writes `bench/`. Any single row is reproduced by its `tdsim run` line (add \
          `--json FILE` for the full report). `--switch-every {SWITCH_EVERY}`: a scheduling \
-         point hands the baton to another vCPU with probability 1/{SWITCH_EVERY}; the counts \
+         point switches to another vCPU with probability 1/{SWITCH_EVERY}; the counts \
          of boot-eager do not depend on it, the modelled critical path slightly does.\n"
     );
     let _ = writeln!(
@@ -363,12 +363,10 @@ pub(super) fn report(c: &Ctx<'_>) -> String {
     let _ = writeln!(
         o,
         "\nWall times are of the whole run on the machine above, which other work may share. \
-         The deterministic scheduler runs one vCPU thread at a time and hands a baton between \
-         them, so more vCPU threads add hand-overs (each an OS wake-up, slow when the cores are \
-         busy), not speed: 64 threads on {} cores spend most of their wall time passing the \
-         baton. The counts are the same at every vCPU count; the modelled time is what \
-         parallelism buys.\n",
-        nproc()
+         The deterministic scheduler runs every vCPU as a coroutine on one thread and switches \
+         between them without an OS hand-off, so its cost does not grow with the vCPU count \
+         (the wall times above differ by the machine's noise, not by vCPUs). The counts are \
+         the same at every vCPU count; the modelled time is what parallelism buys.\n"
     );
 
     // 5. Plot and boot-time table over sizes.
