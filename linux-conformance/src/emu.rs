@@ -76,17 +76,7 @@ impl Tdcall for Emu {
 
     fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
         let (status, resume) = drive::map_gpa_once(&self.host, start, len);
-        self.calls.push(Call::MapGpa {
-            start,
-            len,
-            status: status.raw(),
-            resume,
-        });
-        MapGpaOutcome {
-            tdcall: TdxStatus::SUCCESS,
-            status,
-            resume_gpa: resume,
-        }
+        model::record_map_gpa(&mut self.calls, start, len, status, resume)
     }
 
     fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {

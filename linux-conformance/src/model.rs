@@ -36,6 +36,28 @@ pub enum Call {
     },
 }
 
+/// Logs a MapGPA call answered with `status` and `resume` (R10, R11) and returns what the
+/// guest engine sees: the VMCALL itself succeeded.
+pub fn record_map_gpa(
+    calls: &mut Vec<Call>,
+    start: u64,
+    len: u64,
+    status: GhciStatus,
+    resume: u64,
+) -> MapGpaOutcome {
+    calls.push(Call::MapGpa {
+        start,
+        len,
+        status: status.raw(),
+        resume,
+    });
+    MapGpaOutcome {
+        tdcall: TdxStatus::SUCCESS,
+        status,
+        resume_gpa: resume,
+    }
+}
+
 /// The ACCEPT calls of a log, as `(gpa, level, raw status)`.
 pub fn accepts(calls: &[Call]) -> Vec<(u64, PageLevel, u64)> {
     calls
@@ -212,17 +234,7 @@ impl Tdcall for PageModel {
             Some(f) => f(start, len),
             None => (GhciStatus::Success, 0),
         };
-        self.calls.push(Call::MapGpa {
-            start,
-            len,
-            status: status.raw(),
-            resume,
-        });
-        MapGpaOutcome {
-            tdcall: TdxStatus::SUCCESS,
-            status,
-            resume_gpa: resume,
-        }
+        record_map_gpa(&mut self.calls, start, len, status, resume)
     }
 
     fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
