@@ -48,21 +48,16 @@ impl<const N: usize> std::fmt::Debug for Striped<N> {
 }
 
 thread_local! {
-    /// This thread's number, handed out in order as threads first ask for it.
-    static THREAD: usize = {
+    /// This thread's stripe, handed out round robin as threads first bump a counter (the
+    /// vCPU threads of a run, started one after the other, get different stripes).
+    static STRIPE: usize = {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed)
+        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
     };
 }
 
-/// The stripe of `n` that the calling thread uses: threads started one after the other (the
-/// vCPU threads of a run) get different stripes until all `n` are taken.
-pub(crate) fn stripe_of_thread(n: usize) -> usize {
-    THREAD.try_with(|t| *t).unwrap_or(0) % n.max(1)
-}
-
 fn my_stripe() -> usize {
-    stripe_of_thread(STRIPES)
+    STRIPE.try_with(|s| *s).unwrap_or(0)
 }
 
 impl<const N: usize> Striped<N> {
