@@ -328,18 +328,11 @@ impl<'g> Lab<'g> {
 
     /// A guest access with #VE handling through the engine's handler.
     pub(super) fn touch(&mut self, gpa: u64, access: Access) -> Result<u64, Stop> {
-        let tracker = self.tracker;
         for _ in 0..MAX_ACCESS_ROUNDS {
             match self.cpu.honest.run(Insn::Access { gpa, access }) {
                 Ok(Retired::Access(token)) => return Ok(token),
                 Err(HostStop::Ve(_)) => {
-                    let v = handle_ve(
-                        0,
-                        &mut self.ve_state,
-                        &mut self.cpu,
-                        &mut NoInterrupts,
-                        tracker,
-                    );
+                    let v = self.run_ve_handler();
                     self.note(format!("#VE at {gpa:#x}: {v:?}"));
                     if let Some(stop) = stop_of_ve(v) {
                         return Err(stop);
@@ -542,6 +535,18 @@ impl<'g> Lab<'g> {
         }
     }
 
+    /// The guest's #VE handler (the engine's `handle_ve`) on vCPU 0, as after a #VE.
+    pub(super) fn run_ve_handler(&mut self) -> VeVerdict {
+        let tracker = self.tracker;
+        handle_ve(
+            0,
+            &mut self.ve_state,
+            &mut self.cpu,
+            &mut NoInterrupts,
+            tracker,
+        )
+    }
+
     /// Delivers a #VE whose VE info the host chose, and returns the handler's verdict.
     pub(super) fn forged_ve(&mut self, info: VeInfo) -> VeVerdict {
         let mut once = Some(info);
@@ -549,14 +554,7 @@ impl<'g> Lab<'g> {
             Some(info) => Ok(info),
             None => h.ve_info(),
         }));
-        let tracker = self.tracker;
-        let v = handle_ve(
-            0,
-            &mut self.ve_state,
-            &mut self.cpu,
-            &mut NoInterrupts,
-            tracker,
-        );
+        let v = self.run_ve_handler();
         self.cpu.ve_hook = None;
         self.note(format!("#VE handler: {v:?}"));
         v

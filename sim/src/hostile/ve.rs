@@ -1,8 +1,8 @@
 //! #VE behaviours: VE info the guest engine must not trust.
 
 use accept::abi::{StatusCode, VeInfo, EXIT_REASON_EPT_VIOLATION};
-use accept::tracker::{NoInterrupts, UnitState};
-use accept::ve::{handle_ve, VeVerdict};
+use accept::tracker::UnitState;
+use accept::ve::VeVerdict;
 
 use super::lab::Lab;
 use super::verdict::{stop_of_ve, Stop, Verdict};
@@ -59,14 +59,7 @@ fn run_ve_shared_gpa(lab: &mut Lab<'_>) -> Verdict {
 
 fn run_ve_info_not_valid(lab: &mut Lab<'_>) -> Verdict {
     // A #VE the module did not raise: VEINFO.GET finds nothing valid.
-    let tracker = lab.tracker;
-    let v = handle_ve(
-        0,
-        &mut lab.ve_state,
-        &mut lab.cpu,
-        &mut NoInterrupts,
-        tracker,
-    );
+    let v = lab.run_ve_handler();
     lab.note(format!("#VE handler: {v:?}"));
     match stop_of_ve(v) {
         Some(s) => Verdict::Stops(s),
