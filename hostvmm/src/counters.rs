@@ -56,7 +56,8 @@ thread_local! {
     };
 }
 
-fn my_stripe() -> usize {
+/// This thread's stripe (also used by other striped structures of the crate).
+pub(crate) fn my_stripe() -> usize {
     STRIPE.try_with(|s| *s).unwrap_or(0)
 }
 

@@ -18,6 +18,7 @@ use accept::abi::{decode_page_info, operand, page_info, Gpa, PageLevel, StatusCo
 use super::fault::FaultResult;
 use super::sept::{level_size, Tree, WalkEnd, Word, ENTRIES};
 use super::stats::CallKind;
+use super::treelock::{LockMode, TreeLockGuard};
 use super::{lock, OpState, SeamcallResult, SeptState, TdxModule, OPERAND_R9, OP_RUNNABLE, TDR_PA};
 
 /// `?` for handler bodies whose failures are answers themselves (`Err` holds the answer).
@@ -97,75 +98,6 @@ pub(crate) fn release(slot: &AtomicU64) {
 
 fn valid_hpa(hpa: u64, align: u64) -> bool {
     hpa >> 52 == 0 && hpa & (align - 1) == 0
-}
-
-/// The mode a handler takes the S-EPT tree lock in (`TDX_LOCK_SHARED` / `TDX_LOCK_EXCLUSIVE`
-/// in its call to lock_sept_check_and_walk_private_gpa).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LockMode {
-    Shared,
-    Exclusive,
-}
-
-/// The module's S-EPT tree lock (the TDCS `secure_ept_lock`), a shared/exclusive lock taken
-/// with try semantics (`tdx_locks.h` acquire_sharex_lock): a holder in a conflicting mode makes
-/// the call fail with OPERAND_BUSY|SEPT_TREE instead of waiting. Bit 63 is the exclusive
-/// holder, the low bits count shared holders.
-#[derive(Debug, Default)]
-pub(crate) struct SeptTreeLock(AtomicU64);
-
-const EXCLUSIVE: u64 = 1 << 63;
-
-impl SeptTreeLock {
-    pub(crate) fn try_lock(&self, mode: LockMode) -> Option<TreeLockGuard<'_>> {
-        let ok = match mode {
-            LockMode::Exclusive => self
-                .0
-                .compare_exchange(0, EXCLUSIVE, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok(),
-            LockMode::Shared => {
-                let mut cur = self.0.load(Ordering::Acquire);
-                loop {
-                    if cur & EXCLUSIVE != 0 {
-                        break false;
-                    }
-                    match self.0.compare_exchange_weak(
-                        cur,
-                        cur + 1,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => break true,
-                        Err(actual) => cur = actual,
-                    }
-                }
-            }
-        };
-        // A guard is built only on success: dropping one releases the lock.
-        if ok {
-            Some(TreeLockGuard { lock: self, mode })
-        } else {
-            None
-        }
-    }
-}
-
-/// A held S-EPT tree lock; released on drop.
-#[derive(Debug)]
-pub(crate) struct TreeLockGuard<'a> {
-    lock: &'a SeptTreeLock,
-    mode: LockMode,
-}
-
-impl Drop for TreeLockGuard<'_> {
-    fn drop(&mut self) {
-        match self.mode {
-            LockMode::Exclusive => self.lock.0.store(0, Ordering::Release),
-            LockMode::Shared => {
-                self.lock.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
 }
 
 /// Whether the module's op-state lookup table (`op_state_lookup.c` seamcall_state_lookup)

@@ -49,6 +49,7 @@ mod guest;
 mod host;
 mod sept;
 mod stats;
+mod treelock;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -65,11 +66,11 @@ pub use stats::{AccessKind, CallKind, CallOutcome, Stats};
 
 use content::Contents;
 use fault::Injector;
-use host::SeptTreeLock;
-#[cfg(feature = "testing")]
-use host::{LockMode, TreeLockGuard};
 use sept::{level_size, Tree, Word};
 use stats::Counters;
+use treelock::SeptTreeLock;
+#[cfg(feature = "testing")]
+use treelock::{LockMode, TreeLockGuard};
 
 /// TD attribute SEPT_VE_DISABLE (bit 28): no #VE on access to a PENDING page.
 pub const ATTR_SEPT_VE_DISABLE: u64 = 1 << 28;
