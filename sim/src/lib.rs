@@ -407,6 +407,13 @@ impl<'g> SimTd<'g> {
 
     /// Checks every invariant over the whole TD.
     pub fn check_all(&self) {
+        self.check_all_on(1);
+    }
+
+    /// As [`SimTd::check_all`], the Secure-EPT lookups split over `threads` threads by GPA
+    /// (the checks only read; parallel mode uses one thread per vCPU, so its final check does
+    /// not become the serial part of the run).
+    pub fn check_all_on(&self, threads: usize) {
         let (accepted, shared, shadow): (Pairs, Pairs, Pairs) = {
             let b = lock(&self.belief);
             (
@@ -415,7 +422,24 @@ impl<'g> SimTd<'g> {
                 b.shadow.iter().map(|(&k, &v)| (k, v)).collect(),
             )
         };
-        self.check_parts(&accepted, &shared, &shadow);
+        let bounds = split_bounds(self.config.memory, threads);
+        if bounds.len() <= 2 {
+            self.check_parts(&accepted, &shared, &shadow);
+        } else {
+            std::thread::scope(|scope| {
+                for w in bounds.windows(2) {
+                    let (lo, hi) = (w[0], w[1]);
+                    let (accepted, shared) =
+                        (clip_pairs(&accepted, lo, hi), clip_pairs(&shared, lo, hi));
+                    let shadow: Pairs = shadow
+                        .iter()
+                        .filter(|(gpa, _)| (lo..hi).contains(gpa))
+                        .copied()
+                        .collect();
+                    scope.spawn(move || self.check_parts(&accepted, &shared, &shadow));
+                }
+            });
+        }
         // The host's own view of shared memory, too.
         let host_shared: Vec<(u64, u64)> = self
             .host
@@ -512,9 +536,47 @@ impl<'g> SimTd<'g> {
     }
 }
 
-/// Private mapping totals over the whole TD: (MAPPED bytes, bytes in MAPPED leaves of 2M+).
-fn mapping_totals(host: &Host, memory: u64) -> (u64, u64) {
-    mapping_totals_in(host, 0, memory)
+/// Private mapping totals over the whole TD: (MAPPED bytes, bytes in MAPPED leaves of 2M+),
+/// the walk split over `threads` threads by GPA.
+fn mapping_totals(host: &Host, memory: u64, threads: usize) -> (u64, u64) {
+    let bounds = split_bounds(memory, threads);
+    if bounds.len() <= 2 {
+        return mapping_totals_in(host, 0, memory);
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = bounds
+            .windows(2)
+            .map(|w| {
+                let (lo, hi) = (w[0], w[1]);
+                scope.spawn(move || mapping_totals_in(host, lo, hi))
+            })
+            .collect();
+        parts.into_iter().fold((0, 0), |(p, h), part| {
+            let (pp, hh) = part.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (p + pp, h + hh)
+        })
+    })
+}
+
+/// `[0, memory)` cut into at most `parts` pieces at 1 GiB boundaries (so no piece starts inside
+/// a leaf): the boundaries, first 0 and last `memory`.
+fn split_bounds(memory: u64, parts: usize) -> Vec<u64> {
+    let g1 = PageLevel::Size1G.size();
+    let gibs = memory.div_ceil(g1);
+    let parts = (parts.max(1) as u64).min(gibs.max(1));
+    let mut bounds: Vec<u64> = (0..parts).map(|i| (gibs * i / parts) * g1).collect();
+    bounds.push(memory);
+    bounds.dedup();
+    bounds
+}
+
+/// The parts of `pairs` inside `[lo, hi)`.
+fn clip_pairs(pairs: &[(u64, u64)], lo: u64, hi: u64) -> Pairs {
+    pairs
+        .iter()
+        .filter(|&&(s, e)| e > lo && s < hi)
+        .map(|&(s, e)| (s.max(lo), e.min(hi)))
+        .collect()
 }
 
 /// Private mapping totals over `[lo, hi)` (2 MiB aligned): as [`mapping_totals`].
@@ -548,4 +610,29 @@ fn optimal_in(accepted: &RangeSet<u64>, lo: u64, hi: u64) -> u64 {
             e2.saturating_sub(s2)
         })
         .sum()
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::{clip_pairs, split_bounds};
+
+    const G: u64 = 1 << 30;
+
+    #[test]
+    fn the_split_cuts_at_gib_boundaries_and_covers_everything() {
+        assert_eq!(split_bounds(256 << 20, 4), vec![0, 256 << 20]);
+        assert_eq!(split_bounds(3 * G, 1), vec![0, 3 * G]);
+        assert_eq!(split_bounds(3 * G, 2), vec![0, G, 3 * G]);
+        assert_eq!(split_bounds(3 * G, 8), vec![0, G, 2 * G, 3 * G]);
+        assert_eq!(split_bounds(5 * G / 2, 4), vec![0, G, 2 * G, 5 * G / 2]);
+        assert_eq!(split_bounds(1024 * G, 0), vec![0, 1024 * G]);
+    }
+
+    #[test]
+    fn clipping_keeps_only_the_parts_inside() {
+        let pairs = [(0, G / 2), (G - 4096, G + 4096), (2 * G, 3 * G)];
+        assert_eq!(clip_pairs(&pairs, G, 2 * G), vec![(G, G + 4096)]);
+        assert_eq!(clip_pairs(&pairs, 0, G), vec![(0, G / 2), (G - 4096, G)]);
+        assert!(clip_pairs(&pairs, 3 * G, 4 * G).is_empty());
+    }
 }

@@ -244,8 +244,13 @@ fn run_inner(
         .collect();
     td.host.merge_pass();
     td.maybe_sample(plan.steps_done(), plan.pool(), true);
-    td.check_all();
-    let (private, huge) = mapping_totals(&td.host, config.memory);
+    // The end-of-run checks only read: in parallel mode they run on a thread per vCPU.
+    let check_threads = match config.mode {
+        Mode::Deterministic => 1,
+        Mode::Parallel => n,
+    };
+    td.check_all_on(check_threads);
+    let (private, huge) = mapping_totals(&td.host, config.memory, check_threads);
     let optimal = optimal_in(&td.accepted.to_set(), 0, config.memory);
     inspect(&td);
     let log = std::mem::take(&mut *lock(&td.violations));
@@ -254,5 +259,13 @@ fn run_inner(
         huge,
         optimal,
     };
-    Ok(report::build(&td, &results, log, totals, wall.elapsed()))
+    let report = report::build(&td, &results, log, totals, wall.elapsed());
+    // Tearing down a large TD's host state (S-EPT arena, folio maps) is pure freeing: it runs
+    // behind the caller's back instead of in front of its next step.
+    let SimTd { host, .. } = td;
+    let teardown = std::thread::Builder::new().name("teardown".into());
+    if let Err(e) = teardown.spawn(move || drop(host)) {
+        log::debug!("teardown thread: {e}; freeing in place");
+    }
+    Ok(report)
 }
