@@ -82,7 +82,7 @@ impl TdxModule {
             }
         };
         if let TdcallOutcome::Exit(_) = outcome {
-            self.leave(&mut v);
+            self.leave(vcpu, &mut v);
         }
         self.count(CallKind::Accept, Some(page_info), &outcome);
         Ok(outcome)
@@ -372,7 +372,7 @@ impl TdxModule {
             }
         };
         match outcome {
-            TdcallOutcome::Exit(_) => self.leave(&mut v),
+            TdcallOutcome::Exit(_) => self.leave(vcpu, &mut v),
             _ => v.hp_refusals = 0,
         }
         self.count(CallKind::VpVmcall, None, &outcome);
@@ -461,7 +461,7 @@ impl TdxModule {
         };
         drop(tree);
         if let AccessOutcome::Exit(_) = outcome {
-            self.leave(&mut v);
+            self.leave(vcpu, &mut v);
         }
         self.counters.access(kind);
         Ok(outcome)

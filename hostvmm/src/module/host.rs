@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use accept::abi::{decode_page_info, operand, page_info, Gpa, PageLevel, StatusCode, TdxStatus};
 
+use super::epoch::TrackRefused;
 use super::fault::FaultResult;
 use super::sept::{level_size, Tree, WalkEnd, Word, ENTRIES};
+use super::sharex::{LockMode, SharexGuard};
 use super::stats::CallKind;
-use super::treelock::{LockMode, TreeLockGuard};
 use super::{lock, OpState, SeamcallResult, SeptState, TdxModule, OPERAND_R9, OP_RUNNABLE, TDR_PA};
 
 /// `?` for handler bodies whose failures are answers themselves (`Err` holds the answer).
@@ -184,7 +185,7 @@ impl TdxModule {
     }
 
     /// Takes the S-EPT tree lock (BUSY|SEPT_TREE when a conflicting holder has it).
-    pub(crate) fn tree_lock(&self, mode: LockMode) -> Result<TreeLockGuard<'_>, SeamcallResult> {
+    pub(crate) fn tree_lock(&self, mode: LockMode) -> Result<SharexGuard<'_>, SeamcallResult> {
         self.sept_lock.try_lock(mode).ok_or(SeamcallResult::status(
             StatusCode::OperandBusy.with_operand(operand::SEPT_TREE),
         ))
@@ -198,7 +199,7 @@ impl TdxModule {
         page_info: u64,
         (min, max): (u8, u8),
         mode: LockMode,
-    ) -> Result<(TreeLockGuard<'_>, u64, u8), SeamcallResult> {
+    ) -> Result<(SharexGuard<'_>, u64, u8), SeamcallResult> {
         self.check_op_state(kind)?;
         let (gpa, level) = self
             .decode(page_info, min, max)
@@ -528,20 +529,23 @@ impl TdxModule {
 
     // ---- TDH.MEM.TRACK ---------------------------------------------------------------------
 
-    /// TDH.MEM.TRACK (`tdh_mem_track.c` tdh_mem_track): increments TD_EPOCH, unless vCPUs are
-    /// still counted in the previous epoch's parity (PREVIOUS_TLB_EPOCH_BUSY, no operand).
+    /// TDH.MEM.TRACK (`tdh_mem_track.c` tdh_mem_track): the epoch lock exclusive
+    /// (OPERAND_BUSY|TD_EPOCH when a TD entry holds it), then increments TD_EPOCH, unless vCPUs
+    /// are still counted in the previous epoch's parity (PREVIOUS_TLB_EPOCH_BUSY, no operand).
     pub fn mem_track(&self) -> SeamcallResult {
         self.seamcall(CallKind::MemTrack, None, || {
             if let Err(r) = self.check_op_state(CallKind::MemTrack) {
                 return r;
             }
-            let mut e = lock(&self.epoch);
-            let prev = e.td_epoch.wrapping_sub(1);
-            if e.refcount[(prev & 1) as usize] != 0 {
-                return SeamcallResult::status(StatusCode::PreviousTlbEpochBusy.status());
+            match self.epochs.track() {
+                Ok(()) => SeamcallResult::status(TdxStatus::SUCCESS),
+                Err(TrackRefused::Busy) => {
+                    SeamcallResult::status(StatusCode::OperandBusy.with_operand(operand::TD_EPOCH))
+                }
+                Err(TrackRefused::PreviousEpochBusy) => {
+                    SeamcallResult::status(StatusCode::PreviousTlbEpochBusy.status())
+                }
             }
-            e.td_epoch = e.td_epoch.saturating_add(1);
-            SeamcallResult::status(TdxStatus::SUCCESS)
         })
     }
 

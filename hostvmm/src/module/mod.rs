@@ -44,12 +44,13 @@ pub mod audit {
 }
 
 mod content;
+mod epoch;
 mod fault;
 mod guest;
 mod host;
 mod sept;
+mod sharex;
 mod stats;
-mod treelock;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -65,12 +66,13 @@ pub use sept::SeptState;
 pub use stats::{AccessKind, CallKind, CallOutcome, Stats};
 
 use content::Contents;
+use epoch::EpochTracking;
 use fault::Injector;
 use sept::{level_size, Tree, Word};
-use stats::Counters;
-use treelock::SeptTreeLock;
+use sharex::SharexLock;
 #[cfg(feature = "testing")]
-use treelock::{LockMode, TreeLockGuard};
+use sharex::{LockMode, SharexGuard};
+use stats::Counters;
 
 /// TD attribute SEPT_VE_DISABLE (bit 28): no #VE on access to a PENDING page.
 pub const ATTR_SEPT_VE_DISABLE: u64 = 1 << 28;
@@ -425,23 +427,6 @@ struct VcpuState {
     hp_refusals: u32,
 }
 
-#[derive(Debug)]
-struct Epoch {
-    td_epoch: u64,
-    refcount: [u64; 2],
-}
-
-impl Epoch {
-    /// `is_tlb_tracked` (spec §4): blocked at `bepoch`, tracked when `bepoch < epoch - 1`, or
-    /// `bepoch == epoch - 1` and no vCPU is still counted in that parity.
-    fn tracked(&self, bepoch: u64) -> bool {
-        let Some(prev) = self.td_epoch.checked_sub(1) else {
-            return false;
-        };
-        bepoch < prev || (bepoch == prev && self.refcount[(bepoch & 1) as usize] == 0)
-    }
-}
-
 const OP_INITIALIZED: u8 = 0;
 const OP_RUNNABLE: u8 = 1;
 
@@ -454,10 +439,11 @@ pub struct TdxModule {
     /// The arena's memory lock (see `sept.rs`), not the module's tree lock.
     tree: ShardedLock<Tree>,
     /// The module's S-EPT tree lock, with try semantics (see `host.rs`).
-    sept_lock: CachePadded<SeptTreeLock>,
+    sept_lock: CachePadded<SharexLock>,
     hp_lock_timeout: std::sync::atomic::AtomicU32,
     op_state: AtomicU8,
-    epoch: Mutex<Epoch>,
+    /// TLB epoch tracking (see `epoch.rs`).
+    epochs: EpochTracking,
     /// One cache line each: vCPUs running in parallel lock their own state at every call.
     vcpus: Vec<CachePadded<Mutex<VcpuState>>>,
     interrupts: Vec<AtomicBool>,
@@ -491,13 +477,10 @@ impl TdxModule {
         Ok(TdxModule {
             config,
             tree: ShardedLock::new(Tree::new(config.gpaw.sept_levels() - 1)),
-            sept_lock: CachePadded::new(SeptTreeLock::default()),
+            sept_lock: CachePadded::new(SharexLock::default()),
             hp_lock_timeout: std::sync::atomic::AtomicU32::new(DEFAULT_HP_LOCK_TIMEOUT),
             op_state: AtomicU8::new(OP_INITIALIZED),
-            epoch: Mutex::new(Epoch {
-                td_epoch: 1,
-                refcount: [0; 2],
-            }),
+            epochs: EpochTracking::new(n),
             vcpus: (0..n)
                 .map(|_| CachePadded::new(Mutex::new(VcpuState::default())))
                 .collect(),
@@ -563,10 +546,7 @@ impl TdxModule {
         if v.inside {
             return Err(VcpuError::AlreadyInTd(vcpu));
         }
-        let mut e = lock(&self.epoch);
-        let parity = (e.td_epoch & 1) as usize;
-        e.refcount[parity] = e.refcount[parity].saturating_add(1);
-        v.epoch = e.td_epoch;
+        v.epoch = self.epochs.enter(vcpu);
         v.inside = true;
         Ok(())
     }
@@ -581,15 +561,13 @@ impl TdxModule {
         if !v.inside {
             return Err(VcpuError::NotInTd(vcpu));
         }
-        self.leave(&mut v);
+        self.leave(vcpu, &mut v);
         Ok(())
     }
 
-    fn leave(&self, v: &mut VcpuState) {
+    fn leave(&self, vcpu: usize, v: &mut VcpuState) {
         if v.inside {
-            let mut e = lock(&self.epoch);
-            let parity = (v.epoch & 1) as usize;
-            e.refcount[parity] = e.refcount[parity].saturating_sub(1);
+            self.epochs.leave(vcpu, v.epoch);
             v.inside = false;
         }
     }
@@ -604,12 +582,7 @@ impl TdxModule {
     pub fn vcpu_kick(&self, vcpu: usize) -> Result<(), VcpuError> {
         let mut v = self.vcpu(vcpu)?;
         if v.inside {
-            let mut e = lock(&self.epoch);
-            let old = (v.epoch & 1) as usize;
-            e.refcount[old] = e.refcount[old].saturating_sub(1);
-            let new = (e.td_epoch & 1) as usize;
-            e.refcount[new] = e.refcount[new].saturating_add(1);
-            v.epoch = e.td_epoch;
+            v.epoch = self.epochs.reenter(vcpu, v.epoch);
         }
         Ok(())
     }
@@ -648,16 +621,16 @@ impl TdxModule {
 
     /// The current TD_EPOCH.
     pub fn td_epoch(&self) -> u64 {
-        lock(&self.epoch).td_epoch
+        self.epochs.td_epoch()
     }
 
     /// vCPUs counted in each epoch parity.
     pub fn epoch_refcounts(&self) -> [u64; 2] {
-        lock(&self.epoch).refcount
+        self.epochs.refcounts()
     }
 
     fn tracked(&self, bepoch: u64) -> bool {
-        lock(&self.epoch).tracked(bepoch)
+        self.epochs.tracked(bepoch)
     }
 
     // ---- introspection ---------------------------------------------------------------------
@@ -839,7 +812,7 @@ impl TdxModule {
 #[derive(Debug)]
 pub struct EntryLockGuard<'a> {
     module: &'a TdxModule,
-    _shared: TreeLockGuard<'a>,
+    _shared: SharexGuard<'a>,
     node: usize,
     idx: usize,
 }
@@ -912,17 +885,21 @@ mod tests {
 
     #[test]
     fn epoch_tracking_rule() {
-        let e = Epoch {
-            td_epoch: 3,
-            refcount: [0, 1],
-        };
+        // Epoch 3, one vCPU inside since epoch 3 (REFCOUNT [0, 1]).
+        let e = EpochTracking::new(2);
+        assert!(e.track().is_ok() && e.track().is_ok());
+        e.enter(0);
+        assert_eq!((e.td_epoch(), e.refcounts()), (3, [0, 1]));
         assert!(e.tracked(1));
-        assert!(!e.tracked(2) || e.refcount[0] == 0);
+        assert!(e.tracked(2));
         assert!(!e.tracked(3));
-        let e = Epoch {
-            td_epoch: 3,
-            refcount: [1, 0],
-        };
+        // Epoch 3, one vCPU inside since epoch 2 (REFCOUNT [1, 0]).
+        let e = EpochTracking::new(2);
+        assert!(e.track().is_ok());
+        e.enter(1);
+        assert!(e.track().is_ok());
+        assert_eq!((e.td_epoch(), e.refcounts()), (3, [1, 0]));
         assert!(!e.tracked(2));
+        assert!(e.tracked(1));
     }
 }

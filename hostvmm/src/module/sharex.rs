@@ -1,11 +1,14 @@
-//! The module's S-EPT tree lock (the TDCS `secure_ept_lock`): a shared/exclusive lock taken
-//! with try semantics (`tdx_locks.h` acquire_sharex_lock). A holder in a conflicting mode makes
-//! the call fail with OPERAND_BUSY instead of waiting; the caller names the operand.
+//! The module's shared/exclusive locks taken with try semantics (`tdx_locks.h`
+//! acquire_sharex_lock_sh / acquire_sharex_lock_ex): the S-EPT tree lock (the TDCS
+//! `secure_ept_lock`) and the TD epoch lock (`epoch_tracking.epoch_lock`). A holder in a
+//! conflicting mode makes the call fail with OPERAND_BUSY instead of waiting; the caller names
+//! the operand.
 //!
-//! In the module the lock is one word: every shared acquire and release is an atomic
-//! read-modify-write of it. Here PAGE.AUG and TDG.MEM.PAGE.ACCEPT take it shared on every call,
-//! so with several vCPU threads the single word's cache line would move between cores at
-//! every call and cost more than the calls. The shared holders are therefore counted in
+//! In the module such a lock is one word: every shared acquire and release is an atomic
+//! read-modify-write of it. Here PAGE.AUG and TDG.MEM.PAGE.ACCEPT take the tree lock shared on
+//! every call, and every TD entry takes the epoch lock shared, so with several vCPU threads the
+//! single word's cache line would move between cores at every call and cost more than the
+//! calls. The shared holders are therefore counted in
 //! stripes (one per thread, on cache lines of their own, as Linux's per-CPU reader-writer
 //! semaphores count readers), and an exclusive acquire claims the lock and then checks that no
 //! stripe counts a holder.
@@ -35,26 +38,26 @@ const HELD: u64 = 2;
 /// Spins of a shared acquirer waiting for a claim to resolve before it yields its thread.
 const CLAIM_SPINS: u32 = 64;
 
-/// The mode a handler takes the S-EPT tree lock in (`TDX_LOCK_SHARED` / `TDX_LOCK_EXCLUSIVE`
-/// in its call to lock_sept_check_and_walk_private_gpa).
+/// The mode a sharex lock is taken in (`TDX_LOCK_SHARED` / `TDX_LOCK_EXCLUSIVE`; for the tree
+/// lock, the mode a handler names in its call to lock_sept_check_and_walk_private_gpa).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LockMode {
     Shared,
     Exclusive,
 }
 
-/// The S-EPT tree lock; see the module docs.
+/// A sharex lock; see the module docs.
 #[derive(Debug)]
-pub(crate) struct SeptTreeLock {
+pub(crate) struct SharexLock {
     /// [`FREE`], [`CLAIMING`] or [`HELD`].
     exclusive: CachePadded<AtomicU64>,
     /// Shared holders, by stripe.
     shared: Box<[CachePadded<AtomicU64>]>,
 }
 
-impl Default for SeptTreeLock {
+impl Default for SharexLock {
     fn default() -> Self {
-        SeptTreeLock {
+        SharexLock {
             exclusive: CachePadded::new(AtomicU64::new(FREE)),
             shared: (0..STRIPES)
                 .map(|_| CachePadded::new(AtomicU64::new(0)))
@@ -63,16 +66,16 @@ impl Default for SeptTreeLock {
     }
 }
 
-impl SeptTreeLock {
+impl SharexLock {
     /// Takes the lock in `mode`, or `None` when a holder in a conflicting mode has it.
-    pub(crate) fn try_lock(&self, mode: LockMode) -> Option<TreeLockGuard<'_>> {
+    pub(crate) fn try_lock(&self, mode: LockMode) -> Option<SharexGuard<'_>> {
         match mode {
             LockMode::Shared => self.try_shared(),
             LockMode::Exclusive => self.try_exclusive(),
         }
     }
 
-    fn try_shared(&self) -> Option<TreeLockGuard<'_>> {
+    fn try_shared(&self) -> Option<SharexGuard<'_>> {
         let stripe = my_stripe() % STRIPES;
         let count = self.shared.get(stripe)?;
         // Counted first, then the exclusive word read: an exclusive acquirer that claims after
@@ -82,7 +85,7 @@ impl SeptTreeLock {
         loop {
             match self.exclusive.load(Ordering::SeqCst) {
                 FREE => {
-                    return Some(TreeLockGuard {
+                    return Some(SharexGuard {
                         lock: self,
                         mode: LockMode::Shared,
                         stripe,
@@ -106,7 +109,7 @@ impl SeptTreeLock {
         }
     }
 
-    fn try_exclusive(&self) -> Option<TreeLockGuard<'_>> {
+    fn try_exclusive(&self) -> Option<SharexGuard<'_>> {
         if self
             .exclusive
             .compare_exchange(FREE, CLAIMING, Ordering::SeqCst, Ordering::Relaxed)
@@ -119,7 +122,7 @@ impl SeptTreeLock {
             return None;
         }
         self.exclusive.store(HELD, Ordering::SeqCst);
-        Some(TreeLockGuard {
+        Some(SharexGuard {
             lock: self,
             mode: LockMode::Exclusive,
             stripe: 0,
@@ -127,16 +130,16 @@ impl SeptTreeLock {
     }
 }
 
-/// A held S-EPT tree lock; released on drop (on any thread).
+/// A held sharex lock; released on drop (on any thread).
 #[derive(Debug)]
-pub(crate) struct TreeLockGuard<'a> {
-    lock: &'a SeptTreeLock,
+pub(crate) struct SharexGuard<'a> {
+    lock: &'a SharexLock,
     mode: LockMode,
     /// The stripe a shared hold is counted in.
     stripe: usize,
 }
 
-impl Drop for TreeLockGuard<'_> {
+impl Drop for SharexGuard<'_> {
     fn drop(&mut self) {
         match self.mode {
             LockMode::Exclusive => self.lock.exclusive.store(FREE, Ordering::Release),
@@ -157,7 +160,7 @@ mod tests {
 
     #[test]
     fn shared_holders_coexist_and_keep_an_exclusive_acquire_out() {
-        let lock = SeptTreeLock::default();
+        let lock = SharexLock::default();
         let a = lock.try_lock(LockMode::Shared).expect("first shared");
         let b = lock.try_lock(LockMode::Shared).expect("second shared");
         assert!(lock.try_lock(LockMode::Exclusive).is_none());
@@ -175,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_refused_acquire_leaves_no_trace() {
-        let lock = SeptTreeLock::default();
+        let lock = SharexLock::default();
         let x = lock.try_lock(LockMode::Exclusive).expect("exclusive");
         for _ in 0..3 {
             assert!(lock.try_lock(LockMode::Shared).is_none());
@@ -189,7 +192,7 @@ mod tests {
 
     #[test]
     fn a_guard_released_on_another_thread_releases_its_own_stripe() {
-        let lock = SeptTreeLock::default();
+        let lock = SharexLock::default();
         let g = lock.try_lock(LockMode::Shared).expect("shared");
         std::thread::scope(|s| {
             s.spawn(move || drop(g));
@@ -202,7 +205,7 @@ mod tests {
     #[test]
     fn a_shared_exclusive_race_has_exactly_one_winner() {
         const ROUNDS: usize = 5_000;
-        let lock = SeptTreeLock::default();
+        let lock = SharexLock::default();
         let barrier = Barrier::new(2);
         let inside = AtomicUsize::new(0);
         let (mut shared_wins, mut exclusive_wins) = (0usize, 0usize);
