@@ -17,6 +17,9 @@
 //! | [`Request::MapGpa`] (`TDG.VP.VMCALL<MapGPA>`) | 0x10 | R12 start, R13 length |
 //! | [`Request::Touch`] (a memory access) | 0x20 | GPA, 1 = write, token written |
 //! | [`Request::Done`] (end of the run) | 0x7F | status (0 = pass), then the image's counts |
+//! | [`Request::Attach`] (a QEMU vCPU's link, TCG-TDX) | 0x30 | protocol version, vCPU index |
+//! | [`Request::Tdcall`] (a TDCALL instruction, TCG-TDX) | 0x31 | RAX, RCX, RDX, R8-R15 |
+//! | [`Request::Access`] (a Secure-EPT access check, TCG-TDX) | 0x32 | GPA, 1 = write, 1 = fetch, 1 = probe |
 //!
 //! | answer (host -> image) | op | args |
 //! |---|---|---|
@@ -28,7 +31,15 @@
 //! | [`Answer::Fatal`]: the host killed the TD | 0x8F | reason code |
 //!
 //! A touch that completes answers `Regs` with RAX 0 and RCX the page's content token (the
-//! emulator's model of the page content). Encoding and decoding are pure functions over byte
+//! emulator's model of the page content).
+//!
+//! The last three requests come from the patched QEMU of `cargo xtask e2e --tcg-tdx`
+//! (`e2e/qemu-tcg-tdx/`), which executes TDCALL itself and checks every guest access to
+//! private memory against the emulator's Secure-EPT: one link per vCPU, opened with `Attach`.
+//! A `Tdcall` carries the raw register block and is decoded by the host as the module decodes
+//! it ([`decode_tdcall`]); an `Access` answers `Regs` when the access may complete. A probe
+//! (QEMU's non-faulting look-up) changes nothing: it answers `Regs` with RAX 0 when the page is
+//! MAPPED and 1 when not. Encoding and decoding are pure functions over byte
 //! slices; the transport that moves the bytes is the embedder's.
 
 /// Start of every frame.
@@ -196,6 +207,12 @@ pub mod op {
     pub const TOUCH: u8 = 0x20;
     /// End of run.
     pub const DONE: u8 = 0x7F;
+    /// A QEMU vCPU's link (TCG-TDX).
+    pub const ATTACH: u8 = 0x30;
+    /// A TDCALL's register block (TCG-TDX).
+    pub const TDCALL: u8 = 0x31;
+    /// A Secure-EPT access check (TCG-TDX).
+    pub const ACCESS: u8 = 0x32;
     /// Registers.
     pub const REGS: u8 = 0x80;
     /// Re-execute.
@@ -241,6 +258,30 @@ pub enum Request {
         /// `Some(token)` for a write.
         write: Option<u64>,
     },
+    /// A QEMU vCPU opens its link (TCG-TDX): every later request on it is this vCPU's.
+    Attach {
+        /// [`VERSION`].
+        version: u64,
+        /// The vCPU's index.
+        vcpu: u64,
+    },
+    /// A TDCALL instruction (TCG-TDX): RAX, RCX, RDX, R8-R15 as the vCPU holds them.
+    Tdcall {
+        /// The register block.
+        regs: [u64; TDCALL_REGS],
+    },
+    /// A guest access to the private page holding `gpa` (TCG-TDX), checked against the
+    /// Secure-EPT before the access completes.
+    Access {
+        /// The GPA.
+        gpa: u64,
+        /// A store.
+        write: bool,
+        /// An instruction fetch.
+        fetch: bool,
+        /// A non-faulting probe: only whether the page is MAPPED.
+        probe: bool,
+    },
     /// End of the run: `status` 0 when every self-test passed, then up to 15 counters.
     Done {
         /// 0 = pass.
@@ -264,6 +305,17 @@ impl Request {
             Request::Touch { gpa, write } => Frame::new(
                 op::TOUCH,
                 &[gpa, u64::from(write.is_some()), write.unwrap_or(0)],
+            ),
+            Request::Attach { version, vcpu } => Frame::new(op::ATTACH, &[version, vcpu]),
+            Request::Tdcall { regs } => Frame::new(op::TDCALL, &regs),
+            Request::Access {
+                gpa,
+                write,
+                fetch,
+                probe,
+            } => Frame::new(
+                op::ACCESS,
+                &[gpa, u64::from(write), u64::from(fetch), u64::from(probe)],
             ),
             Request::Done { status, counts, n } => {
                 let mut a = [0; MAX_ARGS];
@@ -295,6 +347,23 @@ impl Request {
                 gpa: f.arg(0),
                 write: (f.arg(1) != 0).then_some(f.arg(2)),
             },
+            op::ATTACH => Request::Attach {
+                version: f.arg(0),
+                vcpu: f.arg(1),
+            },
+            op::TDCALL => {
+                let mut regs = [0; TDCALL_REGS];
+                for (i, r) in regs.iter_mut().enumerate() {
+                    *r = f.arg(i);
+                }
+                Request::Tdcall { regs }
+            }
+            op::ACCESS => Request::Access {
+                gpa: f.arg(0),
+                write: f.arg(1) != 0,
+                fetch: f.arg(2) != 0,
+                probe: f.arg(3) != 0,
+            },
             op::DONE => {
                 let n = f.n.saturating_sub(1);
                 let mut counts = [0; MAX_ARGS - 1];
@@ -312,6 +381,44 @@ impl Request {
 
 /// TDCALL output registers carried by [`Answer::Regs`]: the ABI's register block.
 pub type Regs = accept::abi::TdcallRegs;
+
+/// Registers a [`Request::Tdcall`] carries: RAX, RCX, RDX, R8-R15.
+pub const TDCALL_REGS: usize = 11;
+
+/// What a TDCALL's registers ask of the module, decoded as the module decodes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// A call the host serves.
+    Request(Request),
+    /// A call answered on the spot: a VMCALL sub-function the VMM does not serve (RAX 0, R10
+    /// `TDG.VP.VMCALL_SUBFUNC_UNSUPPORTED`), or a leaf this module does not implement (RAX
+    /// `TDX_OPERAND_INVALID`).
+    Local(Regs),
+}
+
+/// Decodes a TDCALL from its leaf (RAX[15:0]) and operands: TDG.VP.INFO, TDG.VP.VEINFO.GET,
+/// TDG.MEM.PAGE.ACCEPT (RCX page info) and `TDG.VP.VMCALL<MapGPA>` (R11 sub-function, R12
+/// start, R13 length).
+pub fn decode_tdcall(rax: u64, rcx: u64, r11: u64, r12: u64, r13: u64) -> Decoded {
+    use accept::abi::{leaf, operand, vmcall, GhciStatus, StatusCode};
+    match rax & 0xFFFF {
+        leaf::VP_INFO => Decoded::Request(Request::VpInfo),
+        leaf::VP_VEINFO_GET => Decoded::Request(Request::VeInfo),
+        leaf::MEM_PAGE_ACCEPT => Decoded::Request(Request::Accept { page_info: rcx }),
+        leaf::VP_VMCALL if r11 == vmcall::MAP_GPA => Decoded::Request(Request::MapGpa {
+            start: r12,
+            len: r13,
+        }),
+        leaf::VP_VMCALL => Decoded::Local(Regs {
+            r10: GhciStatus::SubfuncUnsupported.raw(),
+            ..Regs::default()
+        }),
+        _ => Decoded::Local(Regs {
+            rax: StatusCode::OperandInvalid.with_operand(operand::RAX).raw(),
+            ..Regs::default()
+        }),
+    }
+}
 
 /// What the host answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +518,25 @@ mod tests {
                 gpa: 0x1000,
                 write: None,
             },
+            Request::Attach {
+                version: VERSION,
+                vcpu: 3,
+            },
+            Request::Tdcall {
+                regs: [6, 0x20_0001, 2, 3, 4, 5, 6, 7, 8, 9, u64::MAX],
+            },
+            Request::Access {
+                gpa: 0x20_3000,
+                write: true,
+                fetch: false,
+                probe: false,
+            },
+            Request::Access {
+                gpa: 0x10_0000,
+                write: false,
+                fetch: true,
+                probe: true,
+            },
             Request::Done {
                 status: 0,
                 counts: [7; MAX_ARGS - 1],
@@ -426,6 +552,62 @@ mod tests {
                 c[3..].fill(7);
             }
             assert_eq!(back, r);
+        }
+    }
+
+    /// The frame the patched QEMU builds for a TDCALL (`tdx-tcg.c` tdx_tcg_send), byte for
+    /// byte: magic, op, 11 registers little endian, byte sum.
+    #[test]
+    fn a_tdcall_frame_is_the_one_qemu_sends() {
+        let regs = [6, 0x20_0001, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut buf = [0u8; MAX_FRAME];
+        let n = Request::Tdcall { regs }.to_frame().encode(&mut buf);
+        let mut want = std::vec![MAGIC, op::TDCALL, 11];
+        for r in regs {
+            want.extend_from_slice(&r.to_le_bytes());
+        }
+        let sum = want.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+        want.push(sum);
+        assert_eq!(&buf[..n], &want[..]);
+    }
+
+    #[test]
+    fn tdcalls_decode_as_the_module_decodes_them() {
+        use accept::abi::{leaf, operand, vmcall, GhciStatus, StatusCode};
+        assert_eq!(
+            decode_tdcall(leaf::MEM_PAGE_ACCEPT, 0x20_0001, 0, 0, 0),
+            Decoded::Request(Request::Accept {
+                page_info: 0x20_0001
+            })
+        );
+        // Only RAX[15:0] is the leaf.
+        assert_eq!(
+            decode_tdcall(leaf::VP_INFO | 1 << 16, 0, 0, 0, 0),
+            Decoded::Request(Request::VpInfo)
+        );
+        assert_eq!(
+            decode_tdcall(leaf::VP_VEINFO_GET, 0, 0, 0, 0),
+            Decoded::Request(Request::VeInfo)
+        );
+        assert_eq!(
+            decode_tdcall(leaf::VP_VMCALL, 0, vmcall::MAP_GPA, 1 << 47, 4096),
+            Decoded::Request(Request::MapGpa {
+                start: 1 << 47,
+                len: 4096
+            })
+        );
+        match decode_tdcall(leaf::VP_VMCALL, 0, 0x10000, 0, 0) {
+            Decoded::Local(r) => {
+                assert_eq!((r.rax, r.r10), (0, GhciStatus::SubfuncUnsupported.raw()))
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode_tdcall(99, 0, 0, 0, 0) {
+            Decoded::Local(r) => assert_eq!(
+                r.rax,
+                StatusCode::OperandInvalid.with_operand(operand::RAX).raw()
+            ),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -8,7 +8,7 @@ use accept::abi::{Gpa, PageLevel, TdxStatus};
 use e2e_proto::selftest::{Summary, IMAGE_END, MEMORY};
 use e2e_proto::wire::{self, Answer, Regs, Request};
 use hostvmm::kvm::YieldKicker;
-use hostvmm::module::Access;
+use hostvmm::module::{Access, SeptState};
 use hostvmm::vcpu::{Insn, Retired, Step, Stop, Vcpu};
 use hostvmm::vmm::{ExitAction, Host, HostConfig};
 
@@ -146,6 +146,9 @@ impl Exec {
             Request::MapGpa { .. } => "map_gpa",
             Request::Touch { .. } => "touch",
             Request::Done { .. } => "done",
+            Request::Attach { .. } => "attach",
+            Request::Tdcall { .. } => "tdcall",
+            Request::Access { .. } => "access",
         };
         *lock(&self.requests).entry(name).or_default() += 1;
         let a = self.answer_inner(vcpu, req);
@@ -177,6 +180,34 @@ impl Exec {
                 let access = write.map_or(Access::Read, Access::Write);
                 self.exec(vcpu, Insn::Access { gpa, access })
             }
+            Request::Attach { version, .. } if version == wire::VERSION => Answer::Ack,
+            Request::Attach { .. } => Answer::Fatal(9),
+            // R11, R12 and R13 are registers 6, 7 and 8 of the block (RAX, RCX, RDX, R8...).
+            Request::Tdcall { regs } => {
+                match wire::decode_tdcall(regs[0], regs[1], regs[6], regs[7], regs[8]) {
+                    wire::Decoded::Request(req) => self.answer_inner(vcpu, req),
+                    wire::Decoded::Local(r) => Answer::Regs(r),
+                }
+            }
+            // A probe only looks: RAX 0 when the page is MAPPED, 1 when not.
+            Request::Access {
+                gpa, probe: true, ..
+            } => {
+                let leaf = self.host.module().leaf(Gpa::new_truncate(gpa));
+                Answer::Regs(Regs {
+                    rax: u64::from(leaf.state != SeptState::Mapped),
+                    ..Regs::default()
+                })
+            }
+            // The page's content is QEMU's RAM here: the check reads, whatever the access, so
+            // the model's token is left alone.
+            Request::Access { gpa, .. } => self.exec(
+                vcpu,
+                Insn::Access {
+                    gpa,
+                    access: Access::Read,
+                },
+            ),
         }
     }
 }

@@ -20,6 +20,11 @@
 //! counts equal to what the vCPUs report) and prints `TDMEM-HOST-SMP-RESULT ok|FAILED ...`.
 //! `--in-process` runs that part too, with a thread per vCPU.
 //!
+//! With `--tcg-tdx VCPU-SOCKET`, `tdhost` serves the patched QEMU of `cargo xtask e2e
+//! --tcg-tdx` instead (docs/tcg-tdx.md): QEMU executes the image's TDCALLs and checks its
+//! accesses against the Secure-EPT over one link per vCPU on that socket, and `--socket` carries
+//! only the image's hello and DONEs (`tcgtdx.rs`).
+//!
 //! Without `--socket`, `tdhost` runs in process: `tdhost` alone is `tdhost --in-process`.
 //!
 //! At the end (the image's DONE request) the host checks invariants (S-EPT tree well formed, no
@@ -38,6 +43,7 @@ mod checks;
 mod exec;
 mod local;
 mod serve;
+mod tcgtdx;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +72,16 @@ struct Cli {
     /// QEMU's guest RAM file.
     #[arg(long, value_name = "RAM-FILE", requires = "socket")]
     mailbox: Option<PathBuf>,
+    /// Serve the patched QEMU of `cargo xtask e2e --tcg-tdx` (its TCG executes TDCALL and
+    /// checks accesses against the Secure-EPT): its vCPUs connect on this Unix socket (QEMU's
+    /// `TDMEM_TCG_TDX`), the image's control link stays on --socket.
+    #[arg(
+        long,
+        value_name = "VCPU-SOCKET",
+        requires = "socket",
+        conflicts_with = "mailbox"
+    )]
+    tcg_tdx: Option<PathBuf>,
     /// Whole-run bound when serving QEMU, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 150,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -81,6 +97,12 @@ fn run(cli: &Cli) -> bool {
         return local::in_process();
     };
     let timeout = Duration::from_secs(cli.timeout);
+    if let Some(vcpus) = &cli.tcg_tdx {
+        return tcgtdx::serve_tcg_tdx(path, vcpus, timeout).unwrap_or_else(|e| {
+            eprintln!("tdhost: {e}");
+            false
+        });
+    }
     let deadline = Instant::now() + timeout;
     let single = serve::serve(path, timeout);
     let multi = match (&single, &cli.mailbox) {
@@ -148,6 +170,14 @@ mod tests {
     }
 
     #[test]
+    fn tcg_tdx_takes_a_vcpu_socket_besides_the_control_socket() {
+        let cli = parse(&["--socket", "/tmp/c", "--tcg-tdx", "/tmp/v"]).expect("tcg-tdx");
+        assert_eq!(cli.tcg_tdx, Some(PathBuf::from("/tmp/v")));
+        assert!(parse(&["--tcg-tdx", "/tmp/v"]).is_err());
+        assert!(parse(&["--socket", "c", "--tcg-tdx", "v", "--mailbox", "ram"]).is_err());
+    }
+
+    #[test]
     fn a_mailbox_needs_a_socket_and_in_process_excludes_one() {
         assert!(parse(&["--mailbox", "ram"]).is_err());
         assert!(parse(&["--in-process", "--socket", "s"]).is_err());
@@ -162,6 +192,7 @@ mod tests {
             "--mailbox",
             "--timeout",
             "--in-process",
+            "--tcg-tdx",
             "--version",
             "Exit codes",
             "Default run",

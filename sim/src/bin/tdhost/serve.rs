@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -119,15 +119,27 @@ pub(crate) fn serve_smp(path: &Path, deadline: Instant) -> Result<bool, String> 
     Ok(exec.report_smp("qemu", &extra))
 }
 
-pub(crate) fn serve(path: &Path, timeout: Duration) -> Result<bool, String> {
+/// Binds a Unix socket at `path` (replacing a stale one), non-blocking.
+pub(crate) fn listen(path: &Path) -> Result<UnixListener, String> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
-    eprintln!("tdhost: listening on {}", path.display());
-    let deadline = Instant::now() + timeout;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut stream = loop {
+    Ok(listener)
+}
+
+/// The next connection on `listener`, blocking with 200 ms read timeouts; `None` when `stop` is
+/// set first.
+pub(crate) fn accept(
+    listener: &UnixListener,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<Option<UnixStream>, String> {
+    let stream = loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         match listener.accept() {
             Ok((s, _)) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -143,13 +155,23 @@ pub(crate) fn serve(path: &Path, timeout: Duration) -> Result<bool, String> {
         .set_nonblocking(false)
         .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(200))))
         .map_err(|e| format!("socket: {e}"))?;
-    eprintln!("tdhost: image connected");
-    let exec = Exec::new(1);
+    Ok(Some(stream))
+}
+
+/// Serves frames on `stream`: each request goes to `handle`, which returns the answer and
+/// whether the link is done after it. Ends at that, at end of stream, when `stop` is set, or at
+/// the deadline (a timeout is logged, not an error: the checks then fail).
+pub(crate) fn serve_link(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    stop: &AtomicBool,
+    mut handle: impl FnMut(Result<Request, wire::WireError>) -> (Answer, bool),
+) -> Result<(), String> {
     let mut dec = Decoder::new();
     let mut buf = [0u8; 4096];
     let mut out = [0u8; wire::MAX_FRAME];
     let mut bad_bytes = 0u64;
-    'run: loop {
+    'run: while !stop.load(Ordering::Acquire) {
         if Instant::now() > deadline {
             eprintln!("tdhost: timeout");
             break;
@@ -170,18 +192,12 @@ pub(crate) fn serve(path: &Path, timeout: Duration) -> Result<bool, String> {
                 None => {}
                 Some(Err(_)) => bad_bytes += 1,
                 Some(Ok(frame)) => {
-                    let answer = match Request::from_frame(&frame) {
-                        Ok(req) => exec.answer(0, req),
-                        Err(e) => {
-                            eprintln!("tdhost: bad request {e:?}");
-                            Answer::Fatal(8)
-                        }
-                    };
+                    let (answer, done) = handle(Request::from_frame(&frame));
                     let len = answer.to_frame().encode(&mut out);
                     stream
                         .write_all(&out[..len])
                         .map_err(|e| format!("write: {e}"))?;
-                    if matches!(frame.op, wire::op::DONE) {
+                    if done {
                         break 'run;
                     }
                 }
@@ -191,6 +207,30 @@ pub(crate) fn serve(path: &Path, timeout: Duration) -> Result<bool, String> {
     if bad_bytes != 0 {
         eprintln!("tdhost: {bad_bytes} bytes outside frames");
     }
+    Ok(())
+}
+
+/// Answers a request the link could not decode.
+pub(crate) fn bad_request(e: wire::WireError) -> Answer {
+    eprintln!("tdhost: bad request {e:?}");
+    Answer::Fatal(8)
+}
+
+/// The single-vCPU part over the Unix socket `path` (QEMU's COM2), until the image's DONE.
+pub(crate) fn serve(path: &Path, timeout: Duration) -> Result<bool, String> {
+    let listener = listen(path)?;
+    eprintln!("tdhost: listening on {}", path.display());
+    let deadline = Instant::now() + timeout;
+    let never = AtomicBool::new(false);
+    let Some(mut stream) = accept(&listener, deadline, &never)? else {
+        return Err("no connection".into());
+    };
+    eprintln!("tdhost: image connected");
+    let exec = Exec::new(1);
+    serve_link(&mut stream, deadline, &never, |req| match req {
+        Ok(req) => (exec.answer(0, req), matches!(req, Request::Done { .. })),
+        Err(e) => (bad_request(e), false),
+    })?;
     Ok(exec.report("qemu"))
 }
 
