@@ -15,6 +15,11 @@
 //!   TDCALLs, returns with `iretq`, and the access is retried. After this single-vCPU part the
 //!   image starts the other vCPUs (smp.rs: INIT-SIPI-SIPI, `-smp 4`) and all of them run the
 //!   multi-CPU self-test (`e2e_proto::smp`), each over its own shared-memory mailbox.
+//! - **QEMU with the TCG-TDX patch** (default build, `cargo xtask e2e --tcg-tdx`): the probe
+//!   TDCALL executes and a module answers it (`tdcall: path=module`): TDCALLs run for real
+//!   through `accept::hw`, served by the module emulator in `tdhost`, and every access to
+//!   private memory is checked against its Secure-EPT, so a touch is a plain load or store that
+//!   raises #VE by itself on a pending page. COM2 carries only the hello and the DONEs.
 //! - **td-shim payload** (feature `tdx`): td-shim jumps to the ELF entry in long mode with the
 //!   TD HOB list; TDCALLs are real (`accept::hw`), the plan comes from the HOB list, and the #VE
 //!   test touches a pending page for real, so the TDX module raises #VE through the same gate.
@@ -27,6 +32,7 @@
 
 mod arch;
 mod boot;
+mod realtd;
 #[cfg(not(feature = "tdx"))]
 mod smp;
 #[cfg(feature = "tdx")]
@@ -69,6 +75,25 @@ pub fn with_ve_handler<R>(handler: &mut dyn VeHandler, f: impl FnOnce() -> R) ->
     r
 }
 
+/// A real load (and store, with `write`) of the 8-byte word at `gpa`, with `handler` armed for
+/// the #VE the access raises when its page is pending: the handler accepts the page, `iretq`
+/// returns to the access, and the CPU runs it again. Returns the word read.
+///
+/// # Safety
+/// `gpa` must be 8-byte aligned guest RAM, identity mapped, that nothing else references.
+pub unsafe fn real_touch(gpa: u64, write: Option<u64>, handler: &mut dyn VeHandler) -> u64 {
+    let p = gpa as *mut u64;
+    with_ve_handler(handler, || {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if let Some(v) = write {
+                p.write_volatile(v);
+            }
+            p.read_volatile()
+        }
+    })
+}
+
 /// Called by the exception stubs (boot.rs) with the saved registers.
 #[no_mangle]
 extern "C" fn exception_dispatch(frame: &mut Frame) {
@@ -94,6 +119,19 @@ extern "C" fn exception_dispatch(frame: &mut Frame) {
     }
 }
 
+/// Who raised the #VE, for the log.
+fn ve_source() -> &'static str {
+    #[cfg(feature = "tdx")]
+    return "raised by the TDX module";
+    #[cfg(not(feature = "tdx"))]
+    match trap::path() {
+        trap::Path::Module => {
+            "raised by the access itself: the module emulator injected it at QEMU's TLB fill"
+        }
+        _ => "software `int 20` on tdhost's inject-#VE answer",
+    }
+}
+
 fn ve_entry(frame: &mut Frame) {
     let n = VE_ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     println!(
@@ -101,11 +139,7 @@ fn ve_entry(frame: &mut Frame) {
         arch::cpu_index(),
         frame.rip,
         frame.rsp,
-        if cfg!(feature = "tdx") {
-            "raised by the TDX module"
-        } else {
-            "software `int 20` on tdhost's inject-#VE answer"
-        }
+        ve_source()
     );
     // SAFETY: the slot holds a live handler while a touch is in progress (with_ve_handler),
     // and nothing else uses that handler until this returns.
@@ -141,6 +175,7 @@ mod qemu {
     use e2e_proto::wire::{self, Answer, Decoder, Request, MAX_FRAME};
 
     use crate::arch::{self, Frame, COM2, EXIT_FAIL};
+    use crate::realtd::RealTd;
     use crate::{println, trap};
 
     /// The link to `tdhost` on COM2: one frame out, one frame back.
@@ -190,18 +225,20 @@ mod qemu {
         }
 
         fn memory(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
-            if gpa < selftest::IMAGE_END || gpa.checked_add(len as u64)? > selftest::MEMORY {
-                return None;
-            }
-            // SAFETY: identity-mapped RAM outside the image, reserved by the boot plan for the
-            // table; no other reference to it exists.
-            Some(unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len) })
+            crate::realtd::ram(gpa, len, TCG_TDX.table)
         }
 
         fn log(&mut self, args: core::fmt::Arguments<'_>) {
             println!("{args}");
         }
     }
+
+    /// Under the patched QEMU of `cargo xtask e2e --tcg-tdx`: TDCALL executes (QEMU hands it
+    /// to the module emulator in `tdhost`) and every access to private memory is checked
+    /// against its Secure-EPT, so a touch of a pending page raises #VE by itself.
+    pub(crate) const TCG_TDX: RealTd = RealTd {
+        table: (selftest::IMAGE_END, selftest::MEMORY),
+    };
 
     /// The #UD gate: a TDCALL is served over this vCPU's link (COM2 for the single-vCPU part,
     /// then the vCPU's mailbox).
@@ -227,21 +264,31 @@ mod qemu {
                 arch::exit(EXIT_FAIL);
             }
         }
-        let sum: Summary = if trap::probe() {
-            println!(
-                "tdcall: path=trap (TDCALL 66 0F 01 CC raised #UD; accept::hw runs, the #UD \
-                 handler serves each TDCALL)"
-            );
-            let mut machine = WireMachine {
-                chan,
-                platform: BareMetal,
-                td: HwTdcall,
-            };
-            selftest::run(&mut machine, &Scenario::QEMU_E2E)
-        } else {
-            println!("tdcall: path=wire (TDCALL did not raise #UD: each TDCALL is a request)");
-            let mut machine = WireMachine::new(chan, BareMetal);
-            selftest::run(&mut machine, &Scenario::QEMU_E2E)
+        let sum: Summary = match trap::probe() {
+            trap::Path::Trap => {
+                println!(
+                    "tdcall: path=trap (TDCALL 66 0F 01 CC raised #UD; accept::hw runs, the #UD \
+                     handler serves each TDCALL)"
+                );
+                let mut machine = WireMachine {
+                    chan,
+                    platform: BareMetal,
+                    td: HwTdcall,
+                };
+                selftest::run(&mut machine, &Scenario::QEMU_E2E)
+            }
+            trap::Path::Module => {
+                println!(
+                    "tdcall: path=module (TDCALL 66 0F 01 CC executed: QEMU serves it from the \
+                     module emulator; accesses are checked against its Secure-EPT)"
+                );
+                selftest::run(&mut { TCG_TDX }, &Scenario::QEMU_E2E)
+            }
+            trap::Path::Wire => {
+                println!("tdcall: path=wire (TDCALL did not raise #UD: each TDCALL is a request)");
+                let mut machine = WireMachine::new(chan, BareMetal);
+                selftest::run(&mut machine, &Scenario::QEMU_E2E)
+            }
         };
         let st = &trap::STATS[0];
         println!(

@@ -26,7 +26,7 @@ use e2e_proto::smp::{self, Smp, SmpStorage};
 use e2e_proto::wire::{self, Answer, Request, MAX_FRAME};
 
 use crate::arch::{self, EXIT_FAIL, EXIT_PASS, LAPIC};
-use crate::qemu::BareMetal;
+use crate::qemu::{BareMetal, Serial, TCG_TDX};
 use crate::{println, trap};
 
 /// Where the AP trampoline runs (STARTUP vector 0x08).
@@ -181,15 +181,17 @@ extern "C" fn ap_rust_start(_arrival: u32) -> ! {
 }
 
 fn run_cpu(cpu: usize, shared: &Smp<'_>) {
-    if trap::PATH_TRAP.load(Ordering::Acquire) {
-        let mut machine = WireMachine {
-            chan: Mailbox(cpu),
-            platform: BareMetal,
-            td: HwTdcall,
-        };
-        shared.run_cpu(cpu, &mut machine);
-    } else {
-        shared.run_cpu(cpu, &mut WireMachine::new(Mailbox(cpu), BareMetal));
+    match trap::path() {
+        trap::Path::Trap => {
+            let mut machine = WireMachine {
+                chan: Mailbox(cpu),
+                platform: BareMetal,
+                td: HwTdcall,
+            };
+            shared.run_cpu(cpu, &mut machine);
+        }
+        trap::Path::Module => shared.run_cpu(cpu, &mut { TCG_TDX }),
+        trap::Path::Wire => shared.run_cpu(cpu, &mut WireMachine::new(Mailbox(cpu), BareMetal)),
     }
 }
 
@@ -200,11 +202,12 @@ fn fail(why: &str) -> ! {
 
 /// The multi-CPU part, on the boot vCPU after the single-vCPU part. Never returns.
 pub fn run() -> ! {
-    MAILBOXES.store(true, Ordering::Release);
-    let gpaw = if trap::PATH_TRAP.load(Ordering::Acquire) {
-        HwTdcall.vp_info()
-    } else {
-        WireTdcall::new(Mailbox(0)).vp_info()
+    let module = trap::path() == trap::Path::Module;
+    // Under TCG-TDX nothing goes through the mailboxes but nothing traps either.
+    MAILBOXES.store(!module, Ordering::Release);
+    let gpaw = match trap::path() {
+        trap::Path::Trap | trap::Path::Module => HwTdcall.vp_info(),
+        trap::Path::Wire => WireTdcall::new(Mailbox(0)).vp_info(),
     }
     .map_or(Gpaw::Bits48, |i| i.gpaw);
     let want = smp::CPUS - 1;
@@ -250,11 +253,17 @@ pub fn run() -> ! {
     println!("TDMEM-GUEST-SMP-RESULT {sum}");
     let pass = sum.failed == 0 && sum.passed == smp::CPUS as u64 * Smp::TESTS_PER_CPU;
     let (counts, n) = shared.done_counts();
-    let ack = Mailbox(0).call(Request::Done {
+    let done = Request::Done {
         status: u64::from(!pass),
         counts,
         n,
-    });
+    };
+    // Under TCG-TDX the control link stays COM2, as in the single-vCPU part.
+    let ack = if module {
+        Serial.call(done)
+    } else {
+        Mailbox(0).call(done)
+    };
     println!("tdhost: multi-CPU part done ({ack:?})");
     arch::exit(if pass { EXIT_PASS } else { EXIT_FAIL });
 }

@@ -9,13 +9,13 @@
 //! `sept-ve-disable=off`). Not runnable without TDX hardware; see docs/e2e.md.
 
 use accept::abi::GpaRange;
-use accept::hw::HwTdcall;
-use e2e_proto::selftest::{self, Machine, Scenario, TouchError, VeHandler};
+use e2e_proto::selftest::{self, Scenario};
 use td_shim_ext::hob::{self, ResourceKind};
 use td_shim_ext::plan::{RangeList, MAX_RANGES};
 
 use crate::arch::{self, EXIT_FAIL, EXIT_PASS};
 use crate::println;
+use crate::realtd::RealTd;
 
 /// Largest HOB list accepted (td-shim's is a few KiB).
 const MAX_HOB: u64 = 1 << 20;
@@ -23,46 +23,6 @@ const MAX_HOB: u64 = 1 << 20;
 const PHIT_END_OFFSET: u64 = 48;
 /// Unaccepted memory the scenario needs.
 const NEED: u64 = 512 << 20;
-
-struct Td;
-
-impl Machine for Td {
-    type Td = HwTdcall;
-
-    fn tdcall(&mut self) -> HwTdcall {
-        HwTdcall
-    }
-
-    fn touch(
-        &mut self,
-        gpa: u64,
-        write: Option<u64>,
-        ve: &mut dyn VeHandler,
-    ) -> Result<u64, TouchError> {
-        let p = gpa as *mut u64;
-        Ok(crate::with_ve_handler(ve, || {
-            // SAFETY: `gpa` is 8-byte aligned private memory of the scenario, identity mapped
-            // by td-shim, used by nothing else. A pending page raises #VE here, which the
-            // armed handler accepts before the access is retried.
-            unsafe {
-                if let Some(v) = write {
-                    p.write_volatile(v);
-                }
-                p.read_volatile()
-            }
-        }))
-    }
-
-    fn memory(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
-        // SAFETY: the boot plan placed the table in accepted memory clear of the image and the
-        // HOB list; no other reference to it exists.
-        Some(unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len) })
-    }
-
-    fn log(&mut self, args: core::fmt::Arguments<'_>) {
-        println!("{args}");
-    }
-}
 
 extern "C" {
     static __image_start: u8;
@@ -130,7 +90,13 @@ pub fn run(hob: u64) -> ! {
         ve_gpa: eager_below + (136 << 20) + 0x3000,
         convert: (start + (16 << 20), start + (20 << 20)),
     };
-    let sum = selftest::run(&mut Td, &sc);
+    // The boot plan placed the table in accepted memory clear of the image and the HOB list.
+    let sum = selftest::run(
+        &mut RealTd {
+            table: (0, u64::MAX),
+        },
+        &sc,
+    );
     println!("TDMEM-GUEST-RESULT {sum}");
     arch::exit(if sum.failed == 0 && sum.passed > 0 {
         EXIT_PASS

@@ -18,11 +18,11 @@
 //! What it does not model: a TDCALL interrupted by an external interrupt, and the register
 //! scrubbing the module does on TDG.VP.VMCALL for registers outside the exposure mask.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use accept::abi::{leaf, operand, vmcall, GhciStatus, StatusCode};
+use accept::abi::{leaf, operand, StatusCode};
 use e2e_proto::selftest::{Channel, MAX_REEXEC};
-use e2e_proto::wire::{Answer, Request};
+use e2e_proto::wire::{decode_tdcall, Answer, Decoded};
 
 use crate::arch::{self, Frame, EXIT_FAIL};
 use crate::println;
@@ -53,26 +53,59 @@ impl TrapStats {
 
 /// Per-vCPU trap counters.
 pub static STATS: [TrapStats; arch::MAX_CPUS] = [const { TrapStats::new() }; arch::MAX_CPUS];
-/// Set when [`probe`] found that TDCALL traps: the image then uses `accept::hw`.
-pub static PATH_TRAP: AtomicBool = AtomicBool::new(false);
+/// How this image's TDCALLs reach a TDX module, found by [`probe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// TDCALL raises #UD (QEMU TCG): `accept::hw` runs and the #UD handler serves each call.
+    Trap,
+    /// TDCALL executes and a module answers it (the patched QEMU of `--tcg-tdx`): `accept::hw`
+    /// runs, accesses raise #VE by themselves.
+    Module,
+    /// Neither: each TDCALL is a request on the link (`WireTdcall`).
+    Wire,
+}
+
+/// [`Path`] as found by [`probe`] (0 before it ran: wire).
+static PATH: AtomicU8 = AtomicU8::new(0);
+
+/// The path [`probe`] found.
+pub fn path() -> Path {
+    match PATH.load(Ordering::Acquire) {
+        1 => Path::Trap,
+        2 => Path::Module,
+        _ => Path::Wire,
+    }
+}
 /// Set while [`probe`] runs: the next TDCALL trap is answered locally.
 static PROBING: AtomicBool = AtomicBool::new(false);
 /// Set by the trap handler when it saw the probe's TDCALL.
 static PROBED: AtomicBool = AtomicBool::new(false);
 
-/// Executes one TDCALL (TDG.VP.INFO) with the host out of the loop and reports whether it
-/// reached the #UD handler. Under QEMU TCG it does; the image then uses `accept::hw`.
-pub fn probe() -> bool {
+/// Executes one TDCALL (TDG.VP.INFO) and finds out what answered it: the #UD handler (QEMU
+/// TCG, which answers this one locally), a module (TDG.VP.INFO succeeded: the patched QEMU of
+/// `--tcg-tdx`), or nothing usable.
+pub fn probe() -> Path {
     PROBING.store(true, Ordering::SeqCst);
     let mut args = tdx_tdcall::TdcallArgs {
         rax: leaf::VP_INFO,
         ..Default::default()
     };
-    let _ = tdx_tdcall::td_call(&mut args);
+    let status = tdx_tdcall::td_call(&mut args);
     PROBING.store(false, Ordering::SeqCst);
-    let trapped = PROBED.load(Ordering::SeqCst);
-    PATH_TRAP.store(trapped, Ordering::SeqCst);
-    trapped
+    let path = if PROBED.load(Ordering::SeqCst) {
+        Path::Trap
+    } else if status == 0 && args.rcx & 0x3F != 0 {
+        Path::Module
+    } else {
+        Path::Wire
+    };
+    let code = match path {
+        Path::Trap => 1,
+        Path::Module => 2,
+        Path::Wire => 0,
+    };
+    PATH.store(code, Ordering::Release);
+    path
 }
 
 /// Whether the instruction at `rip` is TDCALL.
@@ -103,27 +136,14 @@ pub fn ud(cpu: usize, frame: &mut Frame, chan: &mut impl Channel) {
     if let Some(s) = STATS.get(cpu) {
         s.traps.fetch_add(1, Ordering::Relaxed);
     }
-    let leaf_nr = frame.rax & 0xFFFF;
-    let vmcall = leaf_nr == leaf::VP_VMCALL;
-    let req = match leaf_nr {
-        leaf::VP_INFO => Request::VpInfo,
-        leaf::VP_VEINFO_GET => Request::VeInfo,
-        leaf::MEM_PAGE_ACCEPT => Request::Accept {
-            page_info: frame.rcx,
-        },
-        leaf::VP_VMCALL if frame.r11 == vmcall::MAP_GPA => Request::MapGpa {
-            start: frame.r12,
-            len: frame.r13,
-        },
-        leaf::VP_VMCALL => {
-            // A sub-function the host does not serve: the VMM's answer, through R10.
-            frame.rax = 0;
-            frame.r10 = GhciStatus::SubfuncUnsupported.raw();
-            frame.rip += TDCALL_OPCODE.len() as u64;
-            return;
-        }
-        _ => {
-            frame.rax = StatusCode::OperandInvalid.with_operand(operand::RAX).raw();
+    let vmcall = frame.rax & 0xFFFF == leaf::VP_VMCALL;
+    let req = match decode_tdcall(frame.rax, frame.rcx, frame.r11, frame.r12, frame.r13) {
+        Decoded::Request(req) => req,
+        Decoded::Local(r) => {
+            frame.rax = r.rax;
+            if vmcall {
+                frame.r10 = r.r10;
+            }
             frame.rip += TDCALL_OPCODE.len() as u64;
             return;
         }
