@@ -14,6 +14,7 @@
 //! `target/e2e/in-process.log`.
 //!
 //! The TDX run needs a host whose `kvm_intel` has TDX enabled; elsewhere it says so and skips.
+//! `cargo xtask e2e --tcg-tdx` runs the image as a TD under a patched QEMU instead (`tcgtdx.rs`).
 //! docs/e2e.md has the manual procedure.
 
 use std::fs;
@@ -26,13 +27,13 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, run, FIRMWARE_TARGET};
 
 /// QEMU's exit status when the image writes its pass code to `isa-debug-exit` ((0x10 << 1) | 1).
-const QEMU_PASS: i32 = 33;
+pub(crate) const QEMU_PASS: i32 = 33;
 /// Whole-run bound for QEMU and `tdhost` each.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest memory, as `e2e_proto::selftest::MEMORY`.
-const GUEST_MEMORY: &str = "512M";
+pub(crate) const GUEST_MEMORY: &str = "512M";
 /// vCPUs of the QEMU run, as `e2e_proto::smp::CPUS`.
-const VCPUS: u32 = 4;
+pub(crate) const VCPUS: u32 = 4;
 /// Where `kvm_intel` says whether TDX is enabled.
 const TDX_PARAM: &str = "/sys/module/kvm_intel/parameters/tdx";
 /// td-shim's public repository.
@@ -45,14 +46,14 @@ pub(crate) fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
 }
 
 /// Builds the image; `tdx` selects the real TDCALL backend (a PIE for td-shim's loader).
-fn build_image(tdx: bool) -> Result<PathBuf> {
+pub(crate) fn build_image(tdx: bool) -> Result<PathBuf> {
     let dir = target_dir().join("e2e-guest");
     let mut c = cargo();
     c.current_dir(root().join("e2e/guest"))
@@ -70,7 +71,7 @@ fn build_image(tdx: bool) -> Result<PathBuf> {
     Ok(dir.join(FIRMWARE_TARGET).join("release/tdmem-e2e-guest"))
 }
 
-fn build_tdhost() -> Result<PathBuf> {
+pub(crate) fn build_tdhost() -> Result<PathBuf> {
     let mut c = cargo();
     c.current_dir(root())
         .args(["build", "-p", "tdmem-sim", "--bin", "tdhost"]);
@@ -78,7 +79,7 @@ fn build_tdhost() -> Result<PathBuf> {
     Ok(target_dir().join("debug/tdhost"))
 }
 
-fn have(cmd: &str) -> bool {
+pub(crate) fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
         .stdout(Stdio::null())
@@ -87,7 +88,7 @@ fn have(cmd: &str) -> bool {
 }
 
 /// Installs Debian's `qemu-system-x86` when `qemu-system-x86_64` is missing.
-fn ensure_qemu() -> Result<()> {
+pub(crate) fn ensure_qemu() -> Result<()> {
     if have("qemu-system-x86_64") {
         return Ok(());
     }
@@ -123,7 +124,7 @@ fn ensure_qemu() -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -131,7 +132,7 @@ fn is_root() -> bool {
 }
 
 /// Waits for `child` until `deadline`; kills it (and reports a timeout) after.
-fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitStatus> {
+pub(crate) fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitStatus> {
     loop {
         if let Some(status) = child
             .try_wait()
@@ -152,20 +153,24 @@ fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitSt
 }
 
 /// The text after `prefix` on the first line that starts with it.
-fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
 }
 
 /// The number after `key=` in `line`.
-fn field(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
 }
 
 /// The multi-CPU part's report lines, checked: `(guest result, guest SMP line)`.
-fn smp_reports<'a>(guest_log: &'a str, host_log: &str, what: &str) -> Result<(&'a str, &'a str)> {
+pub(crate) fn smp_reports<'a>(
+    guest_log: &'a str,
+    host_log: &str,
+    what: &str,
+) -> Result<(&'a str, &'a str)> {
     let guest = line_after(guest_log, "TDMEM-GUEST-SMP-RESULT ")
         .with_context(|| format!("{what}: no TDMEM-GUEST-SMP-RESULT line"))?;
     if !guest.contains("failed=0") || guest.starts_with("FAILED") {
@@ -216,10 +221,13 @@ fn reports(guest_log: &str, host_log: &str, what: &str) -> Result<Reports> {
     })
 }
 
-/// `cargo xtask e2e [--tdx]`.
-pub fn e2e(tdx: bool) -> Result<()> {
+/// `cargo xtask e2e [--tdx | --tcg-tdx]`.
+pub fn e2e(tdx: bool, tcg_tdx: bool) -> Result<()> {
     if tdx {
         return e2e_tdx();
+    }
+    if tcg_tdx {
+        return crate::tcgtdx::e2e_tcg_tdx();
     }
     let start = Instant::now();
     let mut c = Command::new("rustup");
@@ -256,89 +264,40 @@ pub fn e2e(tdx: bool) -> Result<()> {
     let ram = logs.join("guest-ram");
     let _ = fs::remove_file(&serial_log);
     let _ = fs::remove_file(&ram);
-    eprintln!("==> tdhost --socket {}", sock.display());
-    let host_out = fs::File::create(&host_log_path).context("creating host.log")?;
-    let mut host = Command::new(&tdhost)
-        .args(["--socket", &sock.to_string_lossy()])
-        .args(["--mailbox", &ram.to_string_lossy()])
-        .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
-        .stdout(host_out.try_clone().context("host.log")?)
-        .stderr(host_out)
-        .spawn()
-        .context("starting tdhost")?;
+    let mut host = spawn_tdhost(
+        &tdhost,
+        &[
+            "--socket".as_ref(),
+            sock.as_os_str(),
+            "--mailbox".as_ref(),
+            ram.as_os_str(),
+        ],
+        &host_log_path,
+        &[&sock],
+    )?;
     let deadline = Instant::now() + RUN_TIMEOUT;
-    let ready = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        if Instant::now() > ready || host.try_wait().ok().flatten().is_some() {
-            let _ = host.kill();
-            bail!("tdhost did not open {}", sock.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     eprintln!(
         "==> qemu-system-x86_64 -accel tcg,thread=multi -smp {VCPUS} -kernel {}",
         image.display()
     );
-    let qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,memory-backend=ram",
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            &VCPUS.to_string(),
-            "-m",
-            GUEST_MEMORY,
-            "-object",
-        ])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35,memory-backend=ram", "-object"])
         .arg(format!(
             "memory-backend-file,id=ram,size={GUEST_MEMORY},mem-path={},share=on",
             ram.display()
-        ))
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&image)
-        .arg("-serial")
-        .arg(format!("file:{}", serial_log.display()))
-        .arg("-chardev")
-        .arg(format!("socket,id=tdhost,path={}", sock.display()))
-        .args(["-serial", "chardev:tdhost"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .spawn();
-    let mut qemu = match qemu {
+        ));
+    image_args(&mut cmd, &image, &serial_log, &sock);
+    let qemu = cmd.spawn();
+    let qemu = match qemu {
         Ok(q) => q,
         Err(e) => {
             let _ = host.kill();
             return Err(e).context("starting qemu-system-x86_64");
         }
     };
-    let qemu_status = wait_until(&mut qemu, deadline, "QEMU");
-    if qemu_status.is_err() {
-        let _ = host.kill();
-    }
-    // tdhost reports as soon as the image's last DONE is answered; if QEMU stopped without
-    // one (a failed image), do not wait for tdhost's own timeout.
-    let host_deadline = (Instant::now() + Duration::from_secs(10)).min(deadline);
-    let host_status = wait_until(&mut host, host_deadline, "tdhost");
-    let _ = fs::remove_dir_all(&sock_dir);
+    let logs = finish(qemu, host, deadline, &sock_dir, &serial_log, &host_log_path);
     let _ = fs::remove_file(&ram);
-    let serial = fs::read_to_string(&serial_log).unwrap_or_default();
-    let host_log = fs::read_to_string(&host_log_path).unwrap_or_default();
-    println!("---- QEMU serial log ({}) ----", serial_log.display());
-    print!("{serial}");
-    println!("---- tdhost report ({}) ----", host_log_path.display());
-    print!("{host_log}");
-    println!("----");
-    let qemu_status = qemu_status?;
-    let host_status = host_status?;
-    if qemu_status.code() != Some(QEMU_PASS) {
-        bail!("QEMU exited with {qemu_status}, not the image's pass code {QEMU_PASS}");
-    }
-    if !host_status.success() {
-        bail!("tdhost failed ({host_status})");
-    }
+    let (serial, host_log) = logs?;
     let got = reports(&serial, &host_log, "QEMU run")?;
     if got.guest != reference.guest {
         bail!(
@@ -382,6 +341,96 @@ pub fn e2e(tdx: bool) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The QEMU arguments both runs share: multi-threaded TCG on [`VCPUS`] vCPUs and
+/// [`GUEST_MEMORY`], no display, the image as a PVH kernel, COM1 into `serial_log`, COM2 to
+/// `tdhost`'s socket `sock`, and `isa-debug-exit` for the verdict.
+pub(crate) fn image_args(cmd: &mut Command, image: &Path, serial_log: &Path, sock: &Path) {
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp"])
+        .arg(VCPUS.to_string())
+        .args(["-m", GUEST_MEMORY])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(image)
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=tdhost,path={}", sock.display()))
+        .args(["-serial", "chardev:tdhost"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+}
+
+/// Starts `tdhost` with `args` (and the run's timeout), its output into `log`, and waits up to
+/// 10 s for it to create every socket in `sockets`.
+pub(crate) fn spawn_tdhost(
+    tdhost: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+    sockets: &[&Path],
+) -> Result<Child> {
+    eprintln!(
+        "==> tdhost {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut host = Command::new(tdhost)
+        .args(args)
+        .args(["--timeout", &RUN_TIMEOUT.as_secs().to_string()])
+        .stdout(out.try_clone().context("tdhost's log")?)
+        .stderr(out)
+        .spawn()
+        .context("starting tdhost")?;
+    let ready = Instant::now() + Duration::from_secs(10);
+    while !sockets.iter().all(|s| s.exists()) {
+        if Instant::now() > ready || host.try_wait().ok().flatten().is_some() {
+            let _ = host.kill();
+            bail!("tdhost did not open {sockets:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(host)
+}
+
+/// Waits for QEMU (until `deadline`) and then `tdhost` (10 s more at most), removes
+/// `sock_dir`, prints both logs, and fails unless QEMU exited with the image's pass code and
+/// `tdhost` succeeded. Returns the serial log and `tdhost`'s log.
+pub(crate) fn finish(
+    mut qemu: Child,
+    mut host: Child,
+    deadline: Instant,
+    sock_dir: &Path,
+    serial_log: &Path,
+    host_log_path: &Path,
+) -> Result<(String, String)> {
+    let qemu_status = wait_until(&mut qemu, deadline, "QEMU");
+    if qemu_status.is_err() {
+        let _ = host.kill();
+    }
+    // tdhost reports as soon as the image's last DONE is answered; if QEMU stopped without
+    // one (a failed image), do not wait for tdhost's own timeout.
+    let host_deadline = (Instant::now() + Duration::from_secs(10)).min(deadline);
+    let host_status = wait_until(&mut host, host_deadline, "tdhost");
+    let _ = fs::remove_dir_all(sock_dir);
+    let serial = fs::read_to_string(serial_log).unwrap_or_default();
+    let host_log = fs::read_to_string(host_log_path).unwrap_or_default();
+    println!("---- QEMU serial log ({}) ----", serial_log.display());
+    print!("{serial}");
+    println!("---- tdhost report ({}) ----", host_log_path.display());
+    print!("{host_log}");
+    println!("----");
+    let qemu_status = qemu_status?;
+    let host_status = host_status?;
+    if qemu_status.code() != Some(QEMU_PASS) {
+        bail!("QEMU exited with {qemu_status}, not the image's pass code {QEMU_PASS}");
+    }
+    if !host_status.success() {
+        bail!("tdhost failed ({host_status})");
+    }
+    Ok((serial, host_log))
 }
 
 /// Whether this host's KVM has TDX enabled, with the reason when not.

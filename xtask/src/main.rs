@@ -2,9 +2,12 @@
 //!
 //! - `cargo xtask test`: the project's test command (what the README and CI run).
 //! - `cargo xtask ci`: everything CI checks: toolchain setup, fmt, clippy, docs, the bare-metal
-//!   builds of `accept`, then `test`, then `e2e`, then a short fuzzing pass.
-//! - `cargo xtask e2e [--tdx]`: the bare-metal test image under QEMU against `tdhost` (or, with
-//!   `--tdx`, as a td-shim payload in a real TD); see `e2e.rs` and docs/e2e.md.
+//!   builds of `accept`, then `test`, then `e2e` and `e2e --tcg-tdx`, then a short fuzzing
+//!   pass.
+//! - `cargo xtask e2e [--tdx | --tcg-tdx]`: the bare-metal test image under QEMU against
+//!   `tdhost` (with `--tdx`, as a td-shim payload in a real TD; with `--tcg-tdx`, as a TD under
+//!   QEMU with this project's TCG-TDX patch); see `e2e.rs`, `tcgtdx.rs`, docs/e2e.md and
+//!   docs/tcg-tdx.md.
 //! - `cargo xtask linux`: the differential conformance suite against unmodified Linux 6.12
 //!   code (see `linux.rs`; part of `ci`).
 //! - `cargo xtask bench`: the benchmark matrix with `tdsim`, written to `BENCHMARKS.md` and
@@ -20,7 +23,9 @@ mod bench;
 mod e2e;
 mod linux;
 mod publish;
+mod qemu_build;
 mod recipes;
+mod tcgtdx;
 
 #[derive(Parser)]
 #[command(about = "tdmem build and test tasks")]
@@ -40,8 +45,13 @@ enum Cmd {
     /// Boot the bare-metal test image under QEMU TCG against tdhost (or, with --tdx, in a TD).
     E2e {
         /// Run the image as a td-shim payload in a real TD (skips when the host has no TDX).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tcg_tdx")]
         tdx: bool,
+        /// Run the image as a TD under QEMU 10 with this project's TCG-TDX patch (built and
+        /// cached in target/tcg-tdx): TDCALL executes, accesses are checked against the
+        /// Secure-EPT of tdhost's module emulator.
+        #[arg(long)]
+        tcg_tdx: bool,
     },
     /// Run the benchmark matrix with tdsim and write BENCHMARKS.md and bench/.
     Bench(bench::BenchArgs),
@@ -208,7 +218,10 @@ fn ci() -> Result<()> {
     let mut c = cargo();
     c.args("run --release -p tdmem-sim --bin tdsim -- stress --seconds 25".split(' '));
     run("tdsim stress --seconds 25", c)?;
-    e2e::e2e(false)?;
+    e2e::e2e(false, false)?;
+    // The image as a TD under the patched QEMU (built here, about 7 minutes on 2 cores, or
+    // taken from target/tcg-tdx).
+    e2e::e2e(false, true)?;
     fuzz_pass()?;
     // The test totals again, as the run's last line.
     println!("tests: {passed} passed, {failed} failed");
@@ -252,7 +265,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
         Cmd::Fuzz => fuzz_pass(),
-        Cmd::E2e { tdx } => e2e::e2e(tdx),
+        Cmd::E2e { tdx, tcg_tdx } => e2e::e2e(tdx, tcg_tdx),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Linux => linux::linux().map(|_| ()),
     }
