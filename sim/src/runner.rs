@@ -244,10 +244,11 @@ fn run_inner(
         .collect();
     td.host.merge_pass();
     td.maybe_sample(plan.steps_done(), plan.pool(), true);
-    // The end-of-run checks only read: in parallel mode they run on a thread per vCPU.
+    // The end-of-run checks only read: in parallel mode they run on a thread per vCPU, as
+    // many as the machine runs at once.
     let check_threads = match config.mode {
         Mode::Deterministic => 1,
-        Mode::Parallel => n,
+        Mode::Parallel => n.min(std::thread::available_parallelism().map_or(1, |p| p.get())),
     };
     td.check_all_on(check_threads);
     let (private, huge) = mapping_totals(&td.host, config.memory, check_threads);

@@ -225,7 +225,7 @@ mod qemu {
         }
 
         fn memory(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
-            crate::realtd::ram(gpa, len, TCG_TDX.table)
+            crate::realtd::ram(gpa, len, TABLE_RAM)
         }
 
         fn log(&mut self, args: core::fmt::Arguments<'_>) {
@@ -236,9 +236,10 @@ mod qemu {
     /// Under the patched QEMU of `cargo xtask e2e --tcg-tdx`: TDCALL executes (QEMU hands it
     /// to the module emulator in `tdhost`) and every access to private memory is checked
     /// against its Secure-EPT, so a touch of a pending page raises #VE by itself.
-    pub(crate) const TCG_TDX: RealTd = RealTd {
-        table: (selftest::IMAGE_END, selftest::MEMORY),
-    };
+    pub(crate) const TCG_TDX: RealTd = RealTd { table: TABLE_RAM };
+
+    /// Where the boot plan may put the unaccepted table: RAM above the image.
+    const TABLE_RAM: (u64, u64) = (selftest::IMAGE_END, selftest::MEMORY);
 
     /// The #UD gate: a TDCALL is served over this vCPU's link (COM2 for the single-vCPU part,
     /// then the vCPU's mailbox).
