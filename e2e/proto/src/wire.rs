@@ -396,7 +396,7 @@ pub enum Decoded {
     Local(Regs),
 }
 
-/// Decodes a TDCALL from its leaf (RAX[15:0]) and operands: TDG.VP.INFO, TDG.VP.VEINFO.GET,
+/// Decodes a TDCALL from its leaf (`RAX[15:0]`) and operands: TDG.VP.INFO, TDG.VP.VEINFO.GET,
 /// TDG.MEM.PAGE.ACCEPT (RCX page info) and `TDG.VP.VMCALL<MapGPA>` (R11 sub-function, R12
 /// start, R13 length).
 pub fn decode_tdcall(rax: u64, rcx: u64, r11: u64, r12: u64, r13: u64) -> Decoded {
