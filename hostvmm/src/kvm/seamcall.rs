@@ -71,7 +71,9 @@ impl PrivateMmu {
                     hold = Some(self.hold_out());
                 }
                 self.counters.inc(Ev::BusyRetries);
-                if name != TRACK_CALL {
+                // A TRACK refused for the previous epoch comes back from `track` as a bare
+                // BUSY (operand 0) and is counted as a refusal; a real BUSY names its operand.
+                if name != TRACK_CALL || r.status.operand() != 0 {
                     *self
                         .counters
                         .busy_by

@@ -511,3 +511,51 @@ fn a_busy_block_holds_the_vcpus_out_kicks_them_and_succeeds() {
     assert!(!t.mmu.vcpus_held_out());
     assert_eq!(t.module.leaf(g(0)).state, SeptState::Free);
 }
+
+/// Regression (its count was missing from `tdsim stress`'s breakdown): a TRACK that meets the
+/// epoch lock held by a TD entry is answered OPERAND_BUSY|TD_EPOCH, retried until the entry is
+/// done, and counted by call and operand like every other BUSY.
+#[test]
+fn a_track_that_meets_a_td_entry_is_retried_and_counted_as_busy_td_epoch() {
+    let t = td(MmuPolicy::OURS);
+    let module = t.module.clone();
+    assert_eq!(t.accept(0, PageLevel::Size2M, 4).0, TdxStatus::SUCCESS);
+    let range = GpaRange::from_len(0, M2).unwrap();
+    let held = std::sync::atomic::AtomicBool::new(false);
+    let release = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (module, held, release) = (&module, &held, &release);
+        s.spawn(move || {
+            let guard = module.hold_epoch_lock();
+            held.store(true, Ordering::Release);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !release.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            drop(guard);
+        });
+        while !held.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        assert!(module.mem_track().status.is(StatusCode::OperandBusy));
+        assert_eq!(
+            module.mem_track().status.operand(),
+            accept::abi::operand::TD_EPOCH
+        );
+        // Let the zap's TRACK through after it has been refused a few times.
+        s.spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            release.store(true, Ordering::Release);
+        });
+        let report = t.mmu.zap(range);
+        assert_eq!(report.removed, 1);
+    });
+    let busy = t.mmu.busy_by_operand();
+    assert!(
+        busy.iter()
+            .any(|&(call, op, n)| call == "TRACK" && op == accept::abi::operand::TD_EPOCH && n > 0),
+        "{busy:?}"
+    );
+    assert_eq!(t.mmu.bugged(), None);
+    assert_eq!(t.module.leaf(g(0)).state, SeptState::Free);
+}

@@ -58,6 +58,13 @@ impl EpochTracking {
         }
     }
 
+    /// The epoch lock held shared until the guard drops, as a TD entry in progress on another
+    /// logical processor holds it (a test hook).
+    #[cfg(feature = "testing")]
+    pub(crate) fn hold(&self) -> super::sharex::SharexGuard<'_> {
+        self.shared()
+    }
+
     /// TD_EPOCH.
     pub(crate) fn td_epoch(&self) -> u64 {
         self.td_epoch.load(Ordering::SeqCst)

@@ -721,6 +721,16 @@ impl TdxModule {
         *lock(&self.mrtd)
     }
 
+    /// Holds the TD epoch lock shared until the guard drops, as a TD entry in progress on
+    /// another logical processor would (a test and simulation hook): TDH.MEM.TRACK answers
+    /// OPERAND_BUSY|TD_EPOCH meanwhile.
+    #[cfg(feature = "testing")]
+    pub fn hold_epoch_lock(&self) -> EpochLockGuard<'_> {
+        EpochLockGuard {
+            _shared: self.epochs.hold(),
+        }
+    }
+
     /// Holds the lock of the entry of `gpa` at `level` until the guard drops, as another
     /// logical processor inside a shared-mode SEAMCALL on that entry would (a test and
     /// simulation hook for the locking rules). Also holds the S-EPT tree lock shared, so the
@@ -803,6 +813,13 @@ impl TdxModule {
         }
         Ok(())
     }
+}
+
+/// The TD epoch lock held shared ([`TdxModule::hold_epoch_lock`]); released on drop.
+#[cfg(feature = "testing")]
+#[derive(Debug)]
+pub struct EpochLockGuard<'a> {
+    _shared: SharexGuard<'a>,
 }
 
 /// An entry lock held by [`TdxModule::hold_entry_lock`]; released on drop. The entry's node
