@@ -219,7 +219,7 @@ fn ci() -> Result<()> {
     c.args("run --release -p tdmem-sim --bin tdsim -- stress --seconds 25".split(' '));
     run("tdsim stress --seconds 25", c)?;
     e2e::e2e(false, false)?;
-    // The image as a TD under the patched QEMU (built here, about 7 minutes on 2 cores, or
+    // The image as a TD under the patched QEMU (built here, about 6 minutes on 2 cores, or
     // taken from target/tcg-tdx).
     e2e::e2e(false, true)?;
     fuzz_pass()?;
