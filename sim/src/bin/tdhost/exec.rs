@@ -199,13 +199,17 @@ impl Exec {
                     ..Regs::default()
                 })
             }
-            // The page's content is QEMU's RAM here: the check reads, whatever the access, so
-            // the model's token is left alone.
-            Request::Access { gpa, .. } => self.exec(
+            // The page's content is QEMU's RAM here, not the model's token: a store is checked
+            // as a write (VE info and exit qualification say so) of a token nobody reads.
+            Request::Access { gpa, write, .. } => self.exec(
                 vcpu,
                 Insn::Access {
                     gpa,
-                    access: Access::Read,
+                    access: if write {
+                        Access::Write(0)
+                    } else {
+                        Access::Read
+                    },
                 },
             ),
         }

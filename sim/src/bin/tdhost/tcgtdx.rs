@@ -248,7 +248,8 @@ mod tests {
             assert_eq!(call(&mut vcpu, access(gpa, false)), Answer::Reexecute);
             assert_eq!(call(&mut vcpu, access(gpa, false)), Answer::InjectVe);
             match call(&mut vcpu, tdcall(leaf::VP_VEINFO_GET, 0)) {
-                Answer::Regs(r) => assert_eq!((r.rax, r.r9), (0, gpa)),
+                // The access was a store: the exit qualification's write bit is set.
+                Answer::Regs(r) => assert_eq!((r.rax, r.r9, r.rdx & 2), (0, gpa, 2)),
                 other => panic!("VEINFO.GET: {other:?}"),
             }
             let info = page_info(Gpa::new_truncate(gpa), PageLevel::Size2M);
