@@ -76,6 +76,7 @@ pub fn path() -> Path {
         _ => Path::Wire,
     }
 }
+
 /// Set while [`probe`] runs: the next TDCALL trap is answered locally.
 static PROBING: AtomicBool = AtomicBool::new(false);
 /// Set by the trap handler when it saw the probe's TDCALL.

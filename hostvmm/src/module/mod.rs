@@ -438,7 +438,7 @@ pub struct TdxModule {
     // counts change at every call, and the fields read next to them would miss each time.
     /// The arena's memory lock (see `sept.rs`), not the module's tree lock.
     tree: ShardedLock<Tree>,
-    /// The module's S-EPT tree lock, with try semantics (see `host.rs`).
+    /// The module's S-EPT tree lock, with try semantics (see `sharex.rs`).
     sept_lock: CachePadded<SharexLock>,
     hp_lock_timeout: std::sync::atomic::AtomicU32,
     op_state: AtomicU8,
