@@ -94,12 +94,27 @@ impl<T> Global<T> {
     }
 }
 
+/// Set on the module path of the QEMU run (`trap::Path::Module`): port I/O goes through
+/// TDG.VP.VMCALL<Instruction.IO>, as in a TD, and the patched QEMU hands it to its devices.
+#[cfg(not(feature = "tdx"))]
+pub static PORT_IO_BY_TDVMCALL: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+#[cfg(not(feature = "tdx"))]
+fn port_io_by_tdvmcall() -> bool {
+    PORT_IO_BY_TDVMCALL.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     #[cfg(not(feature = "tdx"))]
-    // SAFETY: port I/O to the UARTs and the debug-exit device only; no memory is touched.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+    if port_io_by_tdvmcall() {
+        tdx_tdcall::tdx::tdvmcall_io_write_8(port, value);
+    } else {
+        // SAFETY: port I/O to the UARTs and the debug-exit device only; no memory is touched.
+        unsafe {
+            asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+        }
     }
     #[cfg(feature = "tdx")]
     // Inside a TD, port I/O is a TDVMCALL<Instruction.IO> (an `out` would raise #VE).
@@ -110,6 +125,9 @@ pub fn outb(port: u16, value: u8) {
 pub fn inb(port: u16) -> u8 {
     #[cfg(not(feature = "tdx"))]
     {
+        if port_io_by_tdvmcall() {
+            return tdx_tdcall::tdx::tdvmcall_io_read_8(port);
+        }
         let value: u8;
         // SAFETY: port I/O to the UARTs only; no memory is touched.
         unsafe {

@@ -279,9 +279,11 @@ mod qemu {
                 selftest::run(&mut machine, &Scenario::QEMU_E2E)
             }
             trap::Path::Module => {
+                arch::PORT_IO_BY_TDVMCALL.store(true, core::sync::atomic::Ordering::Relaxed);
                 println!(
                     "tdcall: path=module (TDCALL 66 0F 01 CC executed: QEMU serves it from the \
-                     module emulator; accesses are checked against its Secure-EPT)"
+                     module emulator; accesses are checked against its Secure-EPT; port I/O \
+                     through TDG.VP.VMCALL<Instruction.IO>)"
                 );
                 selftest::run(&mut { TCG_TDX }, &Scenario::QEMU_E2E)
             }
