@@ -126,10 +126,12 @@ fn build_deps() -> Result<()> {
             "import mesonbuild.coredata as c, sys; \
              v=tuple(int(x) for x in c.version.split('.')[:2]); sys.exit(0 if v>=(1,5) else 1)",
         ])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     let pycotap_ok = Command::new("/usr/bin/python3")
         .args(["-c", "import pycotap"])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if have("ninja") && have("curl") && meson_ok && pycotap_ok && have("flex") && have("bison") {
