@@ -225,17 +225,30 @@ struct AtomicLevelStats {
 }
 
 impl AtomicLevelStats {
-    fn snapshot(&self) -> LevelStats {
-        LevelStats {
-            calls: self.calls.load(Ordering::Relaxed),
-            accepted: self.accepted.load(Ordering::Relaxed),
-            size_mismatch: self.size_mismatch.load(Ordering::Relaxed),
-            busy: self.busy.load(Ordering::Relaxed),
-            already_accepted: self.already_accepted.load(Ordering::Relaxed),
-            invalid: self.invalid.load(Ordering::Relaxed),
-            other: self.other.load(Ordering::Relaxed),
-        }
+    /// Adds this stripe's counts to `out`.
+    fn add_to(&self, out: &mut LevelStats) {
+        let add = |sum: &mut u64, c: &AtomicU64| *sum = sum.wrapping_add(c.load(Ordering::Relaxed));
+        add(&mut out.calls, &self.calls);
+        add(&mut out.accepted, &self.accepted);
+        add(&mut out.size_mismatch, &self.size_mismatch);
+        add(&mut out.busy, &self.busy);
+        add(&mut out.already_accepted, &self.already_accepted);
+        add(&mut out.invalid, &self.invalid);
+        add(&mut out.other, &self.other);
     }
+}
+
+/// Counter stripes of an [`Acceptor`]: a vCPU counts in stripe [`Tdcall::cpu`] modulo this, so
+/// vCPUs accepting at once (a parallel boot) do not all write one cache line at every ACCEPT,
+/// as a kernel's per-CPU counters do not. Sums are exact whatever vCPUs share a stripe.
+const STRIPES: usize = 8;
+
+/// One stripe of the counters, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe {
+    levels: [AtomicLevelStats; 3],
+    bytes_accepted: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -272,8 +285,7 @@ pub struct Acceptor {
     policy: AcceptPolicy,
     /// Largest level the module has not refused, as `PageLevel::index`.
     cap: AtomicU8,
-    levels: [AtomicLevelStats; 3],
-    bytes_accepted: AtomicU64,
+    stripes: [Stripe; STRIPES],
 }
 
 impl fmt::Debug for Acceptor {
@@ -301,8 +313,7 @@ impl Acceptor {
             gpaw,
             policy,
             cap: AtomicU8::new(policy.max_level.index()),
-            levels: Default::default(),
-            bytes_accepted: AtomicU64::new(0),
+            stripes: Default::default(),
         }
     }
 
@@ -323,14 +334,16 @@ impl Acceptor {
 
     /// Counters so far.
     pub fn stats(&self) -> AcceptStats {
-        AcceptStats {
-            levels: [
-                self.levels[0].snapshot(),
-                self.levels[1].snapshot(),
-                self.levels[2].snapshot(),
-            ],
-            bytes_accepted: self.bytes_accepted.load(Ordering::Relaxed),
+        let mut out = AcceptStats::default();
+        for stripe in &self.stripes {
+            for (sum, level) in out.levels.iter_mut().zip(&stripe.levels) {
+                level.add_to(sum);
+            }
+            out.bytes_accepted = out
+                .bytes_accepted
+                .wrapping_add(stripe.bytes_accepted.load(Ordering::Relaxed));
         }
+        out
     }
 
     /// Checks that `range` is private GPA space of this TD.
@@ -497,7 +510,8 @@ impl Acceptor {
         level: PageLevel,
         tolerate: bool,
     ) -> Result<UnitOutcome, AcceptError> {
-        let stats = &self.levels[level.index() as usize];
+        let stripe = &self.stripes[tdcall.cpu() % STRIPES];
+        let stats = &stripe.levels[level.index() as usize];
         let mut tries = 0u32;
         loop {
             tries += 1;
@@ -520,7 +534,8 @@ impl Acceptor {
             match status.code() {
                 StatusCode::Success => {
                     bump(&stats.accepted);
-                    self.bytes_accepted
+                    stripe
+                        .bytes_accepted
                         .fetch_add(level.size(), Ordering::Relaxed);
                     return Ok(UnitOutcome::Done(true));
                 }
@@ -581,6 +596,57 @@ pub(crate) mod tests {
     const K4: u64 = 4096;
 
     use crate::testing::ScriptedAccept as Script;
+
+    /// A module that accepts everything, on a vCPU that says which CPU it is.
+    struct OnCpu(usize);
+
+    impl Tdcall for OnCpu {
+        fn accept(&mut self, _gpa: Gpa, level: PageLevel) -> TdxStatus {
+            if level == PageLevel::Size1G {
+                StatusCode::PageSizeMismatch.status()
+            } else {
+                TdxStatus::SUCCESS
+            }
+        }
+        fn map_gpa(&mut self, start: u64, len: u64) -> crate::abi::MapGpaOutcome {
+            Script::new(|_, _| TdxStatus::SUCCESS).map_gpa(start, len)
+        }
+        fn ve_info(&mut self) -> Result<crate::abi::VeInfo, TdxStatus> {
+            Err(StatusCode::NoValidVeInfo.status())
+        }
+        fn vp_info(&mut self) -> Result<crate::abi::VpInfo, TdxStatus> {
+            Script::new(|_, _| TdxStatus::SUCCESS).vp_info()
+        }
+        fn cpu(&self) -> usize {
+            self.0
+        }
+    }
+
+    /// vCPUs accepting at once count in the stripes of their CPUs, some of them sharing one
+    /// (1, 9 and 17 modulo 8), and the counters still sum exactly.
+    #[test]
+    fn counts_of_vcpus_accepting_at_once_on_many_cpus_are_exact() {
+        let a = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+        let cpus = [0usize, 1, 9, 17, 3, usize::MAX];
+        std::thread::scope(|s| {
+            for (i, &cpu) in cpus.iter().enumerate() {
+                let a = &a;
+                s.spawn(move || {
+                    let base = i as u64 * G;
+                    a.accept_range(&mut OnCpu(cpu), GpaRange::new(base, base + G).unwrap())
+                        .unwrap();
+                });
+            }
+        });
+        let st = a.stats();
+        let n = cpus.len() as u64;
+        assert_eq!(st.level(PageLevel::Size1G).calls, n);
+        assert_eq!(st.level(PageLevel::Size1G).size_mismatch, n);
+        assert_eq!(st.level(PageLevel::Size2M).calls, n * 512);
+        assert_eq!(st.level(PageLevel::Size2M).accepted, n * 512);
+        assert_eq!(st.total_calls(), n * 513);
+        assert_eq!(st.bytes_accepted, n * G);
+    }
 
     /// The ACCEPT calls of `t`, as raw GPAs.
     fn calls<F: FnMut(Gpa, PageLevel) -> TdxStatus>(t: &Script<F>) -> Vec<(u64, PageLevel)> {

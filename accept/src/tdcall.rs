@@ -30,6 +30,14 @@ pub trait Tdcall {
     /// # Errors
     /// The module's status when the call fails or returns a GPA width the engine cannot use.
     fn vp_info(&mut self) -> Result<VpInfo, TdxStatus>;
+
+    /// The number of the CPU this vCPU is (the kernel's CPU number, the firmware's processor
+    /// index), or 0 when it is not known. Engines shared by all vCPUs use it only to pick a
+    /// stripe of their counters, so that vCPUs working at once do not write one cache line:
+    /// every value is correct, and distinct values on concurrent vCPUs are faster.
+    fn cpu(&self) -> usize {
+        0
+    }
 }
 
 impl<T: Tdcall + ?Sized> Tdcall for &mut T {
@@ -44,5 +52,8 @@ impl<T: Tdcall + ?Sized> Tdcall for &mut T {
     }
     fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
         (**self).vp_info()
+    }
+    fn cpu(&self) -> usize {
+        (**self).cpu()
     }
 }

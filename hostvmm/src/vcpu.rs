@@ -614,6 +614,10 @@ impl<H: VcpuHooks> Tdcall for Vcpu<'_, H> {
             _ => Err(TD_KILLED),
         }
     }
+
+    fn cpu(&self) -> usize {
+        self.id()
+    }
 }
 
 #[cfg(test)]

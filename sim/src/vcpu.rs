@@ -370,6 +370,10 @@ impl Tdcall for SimVcpu<'_> {
     fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
         self.vcpu.vp_info()
     }
+
+    fn cpu(&self) -> usize {
+        self.vcpu.cpu()
+    }
 }
 
 /// The modelled host cost between two counter snapshots.
