@@ -23,6 +23,12 @@ use crate::{
     ModuleKicker, Report, Sample, Sampler, SimConfig, SimError, SimTd, ViolationLog,
 };
 
+/// Parallel mode: the guest_memfd model's per-thread folio lists are refilled this many folios
+/// at a time (128 MiB of 2M folios), so vCPU threads faulting at once meet at the folio pool's
+/// lock once per batch rather than at every fault, as the kernel's per-CPU page lists make them.
+/// Deterministic mode keeps the lists off: one thread gains nothing from them.
+const PARALLEL_FOLIO_BATCH: usize = 64;
+
 /// Marks a parallel-mode vCPU finished when dropped (also when its thread panics).
 struct Finish<'s>(&'s Scheduler, usize);
 
@@ -124,6 +130,11 @@ fn run_inner(
         GmemBackend::Kernel => kernel_host(host_config, kicker.clone())?,
     };
     kicker.connect(host.module().clone());
+    if config.mode == Mode::Parallel {
+        if let Some(mut gmem) = host.model() {
+            gmem.set_folio_batch(PARALLEL_FOLIO_BATCH);
+        }
+    }
     let gpaw = host_config.module.gpaw;
 
     // Firmware side: what is accepted eagerly, and the Linux-format table for the rest.

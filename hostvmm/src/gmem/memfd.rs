@@ -13,11 +13,14 @@ use super::hook::{InvalidateCtx, InvalidateHook, InvalidateReason};
 use super::pool::{FailureInjector, FolioPool, Hpa, PoolSnapshot};
 use super::ranges::{Shareability, ShareabilityMap};
 use super::stats::{GmemStats, LevelCounts};
+use crate::counters::Striped;
 
 mod convert;
 mod folios;
+mod lists;
 
 use folios::Folios;
+use lists::FolioLists;
 
 const PAGE: u64 = PageLevel::Size4K.size();
 
@@ -213,8 +216,10 @@ pub struct GuestMemfd {
     pending: BTreeSet<u64>,
     /// Taken by the fault path for an allocation, under the file's shared lock.
     pool: Mutex<FolioPool>,
+    /// Per-thread lists of folios taken from the pool in batches (off unless set).
+    lists: FolioLists,
     /// Folios allocated (all at `folio_level`): counted by the fault path without the stats.
-    allocated: AtomicU64,
+    allocated: Striped<1>,
     nodes: FailureInjector,
     stats: GmemStats,
 }
@@ -297,7 +302,8 @@ impl GuestMemfd {
             host: BTreeMap::new(),
             pending: BTreeSet::new(),
             pool: Mutex::new(pool),
-            allocated: AtomicU64::new(0),
+            lists: FolioLists::new(0),
+            allocated: Striped::default(),
             nodes: FailureInjector::default(),
             stats: GmemStats::default(),
         })
@@ -436,20 +442,48 @@ impl GuestMemfd {
     pub fn stats(&self) -> GmemStats {
         let mut s = self.stats;
         s.folios_allocated = LevelCounts::default();
-        s.folios_allocated
-            .add(self.folio_level, self.allocated.load(Ordering::Relaxed));
+        let [allocated] = self.allocated.sum();
+        s.folios_allocated.add(self.folio_level, allocated);
         s
     }
 
     /// `f` of the folio pool. (The fault path allocates from the pool through a shared
-    /// reference, so the pool sits behind a lock held only for the call of `f`.)
+    /// reference, so the pool sits behind a lock held only for the call of `f`.) With per-thread
+    /// folio lists on ([`GuestMemfd::set_folio_batch`]), the folios waiting on the lists count
+    /// as live in the pool.
     pub fn with_pool<R>(&self, f: impl FnOnce(&FolioPool) -> R) -> R {
         f(&self.pool.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The folio pool, e.g. to arm an allocation failure.
+    /// The folio pool, e.g. to arm an allocation failure. With per-thread folio lists on, an
+    /// armed failure fires at the next refill of a list, not at the next fault.
     pub fn pool_mut(&mut self) -> &mut FolioPool {
         self.pool.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Turns the per-thread folio lists on (`batch` > 0) or off (0), giving the folios on the
+    /// lists back to the pool first.
+    ///
+    /// With lists on, the fault path takes a folio from its thread's list and refills an empty
+    /// list with `batch` folios at once, as the kernel's per-CPU page lists do: threads that
+    /// fault at once (a parallel boot) then meet at the pool's lock once per `batch` folios
+    /// instead of at every fault. A pool that runs dry takes the other lists' folios back
+    /// before the fault fails. Off by default: a single-threaded user gets the pool's exact
+    /// accounting and failure injection at every fault.
+    pub fn set_folio_batch(&mut self, batch: usize) {
+        let pool = self.pool.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.lists.drain_into_mut(pool, self.folio_level);
+        self.lists = FolioLists::new(batch);
+    }
+
+    /// The refill batch of the per-thread folio lists (0: off).
+    pub fn folio_batch(&self) -> usize {
+        self.lists.batch()
+    }
+
+    /// Folios waiting on the per-thread lists: allocated from the pool, not yet in the file.
+    pub fn listed_folios(&self) -> usize {
+        self.lists.len()
     }
 
     /// The injector of range-map node and deferred-record allocations (conversion phase 1).
@@ -499,16 +533,19 @@ impl GuestMemfd {
 
     /// A new folio for `page` from the pool (counted).
     fn new_folio(&self, page: u64) -> Result<Folio, GmemError> {
-        let hpa = self
-            .pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .alloc(self.folio_level)
-            .map_err(|source| GmemError::NoMemory {
-                gpa: gpa(page),
-                source,
-            })?;
-        self.allocated.fetch_add(1, Ordering::Relaxed);
+        let hpa = if self.lists.batch() == 0 {
+            self.pool
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .alloc(self.folio_level)
+        } else {
+            self.lists.alloc(&self.pool, self.folio_level)
+        }
+        .map_err(|source| GmemError::NoMemory {
+            gpa: gpa(page),
+            source,
+        })?;
+        self.allocated.add(0, 1);
         Ok(Folio::new(hpa, self.folio_level))
     }
 

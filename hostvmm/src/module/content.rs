@@ -5,7 +5,10 @@
 //! costs nothing until a non-zero token is written into it; zeroing a whole chunk (a 2M ACCEPT)
 //! drops it, which is O(1). Token 0 means "all zero bytes".
 //!
-//! The store is sharded by chunk so that vCPU threads touching different memory do not contend.
+//! The store is sharded by 128 MiB slices of host memory so that vCPU threads touching
+//! different memory do not contend: the guest_memfd's per-thread folio lists hand each thread
+//! 64 consecutive 2M folios at a time, and a shard per 2M chunk would have had both threads of
+//! a parallel boot sweep every shard in step.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -15,6 +18,8 @@ use crossbeam_utils::CachePadded;
 const CHUNK_SHIFT: u32 = 21;
 const CHUNK_PAGES: usize = 512;
 const SHARDS: usize = 64;
+/// log2 of the chunks in one shard's slice (64 chunks: 128 MiB).
+const SLICE_CHUNKS_SHIFT: u32 = 6;
 
 type Chunk = Box<[u64; CHUNK_PAGES]>;
 
@@ -40,7 +45,7 @@ impl Contents {
 
     fn shard(&self, chunk: u64) -> MutexGuard<'_, HashMap<u64, Chunk>> {
         // `SHARDS` is a power of two; the index is always in range.
-        let i = (chunk as usize) & (SHARDS - 1);
+        let i = ((chunk >> SLICE_CHUNKS_SHIFT) as usize) & (SHARDS - 1);
         lock(&self.shards[i])
     }
 
