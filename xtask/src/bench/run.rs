@@ -20,15 +20,28 @@ pub(super) fn read_report(path: &Path) -> Result<Report> {
         .with_context(|| format!("parsing the tdsim report {}", path.display()))
 }
 
-/// One `tdsim run` of boot-eager (our policies) for the concurrency section: (wall ms, peak
-/// RSS bytes, modelled us).
+/// What one boot-eager run of the concurrency section measured.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Boot {
+    /// The run's wall time as `tdsim` reports it (ms).
+    pub(super) wall_ms: u64,
+    /// The process's wall time as the caller sees it, start to exit (ms).
+    pub(super) outside_ms: u64,
+    /// Peak resident memory (bytes).
+    pub(super) rss: u64,
+    /// Modelled time of the busiest vCPU (us).
+    pub(super) modelled_us: u64,
+}
+
+/// One `tdsim run` of boot-eager (our policies) for the concurrency section.
 pub(super) fn run_boot(
     tdsim: &Path,
     gib: u64,
     vcpus: u32,
     mode: &str,
     json: &Path,
-) -> Result<(u64, u64, u64)> {
+) -> Result<Boot> {
+    let start = std::time::Instant::now();
     let status = Command::new(tdsim)
         .args([
             "run",
@@ -50,11 +63,17 @@ pub(super) fn run_boot(
         .stdout(Stdio::null())
         .status()
         .context("running tdsim")?;
+    let outside_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     if !status.success() {
         bail!("tdsim boot-eager {gib} GiB {vcpus} vCPUs {mode}: exit {status}");
     }
     let r = read_report(json)?;
-    Ok((r.wall_ms, r.peak_rss_bytes.unwrap_or(0), r.modelled_time_us))
+    Ok(Boot {
+        wall_ms: r.wall_ms,
+        outside_ms,
+        rss: r.peak_rss_bytes.unwrap_or(0),
+        modelled_us: r.modelled_time_us,
+    })
 }
 
 /// Wall time (ms, as the caller sees it) of `copies` independent 1-vCPU boot-eager runs of
