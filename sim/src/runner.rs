@@ -208,6 +208,8 @@ fn run_inner(
     let boot_progress: Vec<WorkerProgress> =
         (0..config.vcpus).map(|_| WorkerProgress::new()).collect();
     let job = BootJob::new(&boot_ranges, &boot_progress);
+    // The boot's work is known: every byte up to `eager_end` is accepted once.
+    td.sched.begin_phase(eager_end);
     let plan = scenario::Plan::new(&td, &job);
     let n = config.vcpus as usize;
     let body = |id: usize, switch: Switch<'_>| {

@@ -355,6 +355,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 .map_err(|e| format!("boot: {e:?}"))
         })();
         self.barrier(v, 0, || {
+            td.sched.end_phase();
             if let Ok(r) = GpaRange::new(0, g.eager_end) {
                 td.check_range(r);
             }

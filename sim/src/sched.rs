@@ -52,6 +52,14 @@ pub const PARALLEL_QUANTUM_NS: u64 = 1_000_000;
 /// at every size.
 pub const PARALLEL_WINDOW_FRACTION: u64 = 200;
 
+/// Parallel mode, during a phase whose work is known ([`Scheduler::begin_phase`]): the window
+/// also reaches `1 / PARALLEL_HORIZON_DIVISOR` of the modelled time the phase still needs, as
+/// estimated from the work done so far. Early in a boot the vCPUs' clocks may then drift far
+/// apart, so a host thread that runs slow for a while holds the others back only when the
+/// work runs out; the window closes to the one above as it does, so the vCPUs still end the
+/// phase within that of each other.
+pub const PARALLEL_HORIZON_DIVISOR: u64 = 2;
+
 /// Parallel mode: a paced vCPU yields its thread this many times, then sleeps between looks.
 const PACE_SPINS: u32 = 8;
 
@@ -194,6 +202,8 @@ pub struct Scheduler {
     switches: AtomicU64,
     /// Parallel mode: times a vCPU yielded its thread to let a slower one catch up.
     paces: AtomicU64,
+    /// Work of the current phase in all (0: no phase whose work is known).
+    phase_total: AtomicU64,
 }
 
 /// One vCPU's scheduling state, on a cache line of its own: a vCPU writes its clock at every
@@ -209,6 +219,8 @@ struct Slot {
     limit: AtomicU64,
     /// Parallel mode: the vCPU is in a wait loop (it holds nobody back).
     waiting: AtomicBool,
+    /// Work of the current phase this vCPU has done (the phase's unit).
+    done: AtomicU64,
 }
 
 impl Scheduler {
@@ -233,7 +245,50 @@ impl Scheduler {
             switch_every: switch_every.max(1),
             switches: AtomicU64::new(0),
             paces: AtomicU64::new(0),
+            phase_total: AtomicU64::new(0),
         }
+    }
+
+    /// Starts a phase of `total` units of work shared by the vCPUs (a boot's bytes to accept),
+    /// whose progress they report with [`Scheduler::phase_progress`]. Parallel mode paces the
+    /// vCPUs more loosely while much of it is left (see [`PARALLEL_HORIZON_DIVISOR`]).
+    pub fn begin_phase(&self, total: u64) {
+        for s in &self.slots {
+            s.done.store(0, Ordering::Relaxed);
+        }
+        self.phase_total.store(total, Ordering::Release);
+    }
+
+    /// Ends the current phase: pacing goes back to the run-relative window.
+    pub fn end_phase(&self) {
+        self.phase_total.store(0, Ordering::Release);
+    }
+
+    /// `me` did `units` of the current phase's work (nothing when no phase runs).
+    pub fn phase_progress(&self, me: usize, units: u64) {
+        if self.phase_total.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if let Some(s) = self.slots.get(me) {
+            // Only `me` writes its slot.
+            let done = s.done.load(Ordering::Relaxed);
+            s.done.store(done.saturating_add(units), Ordering::Relaxed);
+        }
+    }
+
+    /// The extra pacing window of the current phase at the slowest clock `clock`: the modelled
+    /// time the rest of the phase needs, estimated from the work done so far, divided by
+    /// [`PARALLEL_HORIZON_DIVISOR`]; 0 without a phase, before any work and once it is done.
+    fn horizon(&self, clock: u64) -> u64 {
+        let total = self.phase_total.load(Ordering::Acquire);
+        let done = self.slots.iter().fold(0u64, |d, s| {
+            d.saturating_add(s.done.load(Ordering::Relaxed))
+        });
+        if total == 0 || done == 0 || done >= total {
+            return 0;
+        }
+        let left = u128::from(clock) * u128::from(total - done) / u128::from(done);
+        u64::try_from(left / u128::from(PARALLEL_HORIZON_DIVISOR)).unwrap_or(u64::MAX)
     }
 
     fn key(&self, i: usize) -> u64 {
@@ -285,10 +340,14 @@ impl Scheduler {
         let mut spins = 0u32;
         loop {
             let others = self.min_other_key(me);
-            let window = PARALLEL_QUANTUM_NS.max(others / PARALLEL_WINDOW_FRACTION);
+            let base = PARALLEL_QUANTUM_NS.max(others / PARALLEL_WINDOW_FRACTION);
+            let window = base.max(self.horizon(others));
             let limit = others.saturating_add(window);
             if key <= limit {
-                slot.limit.store(limit, Ordering::Relaxed);
+                // Look again after `base` more at the latest: the horizon narrows as the
+                // phase's work runs out.
+                slot.limit
+                    .store(limit.min(key.saturating_add(base)), Ordering::Relaxed);
                 return;
             }
             self.paces.fetch_add(1, Ordering::Relaxed);
@@ -629,6 +688,56 @@ mod tests {
         assert_eq!(beyond.into_inner(), 0);
         // The window did grow: clocks drifted further apart than one quantum.
         assert!(widest.into_inner() > PARALLEL_QUANTUM_NS);
+    }
+
+    /// Parallel mode during a phase whose work is known: a vCPU whose thread runs faster may
+    /// drift further ahead than the run-relative window while much work is left, and the
+    /// vCPUs still end the phase within twice that window (plus one unit) of each other, since
+    /// the window closes as the shared work runs out (a vCPU looks again after one window).
+    #[test]
+    fn a_phase_lets_clocks_drift_while_work_is_left_and_ends_balanced() {
+        const UNIT_NS: u64 = 200_000;
+        const UNITS: u64 = 10_000;
+        let n = 2;
+        let s = Scheduler::new(Mode::Parallel, n, 1, 4);
+        s.begin_phase(UNITS);
+        let next = AtomicU64::new(0);
+        let widest = AtomicU64::new(0);
+        let clocks: Vec<u64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|me| {
+                    let (s, next, widest) = (&s, &next, &widest);
+                    scope.spawn(move || {
+                        let mut clock = 0;
+                        while next.fetch_add(1, Ordering::Relaxed) < UNITS {
+                            // vCPU 0's thread is slower: it spins longer per unit.
+                            for _ in 0..if me == 0 { 2_000 } else { 500 } {
+                                std::hint::spin_loop();
+                            }
+                            clock += UNIT_NS;
+                            s.set_clock(me, clock);
+                            s.phase_progress(me, 1);
+                            Switch::THREAD.point(s, me, false);
+                            let lo = (0..n).map(|i| s.key(i)).min().unwrap_or(0);
+                            widest.fetch_max(clock.saturating_sub(lo), Ordering::Relaxed);
+                        }
+                        s.finish(me);
+                        clock
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        s.end_phase();
+        let (lo, hi) = (clocks[0].min(clocks[1]), clocks[0].max(clocks[1]));
+        let window = PARALLEL_QUANTUM_NS.max(lo / PARALLEL_WINDOW_FRACTION);
+        assert!(
+            hi - lo <= 2 * window + UNIT_NS,
+            "clocks {clocks:?} end {} apart, window {window}",
+            hi - lo
+        );
+        // Somewhere in the phase the faster vCPU was further ahead than that window.
+        assert!(widest.into_inner() > 2 * window);
     }
 
     #[test]

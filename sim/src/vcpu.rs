@@ -356,7 +356,12 @@ impl<'a> SimVcpu<'a> {
 
 impl Tdcall for SimVcpu<'_> {
     fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
-        self.vcpu.accept(gpa, level)
+        let status = self.vcpu.accept(gpa, level);
+        if status.is_success() {
+            let cpu = self.vcpu.hooks();
+            cpu.td.sched.phase_progress(cpu.id, level.size());
+        }
+        status
     }
 
     fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
