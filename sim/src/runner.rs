@@ -4,7 +4,6 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use crossbeam_utils::sync::ShardedLock;
 use std::time::Instant;
 
 use accept::abi::{GpaRange, PageLevel};
@@ -87,7 +86,7 @@ fn kernel_host(config: HostConfig, kicker: Arc<ModuleKicker>) -> Result<Host, Si
     Ok(Host::with_backend(
         config,
         kicker,
-        Arc::new(ShardedLock::new(backend)),
+        Arc::new(crossbeam_utils::sync::ShardedLock::new(backend)),
     )?)
 }
 

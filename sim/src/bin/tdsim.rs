@@ -12,6 +12,11 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand};
+
+/// mimalloc rather than glibc's allocator: see the `mimalloc` feature in `Cargo.toml`.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tdmem_sim::scenario::Scenario;
 use tdmem_sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
 
