@@ -298,7 +298,7 @@ impl GuestMemfd {
             size: config.size,
             folio_level: config.folio_level,
             attrs: ShareabilityMap::new(config.size, config.initial),
-            folios: Folios::new(),
+            folios: Folios::new(config.folio_level),
             host: BTreeMap::new(),
             pending: BTreeSet::new(),
             pool: Mutex::new(pool),
