@@ -31,6 +31,10 @@ pub enum Sabotage {
     /// The host ignores the guest's request to split (fault-path split ignored) while the guest
     /// accepts 4K inside a 2M PENDING mapping: the ACCEPT exits forever.
     IgnoreSplit,
+    /// Not a breakage of the TD: vCPU 1's thread panics at the end of the boot, before the
+    /// boot's barrier. The run must end with that vCPU's error, the others not waiting for it
+    /// forever. Not in [`Sabotage::ALL`]: no invariant check is involved.
+    VcpuPanic,
 }
 
 impl Sabotage {
@@ -112,6 +116,7 @@ pub(crate) fn apply(td: &SimTd<'_>, v: &mut SimVcpu<'_>, sabotage: Sabotage) -> 
             let r = host.gmem().poison(Gpa::new_truncate(gpa));
             format!("poisoned {gpa:#x} and left it mapped: {r:?}")
         }
+        Sabotage::VcpuPanic => "vCPU 1 panicked in the boot".into(),
         Sabotage::IgnoreSplit => {
             // The host maps 2M PENDING on a plain access ...
             let Some(base) = (td.guest().eager_end..td.config().memory)

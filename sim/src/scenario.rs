@@ -161,6 +161,15 @@ struct Phase {
     released: bool,
 }
 
+/// Counts its vCPU as finished when dropped: when its program returns and when it panics.
+struct Finished<'a>(&'a AtomicU32);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// A scenario ready to run: the shared boot job and phase barriers.
 pub struct Plan<'p, 'g> {
     td: &'p SimTd<'g>,
@@ -318,9 +327,9 @@ impl<'p, 'g> Plan<'p, 'g> {
         v: &mut SimVcpu<'_>,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(), String> {
+        // A vCPU that stopped, also by a panic, no longer holds the others at their barriers.
+        let _finished = Finished(&self.finished);
         let r = self.program(v, progress);
-        // A vCPU that stopped no longer holds the others at their barriers.
-        self.finished.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = &r {
             if let Some(slot) = self
                 .errors
@@ -354,6 +363,10 @@ impl<'p, 'g> Plan<'p, 'g> {
                 .run(v.id(), v, g.acceptor)
                 .map_err(|e| format!("boot: {e:?}"))
         })();
+        #[cfg(feature = "testing")]
+        if td.config().sabotage == Some(super::sabotage::Sabotage::VcpuPanic) && v.id() == 1 {
+            panic!("sabotage: vCPU 1 panics at the end of the boot");
+        }
         self.barrier(v, 0, || {
             td.sched.end_phase();
             if let Ok(r) = GpaRange::new(0, g.eager_end) {

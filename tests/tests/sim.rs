@@ -236,3 +236,27 @@ fn boot_acceptance_is_balanced_within_2_percent() {
         }
     }
 }
+
+/// A vCPU whose thread panics before the boot's barrier does not leave the others waiting at
+/// it: the run ends with that vCPU's error, in both modes. (A panic skipped the count of
+/// finished vCPUs, and a parallel run then waited at the barrier forever.)
+#[test]
+fn a_vcpu_that_panics_does_not_hold_the_others_at_a_barrier() {
+    for mode in [Mode::Parallel, Mode::Deterministic] {
+        let config = SimConfig {
+            mode,
+            sabotage: Some(Sabotage::VcpuPanic),
+            ..small(Scenario::BootEager)
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(go(config));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("{mode} mode: the run hung"));
+        assert!(!r.passed(), "{mode} mode:\n{}", r.summary());
+        assert_eq!(r.errors.len(), 1, "{mode} mode:\n{}", r.summary());
+        assert!(r.errors[0].contains("panicked"), "{}", r.errors[0]);
+    }
+}
