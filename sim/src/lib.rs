@@ -560,7 +560,7 @@ fn mapping_totals(host: &Host, memory: u64, threads: usize) -> (u64, u64) {
 
 /// `[0, memory)` cut into at most `parts` pieces at 1 GiB boundaries (so no piece starts inside
 /// a leaf): the boundaries, first 0 and last `memory`.
-fn split_bounds(memory: u64, parts: usize) -> Vec<u64> {
+pub(crate) fn split_bounds(memory: u64, parts: usize) -> Vec<u64> {
     let g1 = PageLevel::Size1G.size();
     let gibs = memory.div_ceil(g1);
     let parts = (parts.max(1) as u64).min(gibs.max(1));

@@ -367,12 +367,18 @@ impl<'p, 'g> Plan<'p, 'g> {
         if td.config().sabotage == Some(super::sabotage::Sabotage::VcpuPanic) && v.id() == 1 {
             panic!("sabotage: vCPU 1 panics at the end of the boot");
         }
-        self.barrier(v, 0, || {
-            td.sched.end_phase();
-            if let Ok(r) = GpaRange::new(0, g.eager_end) {
+        self.barrier(v, 0, || td.sched.end_phase());
+        // Quiescent until the next barrier: every vCPU checks its share of the boot's range,
+        // cut at 1 GiB boundaries as the end-of-run check is, instead of one checking it all
+        // while the others wait.
+        let n = td.config().vcpus as usize;
+        let bounds = crate::split_bounds(g.eager_end, n);
+        if let (Some(&lo), Some(&hi)) = (bounds.get(v.id()), bounds.get(v.id() + 1)) {
+            if let Ok(r) = GpaRange::new(lo, hi) {
                 td.check_range(r);
             }
-        });
+        }
+        self.barrier(v, 1, || {});
         boot?;
         self.step(progress);
 
@@ -382,7 +388,7 @@ impl<'p, 'g> Plan<'p, 'g> {
             Scenario::VeSplit => self.touches(v, traffic.touches, progress)?,
             Scenario::Swiotlb => {
                 self.pool_setup(v)?;
-                self.barrier(v, 1, || {});
+                self.barrier(v, 2, || {});
                 self.bounces(v, traffic.bounces, progress)?;
             }
             Scenario::ConvertStorm => self.storms(v, traffic.storms, progress)?,
@@ -390,7 +396,7 @@ impl<'p, 'g> Plan<'p, 'g> {
                 self.allocations(v, traffic.allocations, progress)?;
                 self.touches(v, traffic.touches, progress)?;
                 self.pool_setup(v)?;
-                self.barrier(v, 1, || {});
+                self.barrier(v, 2, || {});
                 let (mut b, mut s) = (traffic.bounces, traffic.storms);
                 while b + s > 0 {
                     if b > 0 && (s == 0 || v.rng().chance(b, b + s)) {
@@ -405,7 +411,7 @@ impl<'p, 'g> Plan<'p, 'g> {
         }
         #[cfg(feature = "testing")]
         if let Some(s) = td.config().sabotage {
-            self.barrier(v, 2, || {});
+            self.barrier(v, 3, || {});
             if v.id() == 0 {
                 let what = super::sabotage::apply(td, v, s);
                 log::warn!("sabotage {s:?}: {what}");
