@@ -456,7 +456,8 @@ impl GuestMemfd {
     }
 
     /// The folio pool, e.g. to arm an allocation failure. With per-thread folio lists on, an
-    /// armed failure fires at the next refill of a list, not at the next fault.
+    /// armed failure fires at the pool's next allocation, which is a list's refill, not every
+    /// fault: at the refill's first folio the fault fails; at a later one the batch ends short.
     pub fn pool_mut(&mut self) -> &mut FolioPool {
         self.pool.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
