@@ -597,31 +597,6 @@ pub(crate) mod tests {
 
     use crate::testing::ScriptedAccept as Script;
 
-    /// A module that accepts everything, on a vCPU that says which CPU it is.
-    struct OnCpu(usize);
-
-    impl Tdcall for OnCpu {
-        fn accept(&mut self, _gpa: Gpa, level: PageLevel) -> TdxStatus {
-            if level == PageLevel::Size1G {
-                StatusCode::PageSizeMismatch.status()
-            } else {
-                TdxStatus::SUCCESS
-            }
-        }
-        fn map_gpa(&mut self, start: u64, len: u64) -> crate::abi::MapGpaOutcome {
-            Script::new(|_, _| TdxStatus::SUCCESS).map_gpa(start, len)
-        }
-        fn ve_info(&mut self) -> Result<crate::abi::VeInfo, TdxStatus> {
-            Err(StatusCode::NoValidVeInfo.status())
-        }
-        fn vp_info(&mut self) -> Result<crate::abi::VpInfo, TdxStatus> {
-            Script::new(|_, _| TdxStatus::SUCCESS).vp_info()
-        }
-        fn cpu(&self) -> usize {
-            self.0
-        }
-    }
-
     /// vCPUs accepting at once count in the stripes of their CPUs, some of them sharing one
     /// (1, 9 and 17 modulo 8), and the counters still sum exactly.
     #[test]
@@ -633,7 +608,13 @@ pub(crate) mod tests {
                 let a = &a;
                 s.spawn(move || {
                     let base = i as u64 * G;
-                    a.accept_range(&mut OnCpu(cpu), GpaRange::new(base, base + G).unwrap())
+                    // No 1G ACCEPT on this module: 2M pages.
+                    let module = Script::new(|_, level| match level {
+                        PageLevel::Size1G => StatusCode::PageSizeMismatch.status(),
+                        _ => TdxStatus::SUCCESS,
+                    });
+                    let mut vcpu = crate::tdcall::OnCpu::new(module, cpu);
+                    a.accept_range(&mut vcpu, GpaRange::new(base, base + G).unwrap())
                         .unwrap();
                 });
             }
@@ -646,6 +627,10 @@ pub(crate) mod tests {
         assert_eq!(st.level(PageLevel::Size2M).accepted, n * 512);
         assert_eq!(st.total_calls(), n * 513);
         assert_eq!(st.bytes_accepted, n * G);
+        // CPUs 1, 9 and 17 counted in stripe 1; no CPU maps to stripe 2.
+        let accepted = |i: usize| a.stripes[i].levels[1].accepted.load(Ordering::Relaxed);
+        assert_eq!(accepted(1), 3 * 512);
+        assert_eq!(accepted(2), 0);
     }
 
     /// The ACCEPT calls of `t`, as raw GPAs.

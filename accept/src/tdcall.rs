@@ -6,7 +6,8 @@
 //! can complete (an ACCEPT-type EPT-violation exit, a MapGPA hypercall) does so inside the call and
 //! returns only what a real guest would see after the instruction retires.
 //!
-//! The trait does not retry, interpret or log: that is the engine's work.
+//! The trait does not retry, interpret or log: that is the engine's work. [`OnCpu`] gives any
+//! implementation a CPU number ([`Tdcall::cpu`]).
 
 use crate::abi::{Gpa, MapGpaOutcome, PageLevel, TdxStatus, VeInfo, VpInfo};
 
@@ -55,5 +56,69 @@ impl<T: Tdcall + ?Sized> Tdcall for &mut T {
     }
     fn cpu(&self) -> usize {
         (**self).cpu()
+    }
+}
+
+/// A [`Tdcall`] that answers [`Tdcall::cpu`] with a given CPU number and forwards every call to
+/// the one it wraps: for an implementation that does not know its CPU (the zero-sized
+/// `hw::HwTdcall`, a test fake), made where the CPU number is known (a kernel's
+/// `smp_processor_id()`, firmware's processor index).
+///
+/// ```
+/// use tdmem_accept::acceptor::{AcceptPolicy, Acceptor};
+/// use tdmem_accept::tdcall::{OnCpu, Tdcall};
+/// use tdmem_accept::testing::FakeModule;
+/// use tdmem_accept::{GpaRange, Gpaw, PageLevel};
+///
+/// let mut vcpu3 = OnCpu::new(FakeModule::new(), 3);
+/// assert_eq!(vcpu3.cpu(), 3);
+/// let acceptor = Acceptor::new(Gpaw::Bits48, AcceptPolicy::default());
+/// acceptor.accept_range(&mut vcpu3, GpaRange::new(0, 2 << 20)?)?;
+/// assert_eq!(acceptor.stats().level(PageLevel::Size2M).accepted, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnCpu<T> {
+    inner: T,
+    cpu: usize,
+}
+
+impl<T> OnCpu<T> {
+    /// `inner`, on CPU `cpu`.
+    pub const fn new(inner: T, cpu: usize) -> OnCpu<T> {
+        OnCpu { inner, cpu }
+    }
+
+    /// The wrapped implementation.
+    pub fn inner(&self) -> &T {
+        &self.inner
+    }
+
+    /// The wrapped implementation, mutably.
+    pub fn inner_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// The wrapped implementation, unwrapped.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: Tdcall> Tdcall for OnCpu<T> {
+    fn accept(&mut self, gpa: Gpa, level: PageLevel) -> TdxStatus {
+        self.inner.accept(gpa, level)
+    }
+    fn map_gpa(&mut self, start: u64, len: u64) -> MapGpaOutcome {
+        self.inner.map_gpa(start, len)
+    }
+    fn ve_info(&mut self) -> Result<VeInfo, TdxStatus> {
+        self.inner.ve_info()
+    }
+    fn vp_info(&mut self) -> Result<VpInfo, TdxStatus> {
+        self.inner.vp_info()
+    }
+    fn cpu(&self) -> usize {
+        self.cpu
     }
 }
