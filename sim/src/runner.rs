@@ -3,7 +3,6 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-
 use std::time::Instant;
 
 use accept::abi::{GpaRange, PageLevel};

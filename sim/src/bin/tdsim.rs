@@ -12,13 +12,13 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand};
+use tdmem_sim::scenario::Scenario;
+use tdmem_sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
 
 /// mimalloc rather than glibc's allocator: see the `mimalloc` feature in `Cargo.toml`.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tdmem_sim::scenario::Scenario;
-use tdmem_sim::{svg, AcceptLevel, GmemBackend, GuestPolicy, HostPolicy, Mode, SimConfig};
 
 const MAIN_HELP: &str =
     "Without a command, tdsim runs the default scenario: `tdsim run` with its defaults
