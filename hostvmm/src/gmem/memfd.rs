@@ -534,18 +534,14 @@ impl GuestMemfd {
 
     /// A new folio for `page` from the pool (counted).
     fn new_folio(&self, page: u64) -> Result<Folio, GmemError> {
-        let hpa = if self.lists.batch() == 0 {
-            self.pool
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .alloc(self.folio_level)
-        } else {
-            self.lists.alloc(&self.pool, self.folio_level)
-        }
-        .map_err(|source| GmemError::NoMemory {
-            gpa: gpa(page),
-            source,
-        })?;
+        // With the lists off this is the pool's own allocation.
+        let hpa = self
+            .lists
+            .alloc(&self.pool, self.folio_level)
+            .map_err(|source| GmemError::NoMemory {
+                gpa: gpa(page),
+                source,
+            })?;
         self.allocated.add(0, 1);
         Ok(Folio::new(hpa, self.folio_level))
     }

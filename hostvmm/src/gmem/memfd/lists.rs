@@ -57,8 +57,8 @@ impl FolioLists {
         self.batch
     }
 
-    /// A folio of `level` for the calling thread: from its list, else from the pool, taking
-    /// `batch - 1` more for the list at the same time. When the pool is exhausted, every list
+    /// A folio of `level` for the calling thread: with the lists off, from the pool; else from
+    /// its list, else from the pool, taking `batch - 1` more for the list at the same time. When the pool is exhausted, every list
     /// is given back to the pool under the pool's lock and one folio taken (no batch): a
     /// folio that is free anywhere is found.
     ///
