@@ -92,43 +92,17 @@ pub(crate) fn ensure_qemu() -> Result<()> {
     if have("qemu-system-x86_64") {
         return Ok(());
     }
-    let sudo = if is_root() { None } else { Some("sudo") };
-    for args in [
-        &["apt-get", "update"][..],
-        &[
-            "apt-get",
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "qemu-system-x86",
-        ][..],
-    ] {
-        let mut c = match sudo {
-            Some(s) => {
-                let mut c = Command::new(s);
-                c.args(args);
-                c
-            }
-            None => {
-                let mut c = Command::new(args[0]);
-                c.args(&args[1..]);
-                c
-            }
-        };
-        c.env("DEBIAN_FRONTEND", "noninteractive");
-        run(&args.join(" "), c)?;
-    }
+    crate::apt::apt_get(&["update"])?;
+    crate::apt::apt_get(&[
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "qemu-system-x86",
+    ])?;
     if !have("qemu-system-x86_64") {
         bail!("qemu-system-x86_64 is still missing after installing qemu-system-x86");
     }
     Ok(())
-}
-
-pub(crate) fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Waits for `child` until `deadline`; kills it (and reports a timeout) after.

@@ -13,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::apt::apt_get;
 use crate::{cargo, e2e, run, run_counting};
 
 /// The Debian package and the tarball it ships.
@@ -44,18 +45,11 @@ fn ensure_tarball() -> Result<()> {
     if Path::new(TARBALL).exists() {
         return Ok(());
     }
-    let mut c = Command::new("apt-get");
-    c.args(["install", "-y", "-q", PACKAGE, "xz-utils"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if run(&format!("apt-get install {PACKAGE}"), c).is_err() {
+    let install = ["install", "-y", "-q", PACKAGE, "xz-utils"];
+    if apt_get(&install).is_err() {
         // The package lists may be missing or stale on a fresh machine.
-        let mut u = Command::new("apt-get");
-        u.args(["update", "-q"]);
-        run("apt-get update", u)?;
-        let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "-q", PACKAGE, "xz-utils"])
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run(&format!("apt-get install {PACKAGE}"), c)?;
+        apt_get(&["update", "-q"])?;
+        apt_get(&install)?;
     }
     if !Path::new(TARBALL).exists() {
         bail!("{PACKAGE} is installed but {TARBALL} is missing");

@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod apt;
 mod bench;
 mod e2e;
 mod linux;

@@ -24,7 +24,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::e2e::{have, is_root, root, target_dir};
+use crate::apt::{apt_get, privileged};
+use crate::e2e::{have, root, target_dir};
 use crate::run;
 
 /// The upstream version patched.
@@ -120,20 +121,11 @@ pub(crate) fn patched_qemu() -> Result<PathBuf> {
 
 /// Installs what building QEMU needs, when `ninja` or meson >= 1.5 is missing.
 fn build_deps() -> Result<()> {
-    let meson_ok = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import mesonbuild.coredata as c, sys; \
-             v=tuple(int(x) for x in c.version.split('.')[:2]); sys.exit(0 if v>=(1,5) else 1)",
-        ])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let pycotap_ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import pycotap"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let meson_ok = python_ok(
+        "import mesonbuild.coredata as c, sys; \
+         v=tuple(int(x) for x in c.version.split('.')[:2]); sys.exit(0 if v>=(1,5) else 1)",
+    );
+    let pycotap_ok = python_ok("import pycotap");
     if have("ninja") && have("curl") && meson_ok && pycotap_ok && have("flex") && have("bison") {
         return Ok(());
     }
@@ -141,9 +133,8 @@ fn build_deps() -> Result<()> {
     let entry = "Types: deb deb-src\nURIs: http://deb.debian.org/debian\n\
                  Suites: bookworm-backports\nComponents: main\n\
                  Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
-    let sudo = !is_root();
     if !sources.exists() {
-        let mut c = privileged(sudo, "tee");
+        let mut c = privileged("tee");
         c.arg(sources).stdout(std::process::Stdio::null());
         c.stdin(std::process::Stdio::piped());
         let mut child = c.spawn().context("adding bookworm-backports")?;
@@ -157,11 +148,8 @@ fn build_deps() -> Result<()> {
             bail!("could not add {}", sources.display());
         }
     }
-    let mut c = privileged(sudo, "apt-get");
-    c.arg("update").env("DEBIAN_FRONTEND", "noninteractive");
-    run("apt-get update", c)?;
-    let mut c = privileged(sudo, "apt-get");
-    c.args([
+    apt_get(&["update"])?;
+    apt_get(&[
         "install",
         "-y",
         "--no-install-recommends",
@@ -169,14 +157,8 @@ fn build_deps() -> Result<()> {
         "bookworm-backports",
         "meson",
         "python3-pycotap",
-    ])
-    .env("DEBIAN_FRONTEND", "noninteractive");
-    run(
-        "apt-get install meson python3-pycotap (bookworm-backports)",
-        c,
-    )?;
-    let mut c = privileged(sudo, "apt-get");
-    c.args([
+    ])?;
+    apt_get(&[
         "install",
         "-y",
         "--no-install-recommends",
@@ -193,19 +175,15 @@ fn build_deps() -> Result<()> {
         "gcc",
         "git",
     ])
-    .env("DEBIAN_FRONTEND", "noninteractive");
-    run("apt-get install QEMU's build dependencies", c)
 }
 
-/// `cmd`, through `sudo` when not root.
-fn privileged(sudo: bool, cmd: &str) -> Command {
-    if sudo {
-        let mut c = Command::new("sudo");
-        c.arg(cmd);
-        c
-    } else {
-        Command::new(cmd)
-    }
+/// Whether `/usr/bin/python3 -c code` succeeds (its errors kept off the log).
+fn python_ok(code: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", code])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The SHA-256 of `path`, from `sha256sum`.
