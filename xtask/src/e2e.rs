@@ -27,11 +27,11 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, run, FIRMWARE_TARGET};
 
 /// QEMU's exit status when the image writes its pass code to `isa-debug-exit` ((0x10 << 1) | 1).
-pub(crate) const QEMU_PASS: i32 = 33;
+const QEMU_PASS: i32 = 33;
 /// Whole-run bound for QEMU and `tdhost` each.
 pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest memory, as `e2e_proto::selftest::MEMORY`.
-pub(crate) const GUEST_MEMORY: &str = "512M";
+const GUEST_MEMORY: &str = "512M";
 /// vCPUs of the QEMU run, as `e2e_proto::smp::CPUS`.
 pub(crate) const VCPUS: u32 = 4;
 /// Where `kvm_intel` says whether TDX is enabled.
@@ -53,7 +53,7 @@ pub(crate) fn target_dir() -> PathBuf {
 }
 
 /// Builds the image; `tdx` selects the real TDCALL backend (a PIE for td-shim's loader).
-pub(crate) fn build_image(tdx: bool) -> Result<PathBuf> {
+fn build_image(tdx: bool) -> Result<PathBuf> {
     let dir = target_dir().join("e2e-guest");
     let mut c = cargo();
     c.current_dir(root().join("e2e/guest"))
@@ -71,7 +71,7 @@ pub(crate) fn build_image(tdx: bool) -> Result<PathBuf> {
     Ok(dir.join(FIRMWARE_TARGET).join("release/tdmem-e2e-guest"))
 }
 
-pub(crate) fn build_tdhost() -> Result<PathBuf> {
+fn build_tdhost() -> Result<PathBuf> {
     let mut c = cargo();
     c.current_dir(root())
         .args(["build", "-p", "tdmem-sim", "--bin", "tdhost"]);
@@ -88,7 +88,7 @@ pub(crate) fn have(cmd: &str) -> bool {
 }
 
 /// Installs Debian's `qemu-system-x86` when `qemu-system-x86_64` is missing.
-pub(crate) fn ensure_qemu() -> Result<()> {
+fn ensure_qemu() -> Result<()> {
     if have("qemu-system-x86_64") {
         return Ok(());
     }
@@ -106,7 +106,7 @@ pub(crate) fn ensure_qemu() -> Result<()> {
 }
 
 /// Waits for `child` until `deadline`; kills it (and reports a timeout) after.
-pub(crate) fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitStatus> {
+fn wait_until(child: &mut Child, deadline: Instant, what: &str) -> Result<ExitStatus> {
     loop {
         if let Some(status) = child
             .try_wait()
@@ -195,21 +195,44 @@ fn reports(guest_log: &str, host_log: &str, what: &str) -> Result<Reports> {
     })
 }
 
+/// Where `cargo xtask e2e` runs the test image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Under QEMU TCG against `tdhost`, TDCALL trapped (the default).
+    Qemu,
+    /// As a td-shim payload in a real TD (`--tdx`).
+    Tdx,
+    /// As a TD under QEMU with the TCG-TDX patch (`--tcg-tdx`).
+    TcgTdx,
+}
+
 /// `cargo xtask e2e [--tdx | --tcg-tdx]`.
-pub fn e2e(tdx: bool, tcg_tdx: bool) -> Result<()> {
-    if tdx {
-        return e2e_tdx();
+pub fn e2e(mode: Mode) -> Result<()> {
+    match mode {
+        Mode::Qemu => e2e_qemu(),
+        Mode::Tdx => e2e_tdx(),
+        Mode::TcgTdx => crate::tcgtdx::e2e_tcg_tdx(),
     }
-    if tcg_tdx {
-        return crate::tcgtdx::e2e_tcg_tdx();
-    }
-    let start = Instant::now();
+}
+
+/// What both QEMU runs need first: the bare-metal target, the image (TDCALL trapped or
+/// executed, whichever the machine does), `tdhost`, and Debian's QEMU (the ordinary run's
+/// emulator; the firmware of the patched one). Returns the image and `tdhost`.
+pub(crate) fn image_and_tdhost() -> Result<(PathBuf, PathBuf)> {
     let mut c = Command::new("rustup");
     c.args(["target", "add", FIRMWARE_TARGET]);
     run("rustup target add", c)?;
     let image = build_image(false)?;
     let tdhost = build_tdhost()?;
     ensure_qemu()?;
+    Ok((image, tdhost))
+}
+
+/// The default run: the image under QEMU TCG against `tdhost`, checked against the same
+/// self-test run in process.
+fn e2e_qemu() -> Result<()> {
+    let start = Instant::now();
+    let (image, tdhost) = image_and_tdhost()?;
     let logs = target_dir().join("e2e");
     fs::create_dir_all(&logs).context("creating target/e2e")?;
 

@@ -219,10 +219,10 @@ fn ci() -> Result<()> {
     let mut c = cargo();
     c.args("run --release -p tdmem-sim --bin tdsim -- stress --seconds 25".split(' '));
     run("tdsim stress --seconds 25", c)?;
-    e2e::e2e(false, false)?;
+    e2e::e2e(e2e::Mode::Qemu)?;
     // The image as a TD under the patched QEMU (built here, about 6 minutes on 2 cores, or
     // taken from target/tcg-tdx).
-    e2e::e2e(false, true)?;
+    e2e::e2e(e2e::Mode::TcgTdx)?;
     fuzz_pass()?;
     // The test totals again, as the run's last line.
     println!("tests: {passed} passed, {failed} failed");
@@ -266,7 +266,11 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
         Cmd::Fuzz => fuzz_pass(),
-        Cmd::E2e { tdx, tcg_tdx } => e2e::e2e(tdx, tcg_tdx),
+        Cmd::E2e { tdx, tcg_tdx } => e2e::e2e(match (tdx, tcg_tdx) {
+            (true, _) => e2e::Mode::Tdx,
+            (false, true) => e2e::Mode::TcgTdx,
+            (false, false) => e2e::Mode::Qemu,
+        }),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Linux => linux::linux().map(|_| ()),
     }

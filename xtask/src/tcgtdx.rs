@@ -20,11 +20,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::e2e::{
-    build_image, build_tdhost, ensure_qemu, field, finish, image_args, line_after, smp_reports,
-    spawn_tdhost, target_dir, RUN_TIMEOUT, VCPUS,
+    field, finish, image_and_tdhost, image_args, line_after, smp_reports, spawn_tdhost, target_dir,
+    RUN_TIMEOUT, VCPUS,
 };
 use crate::qemu_build::{patched_qemu, QEMU_VERSION};
-use crate::run;
 
 /// Where Debian's `qemu-system-x86` keeps the firmware the DFSG build lacks (SeaBIOS, the PVH
 /// option ROM).
@@ -33,13 +32,8 @@ const FIRMWARE_DIRS: [&str; 2] = ["/usr/share/qemu", "/usr/share/seabios"];
 /// `cargo xtask e2e --tcg-tdx`.
 pub(crate) fn e2e_tcg_tdx() -> Result<()> {
     let start = Instant::now();
-    let mut c = Command::new("rustup");
-    c.args(["target", "add", crate::FIRMWARE_TARGET]);
-    run("rustup target add", c)?;
-    let image = build_image(false)?;
-    let tdhost = build_tdhost()?;
-    // Debian's QEMU brings the firmware the patched build boots with.
-    ensure_qemu()?;
+    // Debian's QEMU, installed here, brings the firmware the patched build boots with.
+    let (image, tdhost) = image_and_tdhost()?;
     let build_start = Instant::now();
     let qemu = patched_qemu()?;
     let build_time = build_start.elapsed();
